@@ -1,0 +1,1 @@
+"""Compression: layer solvers (DSF, SparseGPT, Wanda, magnitude), calibration and evaluation."""

@@ -1,0 +1,1 @@
+"""Runtime: packed sparse formats, the compressed-model directory, modules, kernels and the loader."""

@@ -1,0 +1,1 @@
+"""Exporters: compressed factors to packed safetensors directories, dense fallbacks and ONNX."""

