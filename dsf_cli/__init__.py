@@ -1,0 +1,1 @@
+"""The ``dsf`` command line: a thin mapping from flags to library calls."""
