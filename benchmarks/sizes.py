@@ -1,0 +1,150 @@
+"""How many bytes does each packed layout take against dense fp16, for DSF factor pairs and single sparse matrices?
+
+LLaMA-7B shapes (4096×4096, 11008×4096, 4096×11008) at densities 0.5 and 0.3, fp16 values, random masks of
+exactly the target non-zero counts. DSF uses its real factor budget (the reference code's ``factorize``): inner
+dim ``k = min(m, n)``, the square ``k×k`` factor holds ``0.16·k²`` (square W) or ``0.25·k²`` non-zeros and the
+other factor the rest of ``density·m·n``; the square factor is ``A`` when ``m < n`` and ``B`` otherwise. Bytes are
+measured (``nbytes`` of the packed tensors), not modelled.
+
+Run: ``python benchmarks/sizes.py [--out benchmarks/results/sizes.json]`` (CPU, about a minute).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import subprocess
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from dsf_runtime.formats import BLOCK_SIZES, pack
+
+logger = logging.getLogger("benchmarks.sizes")
+
+SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]
+DENSITIES = [0.5, 0.3]
+LAYOUTS = [("dense", None), ("csr", None), ("bitmask", None)] + [("bsr", b) for b in BLOCK_SIZES]
+
+
+def exact_mask(rows: int, cols: int, nnz: int, generator: torch.Generator) -> torch.Tensor:
+    """A uniformly random bool ``[rows, cols]`` mask with exactly ``nnz`` ones (Bernoulli draw, then the few
+    surplus or missing ones toggled at random positions)."""
+    n = rows * cols
+    flat = torch.rand(n, generator=generator) < nnz / n
+    surplus = int(flat.sum()) - nnz
+    while surplus:
+        want = surplus > 0  # remove ones (True -> False) or add ones (False -> True)
+        candidates = torch.randint(n, (8 * abs(surplus) + 64,), generator=generator).unique()
+        candidates = candidates[flat[candidates] == want][: abs(surplus)]
+        flat[candidates] = not want
+        surplus = int(flat.sum()) - nnz
+    return flat.view(rows, cols)
+
+
+def dsf_budget(rows: int, cols: int, density: float) -> tuple[tuple[int, int], int, tuple[int, int], int]:
+    """Shapes and non-zeros of DSF's factors ``A`` and ``B`` for a ``rows × cols`` weight."""
+    k = min(rows, cols)
+    square_nnz = int(k * k * (0.16 if rows == cols else 0.25))
+    rect_nnz = int(rows * cols * density) - square_nnz
+    if rows < cols:
+        return (k, k), square_nnz, (k, cols), rect_nnz
+    return (rows, k), rect_nnz, (k, k), square_nnz
+
+
+def measure(matrix: torch.Tensor) -> dict[tuple[str, int | None], int]:
+    """Packed bytes of ``matrix`` per (layout, block size)."""
+    return {
+        (layout, block): pack(matrix, layout, **({"block_size": block} if block else {})).nbytes
+        for layout, block in LAYOUTS
+    }
+
+
+def run(seed: int = 0) -> list[dict]:
+    generator = torch.Generator().manual_seed(seed)
+    records = []
+    # The square factor's budget does not depend on the density nor on which side it sits: measure it once.
+    square_bytes: dict[tuple[int, int], dict[tuple[str, int | None], int]] = {}
+    for rows, cols in SHAPES:
+        for density in DENSITIES:
+            start = time.perf_counter()
+            target = int(rows * cols * density)
+            single = measure(exact_mask(rows, cols, target, generator).to(torch.float16))
+            a_shape, a_nnz, b_shape, b_nnz = dsf_budget(rows, cols, density)
+            factors = []
+            for fshape, fnnz in ((a_shape, a_nnz), (b_shape, b_nnz)):
+                key = (fshape[0], fnnz)
+                if fshape[0] != fshape[1] or key not in square_bytes:
+                    measured = measure(exact_mask(*fshape, fnnz, generator).to(torch.float16))
+                    if fshape[0] != fshape[1]:
+                        factors.append(measured)
+                        continue
+                    square_bytes[key] = measured
+                factors.append(square_bytes[key])
+            dsf = {layout: factors[0][layout] + factors[1][layout] for layout in LAYOUTS}
+            for kind, measured, nnz, shapes in (
+                ("single", single, target, [[rows, cols]]),
+                ("dsf", dsf, a_nnz + b_nnz, [list(a_shape), list(b_shape)]),
+            ):
+                for (layout, block), nbytes in measured.items():
+                    records.append({
+                        "layout": layout,
+                        "block_size": block,
+                        "kind": kind,
+                        "shape": [rows, cols],
+                        "density": density,
+                        "nnz": nnz,
+                        "factor_shapes": shapes,
+                        "bytes": nbytes,
+                        "dense_bytes": 2 * rows * cols,
+                        "ratio": round(nbytes / (2 * rows * cols), 4),
+                    })
+            logger.info("%dx%d density %.1f: %.1f s", rows, cols, density, time.perf_counter() - start)
+    return records
+
+
+def _git_sha() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                              cwd=Path(__file__).parent).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "sizes.json",
+                        help="Where to write the JSON records.")
+    parser.add_argument("--seed", type=int, default=0, help="Seed of the random masks.")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    start = time.perf_counter()
+    rows = run(args.seed)
+    result = {
+        "question": "packed bytes vs dense fp16 per layout, DSF factor pairs and single sparse matrices",
+        "torch": torch.__version__,
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": {"node": platform.node(), "machine": platform.machine(), "cpus": os.cpu_count(),
+                    "python": platform.python_version()},
+        "git_sha": _git_sha(),
+        "values_dtype": "float16",
+        "seed": args.seed,
+        "seconds": round(time.perf_counter() - start, 1),
+        "rows": rows,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+    for r in rows:
+        if r["layout"] in ("bitmask", "csr") or (r["layout"] == "bsr" and r["block_size"] == 32):
+            logger.info("%-6s %-7s %-10s d=%.1f  %.3f x dense", r["kind"], r["layout"], "x".join(map(str, r["shape"])),
+                        r["density"], r["ratio"])
+    logger.info("wrote %s in %.0f s", args.out, result["seconds"])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,510 @@
+"""The compressed model directory, format version 1 (docs/format.md): write it atomically, open and validate it.
+
+Writing (what ``dsf compress`` does with its fp32 factors)::
+
+    layers = {
+        fqn: CompressedLayer.from_dense("dsf", {"A": A, "B": B}, method="dsf", error=err, relative_error=rel)
+        for fqn, (A, B, err, rel) in solved.items()
+    }
+    tensors = {k: v for k, v in model.state_dict().items() if k.rsplit(".", 1)[0] not in layers}
+    save_compressed(out_dir, tensors=tensors, layers=layers, config_source=model_dir,
+                    info={"base_model": "smollm2-135m", "compression": config_dict})
+
+Reading: ``ckpt = open_compressed(dir)`` checks the manifest, every file's version and the tensor names;
+``ckpt.load_layer(fqn, device)`` and ``ckpt.load_tensors(device)`` then read straight to the device and validate.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from dsf_runtime.formats import LAYOUTS, VALUE_DTYPES, FormatError, dtype_name, from_meta
+from dsf_runtime.layer import CompressedLayer, factor_problem
+
+__all__ = [
+    "DEFAULT_MAX_SHARD_BYTES",
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "INDEX_NAME",
+    "MANIFEST_NAME",
+    "SINGLE_FILE",
+    "CheckpointError",
+    "CompressedCheckpoint",
+    "CompressedLayer",
+    "open_compressed",
+    "save_compressed",
+]
+
+logger = logging.getLogger(__name__)
+
+FORMAT_NAME = "dsf-compressed"
+FORMAT_VERSION = 1
+MANIFEST_NAME = "dsf_manifest.json"
+SINGLE_FILE = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
+FILE_METADATA = {"format": "pt", "dsf_format": FORMAT_NAME, "dsf_format_version": str(FORMAT_VERSION)}
+PRODUCER = "dsf-toolkit 0.1.0"
+# Files copied from the base model's directory besides config.json.
+_COPIED = re.compile(r"generation_config\.json|tokenizer.*|special_tokens_map\.json|added_tokens\.json|vocab\..*"
+                     r"|merges\.txt|chat_template\..*|spiece\.model")
+_SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+_INFO_KEYS = ("base_model", "architecture", "compression")
+_FIX = "re-export the checkpoint"
+
+
+class CheckpointError(ValueError):
+    """A compressed directory is incomplete, of an unknown version, or holds a tensor that fails validation.
+    The message names the file and, where one is at fault, the tensor."""
+
+
+def _part_names(fqn: str, entry: Mapping[str, Any]) -> list[str]:
+    """Tensor names the manifest entry of layer ``fqn`` requires, factors in order, then the bias."""
+    names = [f"{fqn}.{k}.{p}" for k, f in entry["factors"].items() for p in LAYOUTS[f["layout"]].parts]
+    return names + ([f"{fqn}.bias"] if entry["bias"] else [])
+
+
+def _check_entry(fqn: str, entry: Any) -> str | None:
+    """Why a manifest layer entry is malformed, or None."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("factors"), dict):
+        return "is not an object with 'factors'"
+    shape = entry.get("shape")
+    if not (isinstance(shape, list) and len(shape) == 2 and all(isinstance(s, int) and s >= 0 for s in shape)):
+        return f"has shape {shape!r}, expected [out, in]"
+    for key, meta in entry["factors"].items():
+        if not isinstance(meta, dict):
+            return f"factor {key!r} is not an object"
+        if meta.get("layout") not in LAYOUTS:
+            return f"factor {key!r} has layout {meta.get('layout')!r}, expected one of {sorted(LAYOUTS)}"
+        if meta.get("dtype") not in VALUE_DTYPES.values():
+            return f"factor {key!r} has dtype {meta.get('dtype')!r}, expected one of {sorted(VALUE_DTYPES.values())}"
+        fshape = meta.get("shape")
+        if not (isinstance(fshape, list) and len(fshape) == 2 and all(isinstance(s, int) and s >= 0 for s in fshape)):
+            return f"factor {key!r} has shape {fshape!r}, expected [rows, cols]"
+    if not isinstance(entry.get("bias"), bool):
+        return f"has bias {entry.get('bias')!r}, expected true or false"
+    factor_shapes = {k: tuple(m["shape"]) for k, m in entry["factors"].items()}
+    return factor_problem(entry.get("kind"), tuple(shape), factor_shapes)
+
+
+@dataclass
+class CompressedCheckpoint:
+    """An opened compressed directory (``open_compressed``); tensors are read on demand.
+
+    Attributes:
+        directory: the directory.
+        manifest: the parsed ``dsf_manifest.json``.
+        layers: the manifest's layer entries, keyed by module name.
+        weight_map: file name (in ``directory``) of every tensor.
+    """
+
+    directory: Path
+    manifest: dict[str, Any]
+    weight_map: dict[str, str]
+    layers: dict[str, dict[str, Any]] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.layers = self.manifest["layers"]
+
+    @property
+    def uncompressed_names(self) -> list[str]:
+        """Names of the tensors that are not part of a compressed layer, in file order."""
+        owned = {n for fqn, entry in self.layers.items() for n in _part_names(fqn, entry)}
+        return [n for n in self.weight_map if n not in owned]
+
+    def file_of(self, name: str) -> Path:
+        """The file that holds tensor ``name`` (or should: the single file, else the index)."""
+        if name in self.weight_map:
+            return self.directory / self.weight_map[name]
+        return self.directory / (INDEX_NAME if (self.directory / INDEX_NAME).is_file() else SINGLE_FILE)
+
+    def read(self, names: list[str], device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+        """Read tensors straight to ``device`` (``safe_open(..., device=...)``)."""
+        by_file: dict[str, list[str]] = {}
+        for name in names:
+            by_file.setdefault(self.weight_map[name], []).append(name)
+        out: dict[str, torch.Tensor] = {}
+        for file, file_names in by_file.items():
+            path = self.directory / file
+            try:
+                with safe_open(path, framework="pt", device=str(device)) as handle:
+                    for name in file_names:
+                        out[name] = handle.get_tensor(name)
+            except (SafetensorError, OSError) as exc:
+                raise CheckpointError(
+                    f"{path}: cannot read tensor data ({exc}); the file is corrupted, {_FIX}"
+                ) from exc
+        return out
+
+    def load_layer(self, fqn: str, device: torch.device | str = "cpu", *, validate: bool = True) -> CompressedLayer:
+        """Read and validate compressed layer ``fqn`` on ``device``.
+
+        Raises:
+            CheckpointError: naming the file and tensor when a dtype, shape or index is wrong, or a tensor
+                disagrees with the manifest.
+        """
+        if fqn not in self.layers:
+            raise KeyError(f"{self.directory / MANIFEST_NAME}: no compressed layer {fqn!r}")
+        entry = self.layers[fqn]
+        tensors = self.read(_part_names(fqn, entry), device)
+        factors = {}
+        for key, meta in entry["factors"].items():
+            try:
+                factors[key] = from_meta(tensors, f"{fqn}.{key}", meta, validate=validate)
+            except FormatError as exc:
+                raise CheckpointError(f"{self.file_of(exc.tensor)}: {exc}") from exc
+        bias = tensors.get(f"{fqn}.bias")
+        if bias is not None and (bias.dtype not in VALUE_DTYPES or tuple(bias.shape) != (entry["shape"][0],)):
+            raise CheckpointError(
+                f"{self.file_of(fqn + '.bias')}: '{fqn}.bias' is {dtype_name(bias.dtype)} {list(bias.shape)}, "
+                f"expected a float [{entry['shape'][0]}]; {_FIX}"
+            )
+        return CompressedLayer(
+            entry["kind"], tuple(entry["shape"]), factors, entry.get("method", "unknown"), bias,
+            entry.get("error"), entry.get("relative_error"),
+        )
+
+    def load_tensors(
+        self, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
+    ) -> dict[str, torch.Tensor]:
+        """The uncompressed tensors on ``device``; floating ones cast to ``dtype`` when given."""
+        tensors = self.read(self.uncompressed_names, device)
+        if dtype is not None:
+            tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+        return tensors
+
+    def records(self) -> list[dict[str, Any]]:
+        """One record per compressed layer for ``dsf inspect``: name, kind, method, layouts, shape, inner_dim,
+        nnz, density, bytes (factors + bias as stored), dense_fp16_bytes, error, relative_error."""
+        sizes = self.tensor_bytes()
+        rows = []
+        for fqn, entry in self.layers.items():
+            out, inp = entry["shape"]
+            rows.append({
+                "name": fqn,
+                "kind": entry["kind"],
+                "method": entry.get("method"),
+                "layouts": "/".join(f["layout"] for f in entry["factors"].values()),
+                "dtype": "/".join(sorted({f["dtype"] for f in entry["factors"].values()})),
+                "shape": (out, inp),
+                "inner_dim": entry.get("inner_dim"),
+                "nnz": entry.get("nnz"),
+                "density": entry.get("density"),
+                "bytes": sum(sizes[n] for n in _part_names(fqn, entry)),
+                "dense_fp16_bytes": 2 * out * inp,
+                "error": entry.get("error"),
+                "relative_error": entry.get("relative_error"),
+            })
+        return rows
+
+    def tensor_bytes(self) -> dict[str, int]:
+        """Stored bytes of every tensor, from the file headers (no data is read)."""
+        sizes = {}
+        for file in dict.fromkeys(self.weight_map.values()):
+            with safe_open(self.directory / file, framework="pt") as handle:
+                for name in handle.keys():
+                    part = handle.get_slice(name)
+                    numel = 1
+                    for extent in part.get_shape():
+                        numel *= extent
+                    sizes[name] = numel * _ITEM_BYTES[part.get_dtype()]
+        return sizes
+
+
+# Bytes per element of the safetensors dtypes with whole-byte elements.
+_ITEM_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "F8_E4M3FNUZ": 1,
+               "F8_E5M2FNUZ": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8,
+               "U64": 8, "F64": 8, "C64": 8}
+
+
+def _load_manifest(directory: Path) -> dict[str, Any]:
+    path = directory / MANIFEST_NAME
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory}: not a directory")
+    if not path.is_file():
+        raise CheckpointError(
+            f"{path}: missing; the directory is incomplete (an interrupted write?) or not a compressed model; "
+            "re-run `dsf compress` or `dsf export`"
+        )
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path}: not valid JSON ({exc}); {_FIX}") from exc
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
+        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise CheckpointError(f"{path}: format is {found!r}, expected {FORMAT_NAME!r}")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: format_version is {manifest.get('format_version')!r}, this reader knows {FORMAT_VERSION}; "
+            "upgrade dsf-toolkit or re-export with this version"
+        )
+    layers = manifest.get("layers")
+    if not isinstance(layers, dict):
+        raise CheckpointError(f"{path}: 'layers' is {type(layers).__name__}, expected an object; {_FIX}")
+    for fqn, entry in layers.items():
+        problem = _check_entry(fqn, entry)
+        if problem:
+            raise CheckpointError(f"{path}: layer '{fqn}' {problem}; {_FIX}")
+    return manifest
+
+
+def _load_weight_map(directory: Path) -> dict[str, str]:
+    """Tensor -> file, from the index or the single file, after checking every file's header and version."""
+    index = directory / INDEX_NAME
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            files = list(dict.fromkeys(weight_map.values()))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+            raise CheckpointError(f"{index}: not a Hugging Face index with a 'weight_map' ({exc!r}); {_FIX}") from exc
+        bad = [f for f in files if not isinstance(f, str) or Path(f).name != f]
+        if bad:
+            raise CheckpointError(f"{index}: shard name {bad[0]!r} is not a file name in the directory; {_FIX}")
+    else:
+        weight_map, files = None, [SINGLE_FILE]
+    found: dict[str, str] = {}
+    for file in files:
+        for name in _file_keys(directory / file):
+            if name in found:
+                raise CheckpointError(f"{directory / file}: tensor '{name}' is also in {found[name]}; {_FIX}")
+            found[name] = file
+    if weight_map is not None:
+        for name, file in weight_map.items():
+            if found.get(name) != file:
+                raise CheckpointError(f"{directory / file}: tensor '{name}' listed in {INDEX_NAME} is missing; {_FIX}")
+        extra = [n for n in found if n not in weight_map]
+        if extra:
+            raise CheckpointError(f"{directory / found[extra[0]]}: tensor '{extra[0]}' is not in {INDEX_NAME}; {_FIX}")
+    return found
+
+
+def _file_keys(path: Path) -> list[str]:
+    """Tensor names of one safetensors file, after checking its header and ``__metadata__`` version."""
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing; {_FIX}")
+    try:
+        with safe_open(path, framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            keys = list(handle.keys())
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(
+            f"{path}: not a readable safetensors file ({exc}); it is truncated or corrupted, {_FIX}"
+        ) from exc
+    if metadata.get("dsf_format") != FORMAT_NAME or metadata.get("dsf_format_version") != str(FORMAT_VERSION):
+        raise CheckpointError(
+            f"{path}: __metadata__ has dsf_format {metadata.get('dsf_format')!r} version "
+            f"{metadata.get('dsf_format_version')!r}, expected {FORMAT_NAME!r} version '{FORMAT_VERSION}'; {_FIX}"
+        )
+    return keys
+
+
+def open_compressed(directory: str | os.PathLike[str]) -> CompressedCheckpoint:
+    """Open a compressed directory: parse and version-check the manifest, check every file's header and version,
+    and check that the tensors are exactly those the manifest needs (plus the uncompressed ones).
+
+    Raises:
+        CheckpointError: naming the file (and tensor) at fault.
+    """
+    directory = Path(directory)
+    manifest = _load_manifest(directory)
+    weight_map = _load_weight_map(directory)
+    ckpt = CompressedCheckpoint(directory, manifest, weight_map)
+    for fqn, entry in ckpt.layers.items():
+        required = _part_names(fqn, entry)
+        for name in required:
+            if name not in weight_map:
+                raise CheckpointError(
+                    f"{ckpt.file_of(name)}: tensor '{name}' is missing (the manifest's layer '{fqn}' needs it); {_FIX}"
+                )
+        allowed = set(required)
+        for name in weight_map:
+            if name.startswith(fqn + ".") and name not in allowed:
+                raise CheckpointError(
+                    f"{ckpt.file_of(name)}: unexpected tensor '{name}' (layer '{fqn}' is compressed and stores only "
+                    f"{sorted(allowed)}); {_FIX}"
+                )
+    return ckpt
+
+
+def save_compressed(
+    directory: str | os.PathLike[str],
+    *,
+    tensors: Mapping[str, torch.Tensor],
+    layers: Mapping[str, CompressedLayer],
+    config_source: str | os.PathLike[str] | Mapping[str, Any],
+    info: Mapping[str, Any] | None = None,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+) -> Path:
+    """Write a compressed model directory (docs/format.md) atomically: every file goes to a temporary name and is
+    renamed into place, the manifest last, so an interrupted write never looks complete.
+
+    Args:
+        directory: created if needed; an existing compressed directory is replaced (its manifest is removed first,
+            stale shards after the new ones are in place).
+        tensors: the uncompressed state-dict tensors (embeddings, norms, uncompressed linears), any device. Tied
+            tensors (same storage) are stored once, under the first name. Must not hold ``P.weight``/``P.bias``
+            of a compressed layer ``P``: drop them (``{k: v for k, v in sd.items() if k.rsplit(".", 1)[0] not in
+            layers}``) and pass the bias as ``CompressedLayer.bias``.
+        layers: compressed layers keyed by module name; factors in any layout (``CompressedLayer.from_dense``
+            builds the compression output's ``dense`` fp32 factors from a solver's result).
+        config_source: the base model's directory (``config.json``, ``generation_config.json`` and tokenizer
+            files are copied) or a config dict (written as ``config.json``).
+        info: manifest fields ``base_model`` (str), ``architecture`` (default: ``config.json``'s first entry of
+            ``architectures``) and ``compression`` (the config that produced the factors, JSON-serializable).
+        max_shard_bytes: above this many tensor bytes the tensors go to shards plus a Hugging Face index.
+
+    Returns:
+        ``directory`` as a Path.
+
+    Raises:
+        ValueError: listing every problem with the inputs, before anything is written.
+    """
+    directory = Path(directory)
+    units = _collect_tensors(directory, tensors, layers)
+    config_files, config = _config_files(config_source)
+    manifest = _manifest(layers, info or {}, config)
+    shards = _plan_shards(units, max_shard_bytes)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / MANIFEST_NAME).unlink(missing_ok=True)
+    for name, data in config_files.items():
+        _atomic(directory / name, lambda tmp, data=data: tmp.write_bytes(data))
+    for file, part in shards:
+        _atomic(directory / file, lambda tmp, part=part: save_file(part, str(tmp), metadata=FILE_METADATA))
+    written = {file for file, _ in shards}
+    if len(shards) > 1:
+        index = {
+            "metadata": {"total_size": sum(t.numel() * t.element_size() for _, p in shards for t in p.values())},
+            "weight_map": {name: file for file, part in shards for name in part},
+        }
+        _atomic(directory / INDEX_NAME, lambda tmp: tmp.write_text(json.dumps(index, indent=2), encoding="utf-8"))
+        written.add(INDEX_NAME)
+    for stale in directory.iterdir():
+        if stale.name not in written and (stale.name in (SINGLE_FILE, INDEX_NAME) or _SHARD.fullmatch(stale.name)):
+            stale.unlink()
+    _fsync_dir(directory)
+    text = json.dumps(manifest, indent=2)
+    _atomic(directory / MANIFEST_NAME, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    _fsync_dir(directory)
+    logger.info("wrote %s (%d layers, %d file(s))", directory, len(layers), len(shards))
+    return directory
+
+
+def _collect_tensors(
+    directory: Path, tensors: Mapping[str, torch.Tensor], layers: Mapping[str, CompressedLayer]
+) -> list[dict[str, torch.Tensor]]:
+    """Validate the inputs and group the tensors to store: one group per uncompressed tensor, one per layer."""
+    problems: list[str] = []
+    units: list[dict[str, torch.Tensor]] = []
+    seen: dict[tuple, str] = {}
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor) or t.layout != torch.strided or t.is_meta:
+            problems.append(f"'{name}' is not a dense tensor with data (got {type(t).__name__}); pass real tensors")
+            continue
+        if name.rpartition(".")[0] in layers:
+            problems.append(
+                f"'{name}' belongs to compressed layer '{name.rpartition('.')[0]}'; drop it from `tensors` "
+                "(pass a bias as CompressedLayer.bias)"
+            )
+            continue
+        key = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+        if t.numel() and key in seen:
+            logger.debug("'%s' is tied to '%s'; stored once", name, seen[key])
+            continue
+        seen[key] = name
+        units.append({name: t})
+    for fqn, layer in layers.items():
+        if not isinstance(layer, CompressedLayer):
+            problems.append(f"layer '{fqn}' is a {type(layer).__name__}, expected a CompressedLayer")
+            continue
+        unit: dict[str, torch.Tensor] = {}
+        for key, factor in layer.factors.items():
+            try:
+                factor.validate(f"{fqn}.{key}")
+            except FormatError as exc:
+                problems.append(str(exc))
+            unit.update(factor.to_tensors(f"{fqn}.{key}"))
+        if layer.bias is not None:
+            unit[f"{fqn}.bias"] = layer.bias
+        units.append(unit)
+    if problems:
+        raise ValueError(f"cannot save a compressed model to {directory}:\n  - " + "\n  - ".join(problems))
+    return [{k: v.detach().to("cpu").contiguous() for k, v in unit.items()} for unit in units]
+
+
+def _config_files(source: str | os.PathLike[str] | Mapping[str, Any]) -> tuple[dict[str, bytes], dict[str, Any]]:
+    """The files to copy (name -> bytes) and the parsed config."""
+    if isinstance(source, Mapping):
+        config = dict(source)
+        return {"config.json": json.dumps(config, indent=2).encode()}, config
+    source = Path(source)
+    if not (source / "config.json").is_file():
+        raise ValueError(f"{source}: no config.json; pass the base model's directory or a config dict")
+    files = {p.name: p.read_bytes() for p in sorted(source.iterdir()) if p.is_file() and _COPIED.fullmatch(p.name)}
+    files["config.json"] = (source / "config.json").read_bytes()
+    return files, json.loads(files["config.json"])
+
+
+def _manifest(layers: Mapping[str, CompressedLayer], info: Mapping[str, Any], config: Mapping[str, Any]) -> dict:
+    unknown = sorted(set(info) - set(_INFO_KEYS))
+    if unknown:
+        raise ValueError(f"info has unknown keys {unknown}; allowed: {list(_INFO_KEYS)}")
+    dtypes = {f.meta()["dtype"] for layer in layers.values() for f in layer.factors.values()}
+    return {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "producer": PRODUCER,
+        "base_model": info.get("base_model"),
+        "architecture": info.get("architecture") or (config.get("architectures") or [None])[0],
+        "dtype": dtypes.pop() if len(dtypes) == 1 else None,
+        "compression": info.get("compression"),
+        "layers": {fqn: layer.meta() for fqn, layer in layers.items()},
+    }
+
+
+def _plan_shards(units: list[dict[str, torch.Tensor]], max_bytes: int) -> list[tuple[str, dict[str, torch.Tensor]]]:
+    """One file if everything fits in ``max_bytes``, else greedy shards (a layer's tensors stay together)."""
+    sizes = [sum(t.numel() * t.element_size() for t in unit.values()) for unit in units]
+    if sum(sizes) <= max_bytes:
+        return [(SINGLE_FILE, {k: v for u in units for k, v in u.items()})]
+    groups: list[dict[str, torch.Tensor]] = [{}]
+    filled = 0
+    for unit, size in zip(units, sizes):
+        if groups[-1] and filled + size > max_bytes:
+            groups.append({})
+            filled = 0
+        groups[-1].update(unit)
+        filled += size
+    n = len(groups)
+    return [(f"model-{i + 1:05d}-of-{n:05d}.safetensors", g) for i, g in enumerate(groups)]
+
+
+def _atomic(path: Path, write) -> None:
+    """Run ``write(tmp)`` on a temporary name next to ``path``, flush it to disk, rename it to ``path``."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

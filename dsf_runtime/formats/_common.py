@@ -1,0 +1,219 @@
+"""Shared pieces of the packed formats: dtype names, the error type, and vectorized index checks.
+
+Every check here runs on the tensors' own device, reads no element before the bounds that make the read safe
+have been verified, and loops over no rows in Python, so hostile input can neither read out of bounds nor hang.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any, ClassVar, Protocol
+
+import torch
+
+__all__ = ["VALUE_DTYPES", "FormatError", "PackedMatrix", "dtype_name"]
+
+# Value dtypes a packed matrix may hold, with the names the manifest uses.
+VALUE_DTYPES: dict[torch.dtype, str] = {
+    torch.float16: "float16",
+    torch.bfloat16: "bfloat16",
+    torch.float32: "float32",
+}
+_INDEX_DTYPES: dict[torch.dtype, str] = {torch.int16: "int16", torch.int32: "int32", torch.uint8: "uint8"}
+_FIX = "re-export the checkpoint"
+
+
+class FormatError(ValueError):
+    """A packed matrix's tensors are missing, mistyped or inconsistent.
+
+    Attributes:
+        tensor: full name of the offending tensor (``"<prefix>.<part>"``), so a caller can add the file it came from.
+    """
+
+    def __init__(self, tensor: str, problem: str, fix: str = _FIX) -> None:
+        super().__init__(f"'{tensor}' {problem}; {fix}")
+        self.tensor = tensor
+        self.problem = problem
+
+
+class PackedMatrix(Protocol):
+    """What every packed format provides (see ``DenseMatrix``, ``CSRMatrix``, ``BitmaskMatrix``, ``BSRMatrix``)."""
+
+    layout: ClassVar[str]
+    parts: ClassVar[tuple[str, ...]]
+    shape: tuple[int, int]
+
+    @property
+    def values(self) -> torch.Tensor: ...
+    @property
+    def dtype(self) -> torch.dtype: ...
+    @property
+    def device(self) -> torch.device: ...
+    @property
+    def nnz(self) -> int: ...
+    @property
+    def nbytes(self) -> int: ...
+    def to_dense(self, dtype: torch.dtype | None = None) -> torch.Tensor: ...
+    def dense_rows(self, start: int, stop: int, dtype: torch.dtype | None = None) -> torch.Tensor: ...
+    def to_tensors(self, prefix: str = "") -> dict[str, torch.Tensor]: ...
+    def validate(self, prefix: str = "") -> None: ...
+    def meta(self) -> dict[str, Any]: ...
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> PackedMatrix: ...
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """Manifest name of a value or index dtype (``torch.float16`` -> ``"float16"``)."""
+    return VALUE_DTYPES.get(dtype) or _INDEX_DTYPES.get(dtype) or str(dtype).removeprefix("torch.")
+
+
+def part_name(prefix: str, part: str) -> str:
+    """Full tensor name of a part: ``"<prefix>.<part>"``, or ``part`` alone when ``prefix`` is empty."""
+    return f"{prefix}.{part}" if prefix else part
+
+
+def check_matrix(matrix: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """Validate a dense input of ``from_dense`` and return it cast to the value dtype (default: its own)."""
+    if not isinstance(matrix, torch.Tensor) or matrix.dim() != 2:
+        raise ValueError(f"expected a 2-D tensor, got {getattr(matrix, 'shape', type(matrix).__name__)}")
+    target = dtype or matrix.dtype
+    if target not in VALUE_DTYPES:
+        raise TypeError(f"values must be one of {sorted(VALUE_DTYPES.values())}, got {dtype_name(target)}")
+    return matrix.detach().to(target).contiguous()
+
+
+class PackedMixin:
+    """Methods shared by the packed dataclasses; each subclass names its tensors in ``parts``."""
+
+    parts: ClassVar[tuple[str, ...]]
+    shape: tuple[int, int]
+    values: torch.Tensor
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Dtype of the stored values."""
+        return self.values.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.values.device
+
+    @property
+    def nbytes(self) -> int:
+        """Storage bytes of all tensors (what the file holds, without headers)."""
+        return sum(t.numel() * t.element_size() for t in self.to_tensors().values())
+
+    def to_dense(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The matrix, ``[rows, cols]`` in ``dtype`` (default: the values' dtype)."""
+        return self.dense_rows(0, self.shape[0], dtype)
+
+    def to_tensors(self, prefix: str = "") -> dict[str, torch.Tensor]:
+        """The tensors to store, named ``"<prefix>.<part>"``."""
+        return {part_name(prefix, p): getattr(self, p) for p in self.parts}
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+        """A copy on ``device`` with values cast to ``dtype`` (indices keep their dtype)."""
+        moved = {p: getattr(self, p).to(device) for p in self.parts}
+        if dtype is not None:
+            if dtype not in VALUE_DTYPES:
+                raise TypeError(f"values must be one of {sorted(VALUE_DTYPES.values())}, got {dtype_name(dtype)}")
+            moved["values"] = moved["values"].to(dtype)
+        return dataclasses.replace(self, **moved)
+
+    @classmethod
+    def _take_parts(cls, tensors: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+        missing = [part_name(prefix, p) for p in cls.parts if part_name(prefix, p) not in tensors]
+        if missing:
+            raise FormatError(missing[0], "is missing", "re-export the checkpoint (it must hold every part)")
+        return {p: tensors[part_name(prefix, p)] for p in cls.parts}
+
+
+def check_tensor(
+    name: str, tensor: torch.Tensor, dtypes: tuple[torch.dtype, ...], shape: tuple[int | None, ...]
+) -> None:
+    """Raise FormatError unless ``tensor`` has one of ``dtypes`` and ``shape`` (``None`` matches any extent)."""
+    if not isinstance(tensor, torch.Tensor):
+        raise FormatError(name, f"is a {type(tensor).__name__}, expected a tensor")
+    if tensor.dtype not in dtypes:
+        expected = " or ".join(dtype_name(d) for d in dtypes)
+        raise FormatError(name, f"is {dtype_name(tensor.dtype)}, expected {expected}")
+    found = tuple(tensor.shape)
+    if len(found) != len(shape) or any(e is not None and e != f for e, f in zip(shape, found)):
+        want = "[" + ", ".join("*" if e is None else str(e) for e in shape) + "]"
+        raise FormatError(name, f"has shape {list(found)}, expected {want}")
+
+
+def check_row_ptr(name: str, row_ptr: torch.Tensor, n_rows: int, nnz: int) -> None:
+    """Check an int32 ``[n_rows + 1]`` offset array: starts at 0, non-decreasing, ends at ``nnz``."""
+    check_tensor(name, row_ptr, (torch.int32,), (n_rows + 1,))
+    first, last = int(row_ptr[0]), int(row_ptr[-1])
+    if first != 0:
+        raise FormatError(name, f"starts at {first}, expected 0")
+    if n_rows:
+        drops = torch.nonzero(row_ptr[1:] < row_ptr[:-1])
+        if drops.numel():
+            i = int(drops[0, 0])
+            raise FormatError(name, f"decreases at row {i} ({int(row_ptr[i])} -> {int(row_ptr[i + 1])})")
+    if last != nnz:
+        raise FormatError(name, f"ends at {last}, expected {nnz} (the number of stored values)")
+
+
+def row_ids(row_ptr: torch.Tensor, start: int, stop: int, total: int) -> torch.Tensor:
+    """Local row (``0 .. stop-start-1``) of each of the ``total`` entries owned by rows ``start:stop``; int64."""
+    counts = (row_ptr[start + 1 : stop + 1] - row_ptr[start:stop]).long()
+    rows = torch.arange(stop - start, device=row_ptr.device)
+    return torch.repeat_interleave(rows, counts, output_size=total)
+
+
+def check_indices(name: str, idx: torch.Tensor, row_ptr: torch.Tensor, bound: int, what: str) -> None:
+    """Check that ``idx`` (row_ptr already valid) lies in ``[0, bound)`` and strictly ascends within each row."""
+    n = idx.numel()
+    if n == 0:
+        return
+    idx64 = idx.long()
+    bad = torch.nonzero((idx64 < 0) | (idx64 >= bound))
+    if bad.numel():
+        p = int(bad[0, 0])
+        raise FormatError(
+            name, f"holds {what} {int(idx64[p])} at position {p} (row {_row_of(row_ptr, p)}), outside [0, {bound})"
+        )
+    starts = row_ptr[1:-1].long()
+    new_row = torch.zeros(n, dtype=torch.bool, device=idx.device)
+    new_row[starts[starts < n]] = True
+    bad = torch.nonzero((idx64[1:] <= idx64[:-1]) & ~new_row[1:])
+    if bad.numel():
+        p = int(bad[0, 0]) + 1
+        raise FormatError(
+            name,
+            f"is not strictly ascending within row {_row_of(row_ptr, p)} "
+            f"(position {p}: {int(idx64[p])} after {int(idx64[p - 1])})",
+        )
+
+
+def _row_of(row_ptr: torch.Tensor, position: int) -> int:
+    """Row that owns stored entry ``position`` (row_ptr already valid)."""
+    probe = torch.tensor([position], dtype=row_ptr.dtype, device=row_ptr.device)
+    return int(torch.searchsorted(row_ptr, probe, right=True)[0]) - 1
+
+
+def nonzero_entries(dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Non-zeros of a 2-D tensor in row-major order (NaN counts as non-zero, ``-0.0`` as zero).
+
+    Returns:
+        ``(mask [rows, cols] bool, positions [nnz] int64 = row * cols + col, values [nnz])``.
+    """
+    mask = dense != 0
+    positions = torch.nonzero(mask.reshape(-1)).squeeze(1)
+    return mask, positions, dense.reshape(-1)[positions]
+
+
+def offsets(counts: torch.Tensor) -> torch.Tensor:
+    """int32 ``[n + 1]`` exclusive prefix sums of per-row counts ``[n]``: ``0, c0, c0 + c1, ...``."""
+    out = torch.zeros(counts.numel() + 1, dtype=torch.int32, device=counts.device)
+    torch.cumsum(counts, 0, out=out[1:])
+    return out
+
+
+def count_nonzero(values: torch.Tensor) -> int:
+    """Number of non-zero elements (NaN counts as non-zero)."""
+    return int(torch.count_nonzero(values))

@@ -1,0 +1,117 @@
+"""Layout ``csr``: compressed sparse rows with int16 column indices when they fit."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, ClassVar
+
+import torch
+
+from dsf_runtime.formats._common import (
+    VALUE_DTYPES,
+    PackedMixin,
+    check_indices,
+    check_matrix,
+    check_row_ptr,
+    check_tensor,
+    dtype_name,
+    nonzero_entries,
+    offsets,
+    part_name,
+    row_ids,
+)
+
+__all__ = ["CSRMatrix", "INT16_MAX_COLS"]
+
+# Column indices are int16 when every index (at most cols - 1) fits: cols <= 32768.
+INT16_MAX_COLS = 32768
+
+
+@dataclass(frozen=True, eq=False)
+class CSRMatrix(PackedMixin):
+    """Compressed sparse rows.
+
+    Tensors:
+        values: ``[nnz]`` float16, bfloat16 or float32; non-zeros row by row, columns ascending.
+        col_idx: ``[nnz]`` int16 if ``cols <= 32768`` else int32; the column of each value.
+        row_ptr: ``[rows + 1]`` int32; row ``i`` owns ``values[row_ptr[i]:row_ptr[i + 1]]``.
+
+    Scalars:
+        shape: ``(rows, cols)``.
+    """
+
+    values: torch.Tensor
+    col_idx: torch.Tensor
+    row_ptr: torch.Tensor
+    shape: tuple[int, int]
+
+    layout: ClassVar[str] = "csr"
+    parts: ClassVar[tuple[str, ...]] = ("values", "col_idx", "row_ptr")
+
+    @classmethod
+    def from_dense(cls, matrix: torch.Tensor, *, dtype: torch.dtype | None = None) -> CSRMatrix:
+        """Pack the non-zeros of ``matrix`` ([rows, cols]) after casting it to ``dtype`` (default: its own).
+
+        Zeros produced by the cast are dropped; ``-0.0`` counts as zero (it unpacks as ``+0.0``).
+        """
+        dense = check_matrix(matrix, dtype)
+        rows, cols = dense.shape
+        mask, positions, values = nonzero_entries(dense)
+        row_ptr = offsets(mask.sum(dim=1, dtype=torch.int32))
+        index_dtype = torch.int16 if cols <= INT16_MAX_COLS else torch.int32
+        col_idx = (positions % max(cols, 1)).to(index_dtype)
+        return cls(values=values, col_idx=col_idx, row_ptr=row_ptr, shape=(rows, cols))
+
+    @classmethod
+    def from_tensors(
+        cls, tensors: Mapping[str, torch.Tensor], prefix: str, shape: tuple[int, int], *, validate: bool = True
+    ) -> CSRMatrix:
+        """Rebuild from ``<prefix>.values``, ``.col_idx``, ``.row_ptr``; ``validate`` runs ``validate(prefix)``."""
+        packed = cls(**cls._take_parts(tensors, prefix), shape=(int(shape[0]), int(shape[1])))
+        if validate:
+            packed.validate(prefix)
+        return packed
+
+    @property
+    def nnz(self) -> int:
+        """Number of stored values."""
+        return self.values.numel()
+
+    @property
+    def index_dtype(self) -> torch.dtype:
+        return self.col_idx.dtype
+
+    def dense_rows(self, start: int, stop: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Rows ``start:stop`` as a dense ``[stop - start, cols]`` tensor in ``dtype`` (default: values' dtype)."""
+        cols = self.shape[1]
+        out = torch.zeros(stop - start, cols, dtype=dtype or self.dtype, device=self.device)
+        lo, hi = int(self.row_ptr[start]), int(self.row_ptr[stop])
+        if hi > lo:
+            rows = row_ids(self.row_ptr, start, stop, hi - lo)
+            out.view(-1)[rows * cols + self.col_idx[lo:hi].long()] = self.values[lo:hi].to(out.dtype)
+        return out
+
+    def validate(self, prefix: str = "") -> None:
+        """Check dtypes, shapes, ``row_ptr`` and column indices; raises FormatError naming the tensor."""
+        rows, cols = self.shape
+        name = partial(part_name, prefix)
+        check_tensor(name("values"), self.values, tuple(VALUE_DTYPES), (None,))
+        nnz = self.values.shape[0]
+        index_dtypes = (torch.int16, torch.int32) if cols <= INT16_MAX_COLS else (torch.int32,)
+        check_tensor(name("col_idx"), self.col_idx, index_dtypes, (nnz,))
+        check_row_ptr(name("row_ptr"), self.row_ptr, rows, nnz)
+        check_indices(name("col_idx"), self.col_idx, self.row_ptr, cols, "column")
+
+    def meta(self) -> dict[str, Any]:
+        """The manifest's per-factor entry."""
+        return {
+            "shape": list(self.shape),
+            "layout": self.layout,
+            "dtype": dtype_name(self.dtype),
+            "nnz": self.nnz,
+            "index_dtype": dtype_name(self.index_dtype),
+            "block_size": None,
+            "bit_order": None,
+        }

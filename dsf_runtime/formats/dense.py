@@ -1,0 +1,81 @@
+"""Layout ``dense``: the matrix itself, zeros included (the compression output stores its fp32 factors so)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any, ClassVar
+
+import torch
+
+from dsf_runtime.formats._common import (
+    VALUE_DTYPES,
+    PackedMixin,
+    check_matrix,
+    check_tensor,
+    count_nonzero,
+    dtype_name,
+    part_name,
+)
+
+__all__ = ["DenseMatrix"]
+
+
+@dataclass(frozen=True, eq=False)
+class DenseMatrix(PackedMixin):
+    """A matrix stored densely.
+
+    Tensors:
+        values: ``[rows, cols]`` float16, bfloat16 or float32.
+
+    Scalars:
+        shape: ``(rows, cols)``.
+    """
+
+    values: torch.Tensor
+    shape: tuple[int, int]
+
+    layout: ClassVar[str] = "dense"
+    parts: ClassVar[tuple[str, ...]] = ("values",)
+
+    @classmethod
+    def from_dense(cls, matrix: torch.Tensor, *, dtype: torch.dtype | None = None) -> DenseMatrix:
+        """Store ``matrix`` ([rows, cols], floating) with values cast to ``dtype`` (default: its own dtype)."""
+        values = check_matrix(matrix, dtype)
+        return cls(values=values, shape=(values.shape[0], values.shape[1]))
+
+    @classmethod
+    def from_tensors(
+        cls, tensors: Mapping[str, torch.Tensor], prefix: str, shape: tuple[int, int], *, validate: bool = True
+    ) -> DenseMatrix:
+        """Rebuild from ``tensors[f"{prefix}.values"]``; ``validate`` runs ``validate(prefix)``."""
+        packed = cls(**cls._take_parts(tensors, prefix), shape=(int(shape[0]), int(shape[1])))
+        if validate:
+            packed.validate(prefix)
+        return packed
+
+    @cached_property
+    def nnz(self) -> int:
+        """Number of non-zero values."""
+        return count_nonzero(self.values)
+
+    def dense_rows(self, start: int, stop: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Rows ``start:stop`` as a dense ``[stop - start, cols]`` tensor in ``dtype`` (default: values' dtype)."""
+        return self.values[start:stop].to(dtype or self.dtype)
+
+    def validate(self, prefix: str = "") -> None:
+        """Check dtype and shape; raises FormatError naming ``<prefix>.values``."""
+        check_tensor(part_name(prefix, "values"), self.values, tuple(VALUE_DTYPES), self.shape)
+
+    def meta(self) -> dict[str, Any]:
+        """The manifest's per-factor entry."""
+        return {
+            "shape": list(self.shape),
+            "layout": self.layout,
+            "dtype": dtype_name(self.dtype),
+            "nnz": self.nnz,
+            "index_dtype": None,
+            "block_size": None,
+            "bit_order": None,
+        }

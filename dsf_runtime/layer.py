@@ -1,0 +1,144 @@
+"""``CompressedLayer``: one compressed linear layer in memory, as the solvers produce it and the directory stores it."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from dsf_runtime.formats import PackedMatrix, pack, pack_factors
+
+__all__ = ["FACTOR_NAMES", "CompressedLayer", "factor_problem"]
+
+# Factor names of each layer kind.
+FACTOR_NAMES = {"dsf": ("A", "B"), "single": ("W",)}
+
+
+@dataclass
+class CompressedLayer:
+    """One compressed linear layer: ``W ≈ A·B`` (kind ``dsf``) or one sparse ``W`` (kind ``single``).
+
+    Attributes:
+        kind: ``"dsf"`` (factors ``A`` [out, r], ``B`` [r, in]) or ``"single"`` (factor ``W`` [out, in]).
+        shape: ``(out, in)`` of the layer.
+        factors: packed matrices keyed ``A``/``B`` or ``W``.
+        method: the solver that produced it (``"dsf"``, ``"sparsegpt"``, ``"wanda"``, ...).
+        bias: ``[out]`` or None; stored with its own dtype.
+        error: ``tr(ΔW·H·ΔWᵀ)`` or None; relative_error: ``error / tr(W·H·Wᵀ)`` or None.
+    """
+
+    kind: str
+    shape: tuple[int, int]
+    factors: dict[str, PackedMatrix]
+    method: str
+    bias: torch.Tensor | None = None
+    error: float | None = None
+    relative_error: float | None = None
+
+    def __post_init__(self) -> None:
+        self.shape = (int(self.shape[0]), int(self.shape[1]))
+        self.error = None if self.error is None else float(self.error)
+        self.relative_error = None if self.relative_error is None else float(self.relative_error)
+        if self.bias is not None:
+            self.bias = self.bias.detach()
+        problem = factor_problem(self.kind, self.shape, {k: tuple(f.shape) for k, f in self.factors.items()})
+        if problem:
+            raise ValueError(problem)
+        if self.bias is not None and tuple(self.bias.shape) != (self.shape[0],):
+            raise ValueError(f"bias has shape {list(self.bias.shape)}, expected [{self.shape[0]}]")
+
+    @classmethod
+    def from_dense(
+        cls,
+        kind: str,
+        factors: Mapping[str, torch.Tensor],
+        *,
+        method: str,
+        bias: torch.Tensor | None = None,
+        error: float | None = None,
+        relative_error: float | None = None,
+        layout: str = "dense",
+        dtype: torch.dtype | None = None,
+        **opts: Any,
+    ) -> CompressedLayer:
+        """Pack dense factors (e.g. a solver's fp32 ``{"A": [out, k], "B": [k, in]}`` or ``{"W": [out, in]}``).
+
+        ``layout="dense"`` keeps the inner dimension ``k`` (the compression output); other layouts drop empty
+        inner indices (see ``pack_factors``). ``dtype`` casts the values; ``opts`` go to the layout
+        (``block_size`` for ``bsr``). From a solver's ``SolveResult``::
+
+            CompressedLayer.from_dense(result.kind, result.factors, method="dsf", bias=linear.bias,
+                                       error=result.error, relative_error=result.relative_error)
+        """
+        if kind == "dsf" and set(factors) == {"A", "B"}:
+            packed = pack_factors(factors["A"], factors["B"], layout, dtype=dtype, drop_empty=layout != "dense", **opts)
+            shape = (factors["A"].shape[0], factors["B"].shape[1])
+        elif kind == "single" and set(factors) == {"W"}:
+            packed = {"W": pack(factors["W"], layout, dtype=dtype, **opts)}
+            shape = tuple(factors["W"].shape)
+        else:
+            raise ValueError(f"kind {kind!r} needs factors {FACTOR_NAMES.get(kind)}, got {sorted(factors)}")
+        return cls(kind, shape, packed, method, bias, error, relative_error)
+
+    @property
+    def inner_dim(self) -> int | None:
+        """``r`` for kind ``dsf``, None for ``single``."""
+        return self.factors["A"].shape[1] if self.kind == "dsf" else None
+
+    @property
+    def nnz(self) -> int:
+        return sum(f.nnz for f in self.factors.values())
+
+    @property
+    def nbytes(self) -> int:
+        """Stored bytes of the factors and the bias."""
+        bias = 0 if self.bias is None else self.bias.numel() * self.bias.element_size()
+        return sum(f.nbytes for f in self.factors.values()) + bias
+
+    def weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The dense weight the factors represent, ``[out, in]`` (computed in fp32, then cast to ``dtype``)."""
+        if self.kind == "dsf":
+            return (self.factors["A"].to_dense(torch.float32) @ self.factors["B"].to_dense(torch.float32)).to(dtype)
+        return self.factors["W"].to_dense(dtype)
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> CompressedLayer:
+        """A copy on ``device`` with factor values and bias cast to ``dtype``."""
+        factors = {k: f.to(device, dtype) for k, f in self.factors.items()}
+        bias = None if self.bias is None else self.bias.to(device=device, dtype=dtype or self.bias.dtype)
+        return CompressedLayer(self.kind, self.shape, factors, self.method, bias, self.error, self.relative_error)
+
+    def meta(self) -> dict[str, Any]:
+        """The manifest entry of this layer."""
+        out, inp = self.shape
+        return {
+            "kind": self.kind,
+            "method": self.method,
+            "shape": [out, inp],
+            "inner_dim": self.inner_dim,
+            "nnz": self.nnz,
+            "density": self.nnz / (out * inp) if out * inp else 0.0,
+            "bias": self.bias is not None,
+            "error": self.error,
+            "relative_error": self.relative_error,
+            "factors": {k: f.meta() for k, f in self.factors.items()},
+        }
+
+
+def factor_problem(kind: str, shape: tuple[int, int], factors: Mapping[str, tuple[int, ...]]) -> str | None:
+    """Why factor shapes do not form a layer of ``shape``, or None."""
+    if kind not in FACTOR_NAMES:
+        return f"kind is {kind!r}, expected 'dsf' or 'single'"
+    if tuple(sorted(factors)) != FACTOR_NAMES[kind]:
+        return f"kind {kind!r} needs factors {list(FACTOR_NAMES[kind])}, got {sorted(factors)}"
+    out, inp = shape
+    if kind == "single":
+        ok = tuple(factors["W"]) == (out, inp)
+    else:
+        (a0, a1), (b0, b1) = factors["A"], factors["B"]
+        ok = a0 == out and b1 == inp and a1 == b0
+    if not ok:
+        found = ", ".join(f"{k} {list(v)}" for k, v in sorted(factors.items()))
+        return f"factors {found} do not form a [{out}, {inp}] layer"
+    return None

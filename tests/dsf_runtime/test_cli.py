@@ -1,0 +1,57 @@
+"""`dsf inspect` and `dsf run` on a tiny compressed Llama that uses the packaged SmolLM2 tokenizer."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from dsf_cli import commands_runtime
+from dsf_runtime import save_compressed
+from tests.dsf_runtime.helpers import single_thread  # noqa: F401 (autouse fixture)
+from tests.dsf_runtime.helpers import compress_randomly, tiny_llama, uncompressed
+
+
+@pytest.fixture
+def app() -> typer.Typer:
+    app = typer.Typer()
+    app.callback()(lambda: None)  # keep sub-command names with two commands registered
+    commands_runtime.register(app)
+    return app
+
+
+@pytest.fixture
+def directory(tmp_path: Path) -> Path:
+    from compress.assets import smollm2_dir
+
+    base = tmp_path / "base"
+    base.mkdir()
+    model = tiny_llama(vocab_size=49152)
+    model.config.save_pretrained(base)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(smollm2_dir() / name, base / name)
+    layers = compress_randomly(model, "bitmask")
+    return save_compressed(tmp_path / "out", tensors=uncompressed(model, layers), layers=layers, config_source=base,
+                           info={"base_model": "tiny-llama"})
+
+
+def test_inspect(app: typer.Typer, directory: Path) -> None:
+    result = CliRunner().invoke(app, ["inspect", str(directory)], env={"COLUMNS": "250"})
+    assert result.exit_code == 0, result.output
+    assert "model.layers.1.mlp.down_proj" in result.output and "bitmask/bitmask" in result.output
+    assert "total (14 layers)" in result.output and "tiny-llama" in result.output
+
+
+def test_inspect_reports_incomplete_directory(app: typer.Typer, tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, ["inspect", str(tmp_path)], env={"COLUMNS": "400"})
+    assert result.exit_code == 1 and "dsf_manifest.json: missing" in result.output
+
+
+def test_run_generates(app: typer.Typer, directory: Path) -> None:
+    args = ["run", "--model", str(directory), "--prompt", "Hello there", "--max-new-tokens", "3", "--dtype", "float32"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("Hello there")
