@@ -1,0 +1,468 @@
+"""Double Sparse Factorization (DSF): ``W ≈ A·B`` with two sparse factors sharing the single-matrix budget.
+
+Faithful to ``usamec/double_sparse`` ``doublesparse.py`` (``factorize``, ``factorizef``, ``factorizeT``,
+``find_other2``, ``finalize``; see ``docs/dsf-algorithm.md`` §1.2–1.5 and §4.1):
+
+* inner dimension ``k = min(m, n)`` for ``W`` [m, n]; one factor is square ``k×k``. For ``m < n`` the square
+  factor is on the output side (``A`` [m, m], ``B`` [m, n]); for ``m >= n`` (square layers included) the code
+  factorizes ``Wᵀ`` and the square factor ends up on the input side (``A`` [m, n], ``B`` [n, n]);
+* budget ``nnz(A) + nnz(B) = int(m·n·density)``: the square factor gets ``int(k²·square_density)``
+  (0.16 for square W, 0.25 otherwise), the other factor the rest;
+* stage 1 minimizes ``‖W·diag(s) − A·B̂‖_F`` with ``s = sqrt(diag H) + 1e-8`` by 40 alternating sparse
+  least-squares updates (square factor first), each 5 ADMM steps in column-normalized coordinates with the
+  global magnitude mask re-chosen in the first 2; ``B = B̂·diag(s)⁻¹``;
+* stage 2 (``finalize``) refits the left/output factor ``A`` on its fixed support under the full-H objective
+  ``tr((A·B − W)·H·(A·B − W)ᵀ)`` with 20 ADMM steps.
+
+Same results as the reference in exact arithmetic, faster: ``cholesky_ex`` + ``cholesky_inverse`` instead of
+``torch.inverse`` (one factorization serves both shifts once ``rho_start = 1``; cuSOLVER preferred on CUDA);
+exact top-k selection (``base.topk_mask``) instead of full sorts; the last ADMM step's least-squares solve,
+whose result the reference discards, is skipped; ADMM updates are fused (``Z − U = (2·mask − 1)⊙(X + U)``,
+``X + U`` accumulated by ``baddbmm``); no host synchronization inside the loops on CUDA (Cholesky failures are
+checked once at the end); same-shape layers are solved as one batch.
+
+Deliberate deviations (each changes at most a handful of mask entries):
+
+* masks keep **exactly** the budgeted count (top-``nnz``, ties broken arbitrarily). The reference thresholds at
+  ``sort(|x|)[int(numel·sp)]`` with a strict ``>``, which keeps ``nnz − 1`` entries (or ``nnz``, depending on
+  float rounding of ``numel·sp``), and caps the sparsity of each factor at 0.99; here a factor keeps exactly
+  its budget, so the layer total is exactly ``int(m·n·density)``;
+* the half-budget initialization of the rectangular factor keeps exactly ``nzb // 2`` entries;
+* dead inputs (``H_jj == 0``) follow SparseGPT (``H_jj = 1``, ``W[:, j] = 0``) so nothing divides by 1e-8;
+* ``rho_start = min(1, t/(iters − 3))³`` is evaluated with the denominator clamped to >= 1, which only matters
+  for ``iters <= 3`` (where the reference divides by zero or goes negative);
+* with ``fixmask`` the fixed mask keeps exactly ``int(k²·d)`` entries (``d`` = 0.1 square, 0.2 rectangular),
+  at least ``k`` so the diagonal always fits;
+* supports are tracked as masks (``finalize`` refits on ``A``'s mask, the reference on ``A != 0``; they differ
+  only if a kept value is exactly zero), and ``SolveResult.nnz`` counts the masks;
+* the density floor is ``nnz(R) >= 2`` (the reference breaks at ``nnz(R) < 0``): below that the half-budget
+  initialization of ``R`` is empty and the first Gram matrix singular.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+
+from compress.solvers.base import (
+    SolveResult,
+    SolverConfig,
+    elapsed,
+    exact_fp32,
+    layer_prefix,
+    make_result,
+    nnz_budget,
+    remove_dead_inputs,
+    topk_mask,
+    validate_layer,
+)
+
+__all__ = ["DSFConfig", "solve_dsf", "solve_dsf_group"]
+
+_EPS = 1e-8  # added to column norms and to sqrt(diag H), as in the reference
+_REG = 1e-2  # ridge on the normalized Gram matrix, times its mean diagonal
+_INNER_ITERS = 5  # ADMM steps per factor update
+_MASK_ITERS = 2  # ADMM steps (of the 5) that re-select the mask
+
+
+@dataclass(frozen=True)
+class DSFConfig(SolverConfig):
+    """DSF options (defaults: the LLM setting of the reference).
+
+    Attributes:
+        density: total kept fraction ``(nnz(A) + nnz(B)) / (m·n)``, in (0, 1]. The square factor's share is
+            fixed, so too low a density leaves the other factor (almost) nothing; the solver raises then, naming
+            the minimum density of the shape.
+        iters: outer alternating iterations (40 in the reference).
+        square_density: density of the square ``k×k`` factor; None = 0.16 for square W, else 0.25 (not with
+            ``fixmask``).
+        fixmask: fix the square factor's mask to a random mask (density 0.1 for square W, 0.2 otherwise, the
+            diagonal always included) instead of selecting it; the reference's ``--fix-mask`` ablation.
+        fixmask_seed: seed of that random mask; one seed gives one mask per shape, shared by all layers.
+        finalize: refit the left/output factor ``A`` under the full H (the reference's default).
+        finalize_iters: ADMM steps of that refit (20 in the reference).
+    """
+
+    method: str = field(default="dsf", init=False)
+    iters: int = 40
+    square_density: float | None = None
+    fixmask: bool = False
+    fixmask_seed: int = 0
+    finalize: bool = True
+    finalize_iters: int = 20
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.iters < 1:
+            raise ValueError(f"iters must be >= 1, got {self.iters} (the reference uses 40)")
+        if self.square_density is not None and not 0 < self.square_density <= 1:
+            raise ValueError(
+                f"square_density must be in (0, 1] or None (0.16 square / 0.25 rectangular), "
+                f"got {self.square_density!r}"
+            )
+        if self.finalize_iters < 1:
+            raise ValueError(f"finalize_iters must be >= 1, got {self.finalize_iters} (the reference uses 20)")
+        if self.fixmask and self.square_density is not None:
+            raise ValueError(
+                "square_density has no effect with fixmask=True (the fixed mask has density 0.1 for square W, "
+                "0.2 otherwise); pass one of them"
+            )
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Factor shapes and budgets for one layer shape.
+
+    ``M`` [k, q] is the matrix actually factorized as ``M ≈ S·R`` (``S`` square [k, k], ``R`` [k, q]):
+    ``W·diag(s)`` when not ``transposed``, ``diag(s)·Wᵀ`` when ``transposed`` (``m >= n``).
+    """
+
+    transposed: bool
+    k: int
+    nza: int  # non-zeros of the square factor S
+    nzb: int  # non-zeros of the rectangular factor R
+    fixmask: torch.Tensor | None  # [k, k] bool support of Sᵀ, or None
+
+
+def _fixed_mask_count(k: int, density: float) -> int:
+    """Entries of the ``--fix-mask`` mask: ``int(k²·density)``, at least ``k`` so the diagonal fits."""
+    return max(int(k * k * density), k)
+
+
+def _fixed_mask(k: int, density: float, seed: int, device: torch.device) -> torch.Tensor:
+    """The reference's ``--fix-mask``: a random [k, k] bool mask containing the diagonal (uniform scores + 100·I)."""
+    generator = torch.Generator().manual_seed(seed)
+    scores = torch.rand(k, k, generator=generator, dtype=torch.float64) + 100 * torch.eye(k, dtype=torch.float64)
+    return topk_mask(scores.flatten(), _fixed_mask_count(k, density)).view(k, k).to(device)
+
+
+def _plan(shape: torch.Size, config: DSFConfig, device: torch.device, layer_name: str | None) -> _Plan:
+    """Budgets for a ``shape`` [m, n] layer.
+
+    Raises:
+        ValueError: when the square factor gets no non-zeros, or the density leaves the other factor none.
+    """
+    m, n = shape
+    k = min(m, n)
+    where = layer_prefix(layer_name)
+    square_density = config.square_density or (0.16 if m == n else 0.25)
+    fixmask = None
+    if config.fixmask:
+        fixmask_density = 0.1 if m == n else 0.2
+        fixmask = _fixed_mask(k, fixmask_density, config.fixmask_seed, device)
+        nza = _fixed_mask_count(k, fixmask_density)
+    else:
+        nza = int(k * k * square_density)
+    if nza < 1:
+        raise ValueError(
+            f"{where}square_density={square_density} leaves the {k}×{k} square factor no non-zeros; "
+            "raise square_density"
+        )
+    budget = nnz_budget(shape, config.density)
+    nzb = budget - nza
+    if nzb < 2:  # the half-budget initialization of R needs at least one entry
+        minimum = (nza + 2) / (m * n)
+        raise ValueError(
+            f"{where}density={config.density} is too low for DSF on a {m}×{n} layer: the {k}×{k} square factor "
+            f"alone takes {nza} of the {budget} non-zeros; the minimum density is {minimum:.6g} "
+            f"(maximum sparsity {1 - minimum:.6g}); raise the density or lower square_density"
+        )
+    return _Plan(transposed=m >= n, k=k, nza=nza, nzb=nzb, fixmask=fixmask)
+
+
+def _spd_inverse(matrix: torch.Tensor, shift: float, failures: list[torch.Tensor]) -> torch.Tensor:
+    """``(matrix + shift·I)⁻¹`` [b, r, r] by Cholesky; the failure flags are checked after the loops."""
+    shifted = matrix.clone()
+    shifted.diagonal(dim1=-2, dim2=-1).add_(shift)
+    factor, info = torch.linalg.cholesky_ex(shifted)
+    failures.append(info)
+    return torch.cholesky_inverse(factor)
+
+
+def _admm(
+    v: torch.Tensor,
+    inverse: torch.Tensor,
+    rhs: torch.Tensor,
+    steps: int,
+    mask: torch.Tensor | None,
+    select: int | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ADMM with ρ = 1 for ``min ½xᵀGx − rhsᵀx`` s.t. support(x) ⊆ mask, i.e. the reference's loop::
+
+        for step: Z = (X + U)·mask;  U = U + X − Z;  X = (G + I)⁻¹(rhs + Z − U)
+
+    written on ``V = X + U``: ``U = V·(1 − mask)``, ``Z − U = (2·mask − 1)·V`` and the next ``V`` is
+    ``U + (G + I)⁻¹(rhs + Z − U)`` (one fused ``baddbmm``). The last step's solve, which the reference computes
+    and discards, is skipped.
+
+    Args:
+        v: ``X + U`` before the first step [b, r, q].
+        inverse: ``(G + I)⁻¹`` [b, r, r].
+        rhs: [b, r, q].
+        steps: ADMM steps.
+        mask: fixed bool support (broadcastable to ``v``); None when ``select`` is given.
+        select: if given, the mask is the top-``select`` of ``|V|``, re-selected in the first ``_MASK_ITERS``
+            steps and then kept.
+
+    Returns:
+        ``(Z, U, mask)`` after the last step.
+    """
+    if mask is not None:
+        keep, drop, sign = _mask_weights(mask, v.dtype)
+    for step in range(steps):
+        if select is not None and step < _MASK_ITERS:
+            mask = topk_mask(v.abs().flatten(1), select).view_as(v)
+            keep, drop, sign = _mask_weights(mask, v.dtype)
+        u = v * drop
+        if step < steps - 1:
+            v = u.baddbmm_(inverse, torch.addcmul(rhs, v, sign))  # u is recomputed from v next step
+    return v * keep, u, mask.expand_as(v)
+
+
+def _mask_weights(mask: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(mask, 1 − mask, 2·mask − 1)`` as ``dtype`` (multiplying is much faster than ``torch.where`` on CPU)."""
+    keep = mask.to(dtype)
+    return keep, 1 - keep, 2 * keep - 1
+
+
+def _sparse_ls(
+    design_t: torch.Tensor,
+    target: torch.Tensor,
+    z: torch.Tensor,
+    u: torch.Tensor,
+    nnz: int,
+    rho_start: float,
+    fixmask: torch.Tensor | None,
+    failures: list[torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The reference's ``find_other2``: ``min_X ‖target − design·X‖_F`` s.t. ``nnz(X) <= nnz`` by warm ADMM.
+
+    Args:
+        design_t: ``designᵀ`` [b, r, p] (the transpose is what the products need).
+        target: [b, p, q].
+        z: previous sparse iterate [b, r, q] (unscaled coordinates).
+        u: previous scaled dual [b, r, q] (unscaled coordinates).
+        nnz: entries kept per batch member.
+        rho_start: proximal weight of the warm-start solve.
+        fixmask: [r, q] bool fixed support, or None to select the top-``nnz`` of ``|X + U|``.
+        failures: Cholesky ``info`` tensors are appended here.
+
+    Returns:
+        ``(Z, U, mask)``: the new sparse iterate, dual and support, [b, r, q] each.
+    """
+    gram = design_t @ design_t.mT
+    norms = gram.diagonal(dim1=-2, dim2=-1).sqrt() + _EPS
+    gram /= norms.unsqueeze(-1) * norms.unsqueeze(-2)
+    diagonal = gram.diagonal(dim1=-2, dim2=-1)
+    diagonal += diagonal.mean(-1, keepdim=True) * _REG
+    scale = norms.unsqueeze(-1)
+    rhs = torch.matmul(design_t, target).div_(scale)
+    inverse = _spd_inverse(gram, 1.0, failures)
+    inverse_start = inverse if rho_start == 1.0 else _spd_inverse(gram, rho_start, failures)
+    u = u * scale
+    start = rhs if rho_start == 0 else rhs + rho_start * (z * scale - u)
+    v = torch.baddbmm(u, inverse_start, start)
+    z, u, mask = _admm(v, inverse, rhs, _INNER_ITERS, fixmask, None if fixmask is not None else nnz)
+    return z / scale, u / scale, mask
+
+
+def _factorize(
+    target: torch.Tensor, plan: _Plan, iters: int, failures: list[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Stage 1 (``factorizef``): ``target ≈ S·R`` by alternating sparse least squares.
+
+    Args:
+        target: ``M`` [b, k, q], the input-norm-scaled weight in the plan's orientation.
+
+    Returns:
+        ``(S, R, mask_S, mask_R)``: S [b, k, k], R [b, k, q] and their bool supports.
+    """
+    batch, k, _ = target.shape
+    square = torch.eye(k, dtype=target.dtype, device=target.device).expand(batch, k, k).contiguous()
+    square_dual = torch.zeros_like(square)
+    rect = target * topk_mask(target.abs().flatten(1), plan.nzb // 2).view_as(target)
+    rect_dual = torch.zeros_like(rect)
+    for t in range(iters):
+        rho_start = min(1.0, t / max(iters - 3, 1)) ** 3
+        square_t, dual_t, mask_t = _sparse_ls(
+            rect, target.mT, square.mT, square_dual.mT, plan.nza, rho_start, plan.fixmask, failures
+        )
+        square, square_dual, mask_square = square_t.mT, dual_t.mT, mask_t.mT
+        rect, rect_dual, mask_rect = _sparse_ls(
+            square.mT, target, rect, rect_dual, plan.nzb, rho_start, None, failures
+        )
+    return square, rect, mask_square, mask_rect
+
+
+def _finalize(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    left: torch.Tensor,
+    right: torch.Tensor,
+    mask: torch.Tensor,
+    iters: int,
+    failures: list[torch.Tensor],
+) -> torch.Tensor:
+    """Stage 2 (``finalize``): refit ``A`` on its support under ``tr((A·B − W)·H·(A·B − W)ᵀ)``; ADMM, ρ = 1.
+
+    Args:
+        weight: W [b, m, n]; hessian: H [n, n]; left: A [b, m, k]; right: B [b, k, n]; mask: A's support.
+
+    Returns:
+        The refitted A [b, m, k], zero outside ``mask``.
+    """
+    right_h = right @ hessian
+    gram = right_h @ right.mT
+    norms = gram.diagonal(dim1=-2, dim2=-1).sqrt() + _EPS
+    gram = gram / (norms.unsqueeze(-1) * norms.unsqueeze(-2))
+    scale = norms.unsqueeze(-1)
+    rhs = (right_h @ weight.mT) / scale
+    inverse = _spd_inverse(gram, 1.0, failures)
+    x = (left * norms.unsqueeze(-2)).mT
+    z, _, _ = _admm(x, inverse, rhs, iters, mask.mT, None)
+    return (z / scale).mT
+
+
+@contextmanager
+def _prefer_cusolver(device: torch.device) -> Iterator[None]:
+    """On CUDA, route batched Cholesky/inverse to cuSOLVER (MAGMA's batched inverse loops with host syncs)."""
+    if device.type != "cuda":
+        yield
+        return
+    saved = torch.backends.cuda.preferred_linalg_library()
+    torch.backends.cuda.preferred_linalg_library("cusolver")
+    try:
+        yield
+    finally:
+        torch.backends.cuda.preferred_linalg_library(saved)
+
+
+def _solve_stack(
+    weights: torch.Tensor, hessian: torch.Tensor, config: DSFConfig, plan: _Plan, failures: list[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """DSF of a stack of same-shape weights sharing H.
+
+    Args:
+        weights: W [b, m, n] in the compute dtype; hessian: H [n, n].
+        failures: Cholesky ``info`` tensors are appended here (checked by the caller).
+
+    Returns:
+        ``(A, B, mask_A, mask_B)``: A [b, m, k], B [b, k, n] and their bool supports.
+    """
+    weights, hessian = remove_dead_inputs(weights, hessian)
+    norms = hessian.diagonal().sqrt() + _EPS
+    scaled = weights * norms
+    target = scaled.mT.contiguous() if plan.transposed else scaled
+    square, rect, mask_square, mask_rect = _factorize(target, plan, config.iters, failures)
+    if plan.transposed:  # W ≈ Rᵀ·(Sᵀ·diag(s)⁻¹)
+        left, mask_left, right, mask_right = rect.mT, mask_rect.mT, square.mT / norms, mask_square.mT
+    else:  # W ≈ S·(R·diag(s)⁻¹)
+        left, mask_left, right, mask_right = square, mask_square, rect / norms, mask_rect
+    if config.finalize:
+        left = _finalize(weights, hessian, left, right, mask_left, config.finalize_iters, failures)
+    return left.contiguous(), right.contiguous(), mask_left.contiguous(), mask_right.contiguous()
+
+
+def _check_cholesky(failures: list[torch.Tensor], layer_names: list[str | None]) -> None:
+    """Raise if any Cholesky factorization of a solve failed (one host synchronization, after all loops).
+
+    Raises:
+        RuntimeError: naming the layers and the likely causes.
+    """
+    if failures and bool(torch.stack([info.amax() for info in failures]).amax() > 0):
+        raise _cholesky_error(layer_names)
+
+
+def _cholesky_error(layer_names: list[str | None]) -> RuntimeError:
+    names = ", ".join(repr(name) for name in layer_names if name) or "this group"
+    return RuntimeError(
+        f"DSF failed on {names}: a Gram matrix was not positive definite (an all-zero weight, all inputs dead, "
+        "or a non-PSD H); check the weight and the calibration Hessian"
+    )
+
+
+@torch.no_grad()
+def solve_dsf_group(
+    weights: list[torch.Tensor],
+    hessian: torch.Tensor,
+    config: DSFConfig,
+    *,
+    layer_names: list[str | None] | None = None,
+) -> list[SolveResult]:
+    """DSF of several layers that share one Hessian (q/k/v; gate/up); same-shape layers are solved as one batch.
+
+    Batching changes only the floating-point summation order, not the algorithm. Each member's ``seconds`` is
+    its batch's wall time divided by the batch size.
+
+    Args:
+        weights: W_i [out_i, in], any float dtype (float64 computes in float64, otherwise fp32).
+        hessian: the shared H [in, in].
+        config: DSF options.
+        layer_names: one per weight, for error messages.
+
+    Returns:
+        One ``SolveResult`` (kind ``"dsf"``, factors ``A`` [out, k], ``B`` [k, in]) per weight, in order.
+
+    Raises:
+        ValueError: for invalid inputs or a density below DSF's minimum for a shape.
+        RuntimeError: if a Cholesky factorization failed.
+    """
+    names = layer_names if layer_names is not None else [None] * len(weights)
+    if len(names) != len(weights):
+        raise ValueError(f"got {len(names)} layer names for {len(weights)} weights")
+    checked = [validate_layer(w, hessian, name) for w, name in zip(weights, names)]
+    by_shape: dict[tuple[int, int], list[int]] = {}
+    for index, (weight, _) in enumerate(checked):
+        by_shape.setdefault(tuple(weight.shape), []).append(index)
+    plans = {shape: _plan(torch.Size(shape), config, checked[idx[0]][0].device, names[idx[0]])
+             for shape, idx in by_shape.items()}
+    results: list[SolveResult | None] = [None] * len(weights)
+    for shape, indices in by_shape.items():
+        hess = checked[indices[0]][1]
+        stack = torch.stack([checked[i][0] for i in indices])
+        start = time.perf_counter()
+        failures: list[torch.Tensor] = []
+        try:
+            with exact_fp32(), _prefer_cusolver(stack.device):
+                left, right, mask_left, mask_right = _solve_stack(stack, hess, config, plans[shape], failures)
+        except torch.linalg.LinAlgError as error:  # CPU checks the inverse of a failed factor eagerly
+            raise _cholesky_error([names[i] for i in indices]) from error
+        _check_cholesky(failures, [names[i] for i in indices])
+        seconds = elapsed(start, stack.device) / len(indices)
+        for j, i in enumerate(indices):
+            results[i] = make_result(
+                "dsf",
+                {"A": left[j], "B": right[j]},
+                {"A": mask_left[j], "B": mask_right[j]},
+                checked[i][0],
+                hess,
+                seconds,
+            )
+    return results  # type: ignore[return-value]
+
+
+@torch.no_grad()
+def solve_dsf(
+    weight: torch.Tensor, hessian: torch.Tensor, config: DSFConfig, *, layer_name: str | None = None
+) -> SolveResult:
+    """DSF of one layer: ``W ≈ A·B`` with ``nnz(A) + nnz(B) = int(out·in·density)``.
+
+    Args:
+        weight: W [out, in], any float dtype (float64 computes in float64, otherwise fp32).
+        hessian: H [in, in] = (2/N)·Σ xxᵀ of the layer input.
+        config: DSF options.
+        layer_name: put into error messages.
+
+    Returns:
+        ``SolveResult`` of kind ``"dsf"`` with factors ``A`` [out, k], ``B`` [k, in], ``k = min(out, in)``,
+        their masks, and the error ``tr(ΔW·H·ΔWᵀ)`` of ``A·B``.
+
+    Raises:
+        ValueError: for invalid inputs or a density below DSF's minimum for this shape.
+        RuntimeError: if a Cholesky factorization failed.
+    """
+    return solve_dsf_group([weight], hessian, config, layer_names=[layer_name])[0]
