@@ -1,0 +1,217 @@
+"""Decode matmul over the ``nibble`` layout: ``y[t, i] = Σ_s values[i, s] · x[t, col(i, s)]`` (+ bias).
+
+Memory-bound at small batch: every program streams ``BLOCK_R`` rows of values (2 B/slot) and 4-bit in-group
+columns (0.5 B/slot) as wide contiguous vectors, gathers the activations by column from L1/L2 and accumulates in
+fp32. Activations come in one of two forms (``activation_layout`` below):
+
+- ``BN == 1``: ``x`` is ``[T, cols]`` (any row stride); program column ``c`` handles token ``c``.
+- ``BN > 1``: ``x`` is packed ``[T_chunks, cols, BN]`` (``pack_activations``): the ``BN`` tokens of a column are
+  contiguous, so one vector load gathers them all.
+
+The output element (token chunk ``c``, lane ``b``, row ``i``) goes to ``y + c·sy_c + b·sy_b + i·sy_i``: either the
+normal ``[T, rows]`` layout or the packed ``[T_chunks, rows, BN]`` fp32 layout that the next DSF factor reads.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+from dsf_runtime.kernels._io import pdl_options, plan_launch
+from dsf_runtime.kernels.layouts import KernelMatrix, unpack
+
+__all__ = ["nibble_matmul", "nibble_matmul_reference"]
+
+@triton.jit
+def _load_step(
+    v_row,  # [1, BLOCK_R] pointers to the rows' values
+    n_row,  # [1, BLOCK_R] pointers to the rows' index bytes
+    s0,  # first slot of the step
+    t,  # [HALF] byte offsets inside the step
+    lo_local,  # [HALF] slot of each byte's low nibble inside the step
+    S,  # slots per row
+    MASKED: tl.constexpr,  # mask slots >= S
+    CG: tl.constexpr,  # stream the weights past L1 (".cg"), keeping L1 for the gathered activations
+):
+    slot_lo = s0 + lo_local
+    if CG:
+        if MASKED:
+            ok = (slot_lo < S)[:, None]
+            byte = tl.load(n_row + (s0 // 2 + t)[:, None], mask=ok, other=0, cache_modifier=".cg")
+            v_lo = tl.load(v_row + slot_lo[:, None], mask=ok, other=0.0, cache_modifier=".cg")
+            v_hi = tl.load(v_row + (slot_lo + 16)[:, None], mask=ok, other=0.0, cache_modifier=".cg")
+        else:
+            byte = tl.load(n_row + (s0 // 2 + t)[:, None], cache_modifier=".cg")
+            v_lo = tl.load(v_row + slot_lo[:, None], cache_modifier=".cg")
+            v_hi = tl.load(v_row + (slot_lo + 16)[:, None], cache_modifier=".cg")
+    else:
+        if MASKED:
+            ok = (slot_lo < S)[:, None]
+            byte = tl.load(n_row + (s0 // 2 + t)[:, None], mask=ok, other=0)
+            v_lo = tl.load(v_row + slot_lo[:, None], mask=ok, other=0.0)
+            v_hi = tl.load(v_row + (slot_lo + 16)[:, None], mask=ok, other=0.0)
+        else:
+            byte = tl.load(n_row + (s0 // 2 + t)[:, None])
+            v_lo = tl.load(v_row + slot_lo[:, None])
+            v_hi = tl.load(v_row + (slot_lo + 16)[:, None])
+    return byte, v_lo, v_hi
+
+
+@triton.jit
+def _nibble_rows(
+    pid_c, pid_r,  # token chunk and row block of this program
+    x_ptr, vals_ptr, nib_ptr, bias_ptr, y_ptr,  # as _nibble_matmul_kernel
+    rows, cols, S, S2, n_tokens, stride_xc, stride_yc, stride_yb, stride_yi,  # as _nibble_matmul_kernel
+    wait_ptr,  # int32 counter to spin on before reading x (WAIT only)
+    wait_target,  # value of *wait_ptr that means "x is ready"
+    G: tl.constexpr, N: tl.constexpr, BN: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr,
+    EVEN_S: tl.constexpr, HAS_BIAS: tl.constexpr, PREFETCH: tl.constexpr, CG: tl.constexpr,
+    WAIT: tl.constexpr,  # spin on wait_ptr after the first weight step is in flight (fused DSF, second factor)
+    GDC: tl.constexpr = False,  # programmatic dependent launch: wait for the previous grid only before reading x
+):
+    # Tiles are [slots, rows] (slots on axis 0): the value/index loads are contiguous along axis 0, and the
+    # x gathers (no contiguity) then get the same register layout, so no layout conversion is needed (BN == 1).
+    # BN > 1 accumulates elementwise in a [slots, rows, BN] tile and reduces once at the end.
+    HALF: tl.constexpr = BLOCK_S // 2
+    r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    t = tl.arange(0, HALF)
+    lo_local = (t // 16) * 32 + (t % 16)  # slot of the low nibble of byte t inside one loop step
+    v_row = vals_ptr + r.to(tl.int64)[None, :] * S
+    n_row = nib_ptr + r.to(tl.int64)[None, :] * S2
+    x_base = x_ptr + pid_c.to(tl.int64) * stride_xc
+    if BN == 1:
+        acc = tl.zeros([HALF, BLOCK_R], dtype=tl.float32)
+    else:
+        acc = tl.zeros([HALF, BLOCK_R, BN], dtype=tl.float32)
+    if PREFETCH:
+        byte, v_lo, v_hi = _load_step(v_row, n_row, 0, t, lo_local, S, not EVEN_S, CG)
+    if GDC:
+        gdc_wait()  # x (written by the previous kernel) is visible from here on; the weights never change
+    if WAIT:
+        while tl.atomic_add(wait_ptr, 0, sem="acquire", scope="gpu") < wait_target:
+            pass
+        tl.debug_barrier()
+    for s0 in range(0, S, BLOCK_S):
+        if PREFETCH:
+            nxt_byte, nxt_lo, nxt_hi = _load_step(v_row, n_row, s0 + BLOCK_S, t, lo_local, S, True, CG)
+        else:
+            byte, v_lo, v_hi = _load_step(v_row, n_row, s0, t, lo_local, S, not EVEN_S, CG)
+        slot_lo = s0 + lo_local
+        c_lo = tl.minimum(((slot_lo // N) * G)[:, None] + (byte & 15).to(tl.int32), cols - 1)
+        c_hi = tl.minimum((((slot_lo + 16) // N) * G)[:, None] + (byte >> 4).to(tl.int32), cols - 1)
+        if BN == 1:
+            x_lo = tl.load(x_base + c_lo).to(tl.float32)
+            x_hi = tl.load(x_base + c_hi).to(tl.float32)
+            acc += v_lo.to(tl.float32) * x_lo + v_hi.to(tl.float32) * x_hi
+        else:
+            lane = tl.arange(0, BN)[None, None, :]
+            x_lo = tl.load(x_base + c_lo[:, :, None] * BN + lane).to(tl.float32)
+            x_hi = tl.load(x_base + c_hi[:, :, None] * BN + lane).to(tl.float32)
+            acc += v_lo.to(tl.float32)[:, :, None] * x_lo + v_hi.to(tl.float32)[:, :, None] * x_hi
+        if PREFETCH:
+            byte, v_lo, v_hi = nxt_byte, nxt_lo, nxt_hi
+    if GDC:
+        gdc_launch_dependents()  # the next kernel may start its weight prefetch on freed SMs
+    if BN == 1:
+        out = tl.sum(acc, axis=0)[:, None]  # [BLOCK_R, 1]
+    else:
+        out = tl.sum(acc, axis=0)  # [BLOCK_R, BN]
+    if HAS_BIAS:
+        out += tl.load(bias_ptr + r, mask=r < rows, other=0.0).to(tl.float32)[:, None]
+    lane = tl.arange(0, BN)[None, :]
+    ok = (r < rows)[:, None] & (pid_c * BN + lane < n_tokens)
+    y_ptrs = y_ptr + pid_c.to(tl.int64) * stride_yc + lane * stride_yb + r[:, None] * stride_yi
+    tl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _nibble_matmul_kernel(
+    x_ptr,  # activations: element (chunk c, column k, lane b) at x_ptr + c*stride_xc + k*BN + b
+    vals_ptr,  # [rows_pad, S] stored values (fp16/bf16/fp32)
+    nib_ptr,  # [rows_pad, S2] uint8 in-group columns, split halves per 32-slot chunk
+    bias_ptr,  # [rows] bias (read only when HAS_BIAS)
+    y_ptr,  # output: element (chunk c, lane b, row i) at y_ptr + c*stride_yc + b*stride_yb + i*stride_yi
+    rows,  # logical rows (outputs); rows >= rows are computed from zero padding and not stored
+    cols,  # logical columns (inputs); gathers are clamped to cols - 1 (zero-valued pad slots)
+    S,  # slots per row, a multiple of 32
+    S2,  # S // 2: index bytes per row
+    n_tokens,  # lanes with c*BN + b >= n_tokens are not stored (T, or all lanes of a packed output)
+    stride_xc,  # elements between token chunks of x
+    stride_yc,  # elements between token chunks of y
+    stride_yb,  # elements between lanes (tokens inside a chunk) of y
+    stride_yi,  # elements between rows of y
+    G: tl.constexpr,  # group width (columns per group, <= 16)
+    N: tl.constexpr,  # slots per group
+    BN: tl.constexpr,  # tokens per program (1 = plain rows of x; > 1 = packed x)
+    BLOCK_R: tl.constexpr,  # rows per program
+    BLOCK_S: tl.constexpr,  # slots per loop step, a multiple of 32
+    EVEN_S: tl.constexpr,  # S % BLOCK_S == 0: no slot mask
+    HAS_BIAS: tl.constexpr,  # add bias_ptr[i] to every output of row i
+    PREFETCH: tl.constexpr,  # load the next step's weights before using the current ones (register double buffer)
+    CG: tl.constexpr,  # weights bypass L1 (cache_modifier ".cg")
+    GDC: tl.constexpr,  # launched with programmatic dependent launch (griddepcontrol wait / launch_dependents)
+):
+    _nibble_rows(tl.program_id(0), tl.program_id(1), x_ptr, vals_ptr, nib_ptr, bias_ptr, y_ptr,
+                 rows, cols, S, S2, n_tokens, stride_xc, stride_yc, stride_yb, stride_yi, x_ptr, 0,
+                 G, N, BN, BLOCK_R, BLOCK_S, EVEN_S, HAS_BIAS, PREFETCH, CG, False, GDC)
+
+def nibble_matmul(
+    x: torch.Tensor,
+    w: KernelMatrix,
+    bias: torch.Tensor | None = None,
+    *,
+    n_tokens: int | None = None,
+    out_dtype: torch.dtype | None = None,
+    packed_out: int = 0,
+    config: dict | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``y = x · Wᵀ (+ bias)`` for a ``nibble`` matrix ``W`` [rows, cols].
+
+    Args:
+        x: ``[T, cols]`` (processed with ``BN = 1`` unless ``config`` says otherwise, then packed here) or an
+            already packed ``[T_chunks, cols, BN]`` tensor (``pack_activations``); then ``n_tokens`` is required.
+            float16/bfloat16/float32, on ``w``'s device.
+        w: the matrix, layout ``nibble``.
+        bias: ``[rows]`` or ``None``.
+        n_tokens: number of real tokens of a packed ``x``.
+        out_dtype: output dtype (default ``x.dtype``).
+        packed_out: if > 0, return the packed ``[T_chunks, rows, BN]`` layout (``BN`` = ``packed_out``, must equal
+            the kernel's ``BN``) instead of ``[T, rows]``; the chained DSF factor reads it directly.
+        config: ``{"BN", "BLOCK_R", "BLOCK_S", "num_warps", "num_stages"}`` and optionally ``"PREFETCH"``
+            (register double buffering of the weights), ``"CG"`` (weights bypass L1), ``"XF32"`` (pack x as
+            float32) (default: ``configs.lookup``).
+        out: optional preallocated contiguous output of the result's shape and dtype.
+
+    Returns:
+        ``[T, rows]`` (or packed, see ``packed_out``) in ``out_dtype``.
+
+    Raises:
+        ValueError / TypeError: wrong layout, device, dtype, shape or strides.
+    """
+    L = plan_launch("nibble", x, w, bias, n_tokens=n_tokens, out_dtype=out_dtype, packed_out=packed_out,
+                    config=config, out=out)
+    rows, cols = w.shape
+    S = w.values.shape[1]
+    cfg = L.cfg
+    if L.chunks == 0 or rows == 0:
+        return L.y.zero_()
+    grid = (L.chunks, triton.cdiv(rows, cfg["BLOCK_R"]))
+    _nibble_matmul_kernel[grid](
+        L.x, w.values, w.index, bias if bias is not None else w.values, L.y,
+        rows, cols, S, S // 2, L.store_tokens, L.x.stride(0), *L.y_strides,
+        G=w.group, N=w.per_group, BN=cfg["BN"], BLOCK_R=cfg["BLOCK_R"], BLOCK_S=cfg["BLOCK_S"],
+        EVEN_S=S % cfg["BLOCK_S"] == 0, HAS_BIAS=bias is not None,
+        PREFETCH=bool(cfg.get("PREFETCH", False)), CG=bool(cfg.get("CG", False)),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl_options(L.x),
+    )
+    return L.y
+
+
+def nibble_matmul_reference(x: torch.Tensor, w: KernelMatrix, bias: torch.Tensor | None = None,
+                            *, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """Plain-torch ``x · Wᵀ + bias`` computed in ``dtype`` (float64 for tests, float32 as a fallback)."""
+    y = x.to(dtype) @ unpack(w, dtype).t()
+    return y if bias is None else y + bias.to(dtype)
