@@ -1,8 +1,11 @@
-"""Plots from a bench_layer.py JSON (never during timing): speedup over cuBLAS dense vs batch, one panel per shape.
+"""Plots from a benchmark JSON (never during timing), written beside it as .png.
 
-``python benchmarks/plot.py benchmarks/results/layer-h100.json`` writes ``layer-h100.png`` beside the JSON.
-Solid lines: our kernels (balanced ``nibble`` layout, fp16), dashed: unstructured ``delta`` layout, dotted:
-torch CSR (int32, cuSPARSE) and 2:4 (cuSPARSELt) at density 0.5. The horizontal line is parity with dense.
+* bench_layer.py results (``python benchmarks/plot.py benchmarks/results/layer-h100.json``): speedup over cuBLAS
+  dense vs batch, one panel per shape. Solid lines: our kernels (balanced ``nibble`` layout, fp16), dashed:
+  unstructured ``delta`` layout, dotted: torch CSR (int32, cuSPARSE) and 2:4 (cuSPARSELt) at density 0.5. The
+  horizontal line is parity with dense.
+* bench_e2e.py results (``"kind": "e2e"``): one row of panels per model: weight bytes per variant, decode
+  tokens/s per variant and batch, prefill time per variant.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-__all__ = ["plot"]
+__all__ = ["plot", "plot_e2e"]
 
 
 def _series(rows):
@@ -41,6 +44,9 @@ def plot(path: Path, out: Path | None = None) -> Path:
     import matplotlib.pyplot as plt
 
     res = json.loads(Path(path).read_text())
+    out = Path(out) if out else Path(path).with_suffix(".png")
+    if res.get("kind") == "e2e":
+        return plot_e2e(res, out)
     series = _series(res["rows"])
     shapes = sorted({k[0] for k in series}, key=lambda s: (-s[0] * s[1], s))
     cols = 4
@@ -68,7 +74,42 @@ def plot(path: Path, out: Path | None = None) -> Path:
     m = res["meta"]
     fig.suptitle(f"{m.get('device')} — torch {m.get('torch')}, triton {m.get('triton')}, {m.get('date')}")
     fig.tight_layout()
-    out = Path(out) if out else Path(path).with_suffix(".png")
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def _bars(ax, labels, values, title: str, ylabel: str, fmt: str) -> None:
+    bars = ax.bar(range(len(values)), values, color=["0.5" if lab.startswith("dense") else "C0" for lab in labels])
+    ax.set_xticks(range(len(values)), labels, rotation=30, ha="right", fontsize=8)
+    ax.bar_label(bars, [format(v, fmt) for v in values], fontsize=7)
+    ax.set_title(title, fontsize=10)
+    ax.set_ylabel(ylabel)
+    ax.grid(True, axis="y", alpha=0.3)
+
+
+def plot_e2e(res: dict, out: Path) -> Path:
+    """bench_e2e.py results: per model, weight GiB per variant, decode tok/s per variant × batch, prefill ms."""
+    import matplotlib.pyplot as plt
+
+    rows = res["rows"]
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    fig, axes = plt.subplots(len(models), 3, figsize=(15, 4 * len(models)), squeeze=False)
+    for axs, model in zip(axes, models):
+        mine = [r for r in rows if r["model"] == model]
+        variants = list(dict.fromkeys(r["variant"] for r in mine))
+        weights = {r["variant"]: r["weight_bytes"] / 2**30 for r in mine}
+        _bars(axs[0], variants, [weights[v] for v in variants], f"{model}: weights", "GiB", ".3g")
+        decode = [r for r in mine if r["phase"] == "decode"]
+        _bars(axs[1], [f"{r['variant']} b={r['batch']}" for r in decode], [r["decode_tok_s"] for r in decode],
+              f"{model}: decode", "tokens/s (batch × steps / s)", ".0f")
+        prefill = [r for r in mine if r["phase"] == "prefill"]
+        _bars(axs[2], [r["variant"] for r in prefill], [r["prefill_ms"] for r in prefill],
+              f"{model}: prefill {prefill[0]['tokens'] if prefill else ''} tokens", "ms", ".1f")
+    m = res["meta"]
+    fig.suptitle(f"{m.get('device')} — torch {m.get('torch')}, triton {m.get('triton')}, transformers "
+                 f"{m.get('transformers')}, {m.get('date')}")
+    fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
@@ -76,7 +117,7 @@ def plot(path: Path, out: Path | None = None) -> Path:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("json", type=Path, help="a bench_layer.py result file")
+    ap.add_argument("json", type=Path, help="a bench_layer.py or bench_e2e.py result file")
     ap.add_argument("--out", type=Path, default=None, help="PNG path (default: beside the JSON)")
     args = ap.parse_args(argv)
     print(plot(args.json, args.out))

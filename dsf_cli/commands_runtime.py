@@ -77,8 +77,12 @@ def run(
         DType.auto, "--dtype", help="Cast weights and activations; auto keeps the stored dtypes."
     ),
     chat: bool = typer.Option(False, "--chat/--no-chat", help="Wrap the prompt in the tokenizer's chat template."),
+    cuda_graphs: bool = typer.Option(
+        True, "--cuda-graphs/--no-cuda-graphs", help="On CUDA: replay the decode step from a CUDA graph."
+    ),
 ) -> None:
-    """Generate text greedily with a compressed model; its linears stay packed."""
+    """Generate text greedily with a compressed model; its linears stay compressed (on CUDA: converted once to the
+    Triton kernels' layouts, static KV cache, timing printed)."""
     import torch
     from rich.console import Console
 
@@ -99,11 +103,31 @@ def run(
     else:
         text = prompt
     inputs = tokenizer(text, return_tensors="pt").to(device)
-    with torch.inference_mode():
-        out = net.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-    new = out[0, inputs["input_ids"].shape[1]:]
+    timing = None
+    if torch.device(device).type == "cuda":
+        from dsf_runtime.generation import greedy_generate
+
+        result = greedy_generate(net, inputs["input_ids"], max_new_tokens, cuda_graphs=cuda_graphs)
+        new = _until_eos(result.ids[0, inputs["input_ids"].shape[1]:], net.generation_config.eos_token_id)
+        timing = (f"prefill {result.prefill_ms:.1f} ms, decode {result.decode_tokens_per_s:.1f} tokens/s "
+                  f"({'CUDA graph' if result.cuda_graphs else 'eager'})")
+    else:
+        with torch.inference_mode():
+            out = net.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        new = out[0, inputs["input_ids"].shape[1]:]
     console.print(prompt, style="bold", end="" if not chat else "\n")
     console.print(tokenizer.decode(new, skip_special_tokens=True), highlight=False)
+    if timing:
+        console.print(timing, style="dim")
+
+
+def _until_eos(tokens, eos):
+    """``tokens`` cut before the first end-of-sequence token (``eos``: an id, a list of ids, or None)."""
+    ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    for i, t in enumerate(tokens.tolist()):
+        if t in ids:
+            return tokens[:i]
+    return tokens
 
 
 def register(app: typer.Typer) -> None:

@@ -4,6 +4,12 @@ The model is built from ``config.json`` on the ``meta`` device, so no dense weig
 layers become ``FactorizedLinear``/``SparseLinear`` modules whose buffers are read straight to the device, the
 other tensors are read straight to the device and assigned, tied weights are re-tied and non-persistent buffers
 (rotary frequencies) are recomputed. Nothing is downloaded.
+
+On CUDA (when Triton imports) each compressed layer is converted once, right after it is read, to the layout of
+the Triton kernels (``FactorizedLinear.to_kernels``): the module keeps only that representation, the packed copy
+is released before the next layer is read, so the peak is one layer above the converted model. Without Triton the
+packed modules stay and the pure-torch path runs (the reason is logged). Run ``dsf_runtime.kernel_backend.warmup``
+(or one eager forward) before capturing a CUDA graph; ``dsf_runtime.generation`` does this for generation.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from dsf_runtime import kernel_backend
 from dsf_runtime.checkpoint import CheckpointError, CompressedCheckpoint, open_compressed
 from dsf_runtime.modules import replace_linear
 
@@ -26,6 +33,8 @@ def from_pretrained(
     directory: str | os.PathLike[str],
     device: torch.device | str = "cpu",
     dtype: torch.dtype | None = None,
+    *,
+    kernels: bool | None = None,
 ):
     """Load a compressed directory (any layout) as a ``transformers`` causal LM in eval mode.
 
@@ -33,12 +42,17 @@ def from_pretrained(
         directory: written by ``save_compressed`` (``dsf compress`` / ``dsf export``).
         device: where every tensor is loaded, directly (``"cpu"``, ``"cuda:0"``, ...).
         dtype: cast floating tensors and factor values to this dtype; None keeps the stored dtypes.
+        kernels: convert the compressed layers for the Triton kernels at load time. None (default): on CUDA when
+            the kernels can run there, else keep the packed layers (logging why on CUDA); True: always (raises
+            when they cannot run, e.g. on the CPU outside ``TRITON_INTERPRET=1``); False: never.
 
     Returns:
-        A ``PreTrainedModel``; ``generate()`` works.
+        A ``PreTrainedModel``; ``generate()`` works. Converted layers have other buffer names than the
+        directory (see ``dsf_runtime.modules``).
 
     Raises:
         CheckpointError: the directory is incomplete or a tensor is missing, unexpected or invalid.
+        RuntimeError: ``kernels=True`` but the kernels cannot run on ``device``.
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
@@ -48,8 +62,9 @@ def from_pretrained(
     config = AutoConfig.from_pretrained(directory)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
+    use = _use_kernels(kernels, device)
     for fqn in ckpt.layers:
-        replace_linear(model, {fqn: ckpt.load_layer(fqn, device)}, dtype=dtype)
+        replace_linear(model, {fqn: ckpt.load_layer(fqn, device)}, dtype=dtype, kernels=use)
     _load_uncompressed(model, ckpt, device, dtype)
     _materialize_non_persistent_buffers(model, device)
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
@@ -68,6 +83,23 @@ def load_tokenizer(directory: str | os.PathLike[str]):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(Path(directory))
+
+
+def _use_kernels(kernels: bool | None, device: torch.device | str) -> bool:
+    """Resolve ``from_pretrained``'s ``kernels`` argument for ``device``."""
+    if kernels is False:
+        return False
+    device = torch.device(device)
+    if kernels is None and device.type != "cuda":
+        return False
+    reason = kernel_backend.unavailable_reason(device)
+    if reason is None:
+        return True
+    if kernels:
+        raise RuntimeError(f"from_pretrained(kernels=True) on {device}: {reason}; pass kernels=None to fall back "
+                           "to the pure-torch path")
+    logger.warning("GPU kernels not used, the compressed layers run on the pure-torch path: %s", reason)
+    return False
 
 
 def _fix(model) -> str:

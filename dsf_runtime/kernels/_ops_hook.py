@@ -4,6 +4,10 @@
 ``prepare_factor`` (layout ``"auto"``, values in the activation dtype) and the result is cached per packed object
 (weakly: it goes away with the packed matrix). The first call of a layer therefore converts, and must not happen
 inside a CUDA-graph capture: run one eager forward (or ``kernels.warmup``) first.
+
+This is the fallback for packed matrices that reach ``ops`` on CUDA (e.g. a model loaded on the CPU and then
+moved with ``.cuda()``): the converted copy lives next to the packed one. ``from_pretrained(..., device="cuda")``
+and ``dsf_runtime.kernel_backend.use_kernels(model)`` convert the modules instead, keeping one representation.
 """
 
 from __future__ import annotations
@@ -20,13 +24,20 @@ __all__ = ["kernel_matrix", "register"]
 
 log = logging.getLogger(__name__)
 _CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_warned = False
 LAYOUTS = ("csr", "bitmask", "bsr", "dense")
 
 
 def kernel_matrix(packed, dtype: torch.dtype) -> KernelMatrix:
     """The cached ``KernelMatrix`` of a packed matrix in ``dtype`` (converted on first use)."""
+    global _warned
     k = _CACHE.get(packed)
     if k is None or k.dtype != dtype:
+        if not _warned:
+            _warned = True
+            log.warning("converting packed weights on first CUDA use and keeping both copies; load with "
+                        "from_pretrained(..., device='cuda') or call dsf_runtime.kernel_backend.use_kernels(model) "
+                        "to keep only the kernel layout")
         k = prepare_factor(packed, dtype=dtype)
         _CACHE[packed] = k
         log.debug("prepared %s %s as %s", packed.layout, tuple(packed.shape), k.layout)

@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 import typer
 from typer.testing import CliRunner
 
@@ -55,3 +56,21 @@ def test_run_generates(app: typer.Typer, directory: Path) -> None:
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert result.output.startswith("Hello there")
+
+
+def test_run_cuda_graph_flag_and_eos_cut(app: typer.Typer, directory: Path) -> None:
+    args = ["run", "--model", str(directory), "--prompt", "Hi", "--max-new-tokens", "2", "--no-cuda-graphs"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    tokens = torch.tensor([5, 7, 2, 9])
+    assert commands_runtime._until_eos(tokens, 2).tolist() == [5, 7]
+    assert commands_runtime._until_eos(tokens, [9, 7]).tolist() == [5]
+    assert commands_runtime._until_eos(tokens, None).tolist() == [5, 7, 2, 9]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA generation path needs a CUDA device")
+def test_run_on_cuda_prints_timing(app: typer.Typer, directory: Path) -> None:
+    args = ["run", "--model", str(directory), "--prompt", "Hi", "--max-new-tokens", "4", "--device", "cuda"]
+    result = CliRunner().invoke(app, args, env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "tokens/s (CUDA graph)" in result.output

@@ -1,0 +1,65 @@
+"""benchmarks/bench_e2e.py and `dsf bench e2e` in dry-run mode: a tiny Llama on the CPU (pure-torch path), dense
+vs random balanced DSF in memory and through a compressed directory; checks the row schema, ratios, table, plot."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from tests.dsf_runtime.helpers import single_thread  # noqa: F401 (autouse fixture)
+
+bench = pytest.importorskip("benchmarks.bench_e2e")
+
+KEYS = {"model", "variant", "density", "nnz_density", "phase", "batch", "tokens", "decode_tok_s", "decode_step_ms",
+        "prefill_ms", "peak_mem_bytes", "weight_bytes", "linear_bytes", "cuda_graphs", "speedup_vs_dense",
+        "weight_ratio_vs_dense", "layouts"}
+
+
+def test_dry_run_rows(tmp_path: Path) -> None:
+    out = tmp_path / "e2e.json"
+    res = bench.bench_e2e(out=out, densities=(0.5,), batches=(1, 2), dry_run=True, log=lambda *_: None)
+    rows = json.loads(out.read_text())["rows"]
+    assert rows == json.loads(json.dumps(res["rows"]))
+    assert {(r["model"], r["variant"], r["phase"], r["batch"]) for r in rows} == {
+        (m, v, p, b) for m in ("tiny-llama", "tiny-loader") for v in ("dense", "dsf-0.5")
+        for p, b in (("decode", 1), ("decode", 2), ("prefill", 1))}
+    for r in rows:
+        assert KEYS <= set(r), KEYS - set(r)
+        if r["phase"] == "decode":
+            assert r["decode_tok_s"] > 0 and r["new_tokens"] == 3 and len(r["sample_ids"]) == 8
+        else:
+            assert r["prefill_ms"] > 0 and r["tokens"] == 16
+        if r["variant"] == "dense":
+            assert r["speedup_vs_dense"] == 1.0 and r["weight_ratio_vs_dense"] == 1.0
+        else:
+            assert 0.4 < r["nnz_density"] <= 0.5 and r["weight_ratio_vs_dense"] < 1.0
+            assert r["layouts"] == {"bitmask (packed)": 28}  # 14 layers × 2 factors; CPU: pure torch
+    loaded = [r for r in rows if r["model"] == "tiny-loader" and r["variant"] == "dsf-0.5"]
+    assert all(r["via"] == "from_pretrained" for r in loaded)
+    assert {"device", "driver", "torch", "triton", "transformers", "date", "git_sha"} <= set(res["meta"])
+    assert out.with_suffix(".md").read_text().startswith("# End-to-end benchmark")
+
+    from benchmarks.plot import plot
+
+    assert plot(out).stat().st_size > 10_000
+    merged = bench.merge([out, out], tmp_path / "merged.json")
+    assert len(merged["rows"]) == 2 * len(rows) and len(merged["meta"]["merged_from"]) == 2
+
+
+def test_cli_dry_run(tmp_path: Path) -> None:
+    from dsf_cli import commands_bench
+
+    app = typer.Typer()
+    app.callback()(lambda: None)
+    commands_bench.register(app)
+    out = tmp_path / "cli.json"
+    result = CliRunner().invoke(app, ["bench", "e2e", "--dry-run", "--models", "llama2-7b", "--densities", "0.3",
+                                      "--batches", "1", "--no-plot", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "| tiny-llama | dsf-0.3 |" in result.output and out.is_file()
+    result = CliRunner().invoke(app, ["bench", "e2e", "--batches", "1,x", "--dry-run", "--out", str(out)])
+    assert result.exit_code != 0 and "expected comma-separated numbers" in result.output
