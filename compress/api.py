@@ -1,0 +1,253 @@
+"""Library entry point of a compression run: ``compress_model`` with its ``CompressConfig`` (``dsf compress``).
+
+Example:
+    >>> from compress.api import CompressConfig, compress_model          # doctest: +SKIP
+    >>> report = compress_model(CompressConfig(method="dsf", density=0.5), "runs/smollm2-dsf50")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from compress.architectures import architecture_for
+from compress.assets import PACKAGED_MODEL, load_text, smollm2_dir
+from compress.calibration import OffloadMode, compress_blocks
+from compress.data import calibration_windows, tokenize_text
+from compress.output import prepare_output, write_output
+from compress.solvers import METHODS, make_config
+from compress.solvers.base import check_density
+from dsf_runtime.checkpoint import MANIFEST_NAME
+
+__all__ = [
+    "ConfigError",
+    "CompressConfig",
+    "DTYPES",
+    "compress_model",
+    "resolve_device",
+    "resolve_model_dir",
+]
+
+logger = logging.getLogger(__name__)
+
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_OFFLOAD = ("auto", "always", "never")
+
+
+class ConfigError(ValueError):
+    """An invalid ``CompressConfig`` field; ``field`` names it so the CLI can name its flag."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+@dataclass(frozen=True)
+class CompressConfig:
+    """Everything that determines a compression run (recorded in the output's manifest and report).
+
+    Attributes:
+        model: a Hugging Face model directory, or ``"smollm2-135m"`` for the packaged SmolLM2-135M-Instruct.
+        method: ``dsf``, ``sparsegpt``, ``wanda`` or ``magnitude`` (see ``compress.solvers.make_config``).
+        density: fraction of each layer's weights kept (DSF: both factors' non-zeros together), in (0, 1].
+        solver_options: method options passed to ``make_config`` (e.g. ``iters``, ``finalize``, ``prune_n``).
+        calibration: packaged text name (``emma``, ...) or a UTF-8 file; cut into random windows.
+        samples: calibration windows.
+        seqlen: tokens per calibration window.
+        seed: seed of the window offsets.
+        device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (CUDA when available).
+        dtype: the model's dtype while compressing: ``float32``, ``bfloat16`` or ``float16``.
+        batch_size: calibration windows per forward chunk.
+        offload: where activations live: ``auto`` (CPU only when they do not fit the accelerator), ``always``
+            (CPU), ``never`` (the compute device).
+        true_sequential: compress the groups of a block one after another (see ``compress.calibration``).
+    """
+
+    model: str = PACKAGED_MODEL
+    method: str = "dsf"
+    density: float = 0.5
+    solver_options: Mapping[str, Any] = field(default_factory=dict)
+    calibration: str = "emma"
+    samples: int = 64
+    seqlen: int = 512
+    seed: int = 0
+    device: str = "auto"
+    dtype: str = "float32"
+    batch_size: int = 8
+    offload: OffloadMode = "auto"
+    true_sequential: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("samples", "seqlen", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(name, f"must be ≥ 1, got {getattr(self, name)}")
+        if self.dtype not in DTYPES:
+            raise ConfigError("dtype", f"must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.offload not in _OFFLOAD:
+            raise ConfigError("offload", f"must be one of {', '.join(_OFFLOAD)}, got {self.offload!r}")
+        self.solver_config()  # validates method, density and the method options
+
+    def solver_config(self) -> Any:
+        """The solver config from ``compress.solvers.make_config``.
+
+        Raises:
+            ConfigError: naming ``density`` when the solvers' density check rejects it, ``method`` for an unknown
+                method, else ``solver_options``.
+        """
+        try:
+            check_density(self.density)
+        except ValueError as exc:
+            raise ConfigError("density", str(exc)) from exc
+        try:
+            return make_config(self.method, self.density, **dict(self.solver_options))
+        except (ValueError, TypeError) as exc:
+            raise ConfigError("method" if self.method not in METHODS else "solver_options", str(exc)) from exc
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["solver_options"] = dict(sorted(dict(self.solver_options).items()))
+        return data
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` -> ``cuda`` when available, else ``cpu``; rejects CUDA when there is none."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device", f"{device!r} was requested but CUDA is not available; use --device cpu")
+    return resolved
+
+
+def resolve_model_dir(model: str | os.PathLike) -> Path:
+    """The directory of ``model``: the packaged SmolLM2 for ``"smollm2-135m"``, else the path itself.
+
+    Raises:
+        FileNotFoundError: the directory does not exist or has no ``config.json``.
+    """
+    if str(model) == PACKAGED_MODEL:
+        return smollm2_dir()
+    path = Path(model).expanduser()
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"model directory {str(model)!r} does not exist; pass a Hugging Face model directory "
+            f"or {PACKAGED_MODEL!r} (the packaged SmolLM2)"
+        )
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"model directory {str(model)!r} has no config.json; expected a Hugging Face model directory "
+            "(config.json, *.safetensors, tokenizer files)"
+        )
+    return path
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _fingerprint(config: CompressConfig, model_config: Any, text: str, device: torch.device) -> dict[str, Any]:
+    """Settings that determine the factors: the config (but ``offload``, which moves data without changing it),
+    the model's config, the text and the device type."""
+    settings = config.to_dict()
+    del settings["offload"]
+    return {
+        **settings,
+        "device": device.type,
+        "model_config_sha256": _sha256(model_config.to_json_string(use_diff=False).encode()),
+        "calibration_sha256": _sha256(text.encode()),
+    }
+
+
+def compress_model(
+    config: CompressConfig,
+    output: str | os.PathLike,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    model: nn.Module | None = None,
+    tokenizer: Any = None,
+) -> dict[str, Any]:
+    """Compress every linear layer of a decoder and write a reloadable compressed model directory.
+
+    Args:
+        config: the run's settings.
+        output: the output directory; it receives the compressed model (``docs/format.md``) and
+            ``compression_report.json``. While running it holds ``.dsf-partial/`` (see ``compress.output``).
+        resume: continue an interrupted run in ``output`` (same settings required).
+        overwrite: replace whatever dsf output ``output`` holds.
+        progress: progress bar on stderr.
+        model: an already loaded ``*ForCausalLM`` to compress instead of loading ``config.model`` (which is then
+            only recorded), e.g. a truncated model for smoke runs; it is modified in place.
+        tokenizer: its tokenizer (required with ``model``).
+
+    Returns:
+        The content of ``compression_report.json``.
+
+    Raises:
+        FileNotFoundError: missing model directory or calibration text.
+        ValueError: unsupported architecture or layer type, a text shorter than one sample, a resume with
+            different settings (``ConfigError`` for an invalid config field).
+        FileExistsError: ``output`` holds another output and neither ``resume`` nor ``overwrite`` applies.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    start = time.perf_counter()
+    solver_config = config.solver_config()
+    device = resolve_device(config.device)
+    text = load_text(config.calibration)
+    source = None
+    if model is None:
+        source = resolve_model_dir(config.model)
+        if (source / MANIFEST_NAME).exists():
+            raise ValueError(
+                f"model directory {config.model!r} is already compressed ({MANIFEST_NAME}); "
+                "pass the dense model it was made from"
+            )
+        model_config = AutoConfig.from_pretrained(source)
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    elif tokenizer is None:
+        raise ValueError("compress_model(model=...) also needs the model's tokenizer")
+    else:
+        model_config = model.config
+    spec = architecture_for(model_config)
+    windows = calibration_windows(
+        tokenize_text(tokenizer, text), config.samples, config.seqlen, config.seed, name=config.calibration
+    )
+    partial = prepare_output(
+        Path(output), _fingerprint(config, model_config, text, device), resume=resume, overwrite=overwrite
+    )
+    if model is None:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[config.dtype]).eval()
+    compress_blocks(
+        model,
+        spec,
+        windows,
+        solver_config,
+        device=device,
+        offload=config.offload,
+        batch_size=config.batch_size,
+        true_sequential=config.true_sequential,
+        finished=partial.load_block,
+        on_block=partial.save_block,
+        progress=progress,
+    )
+    info = {
+        **config.to_dict(),
+        "device": str(device),
+        "blocks": model.config.num_hidden_layers,
+        "calibration_sha256": _sha256(text.encode()),
+        "seconds": time.perf_counter() - start,  # of this invocation (a resumed run: the resumed part)
+        "torch": torch.__version__,
+    }
+    return write_output(Path(output), model, tokenizer, spec, partial, info, source)
