@@ -1,0 +1,107 @@
+"""``dsf export``: convert a compressed directory to another layout, a dense Hugging Face fallback, or ONNX."""
+
+from __future__ import annotations
+
+import logging
+from enum import Enum
+from pathlib import Path
+
+import typer
+
+__all__ = ["register"]
+
+
+class Layout(str, Enum):
+    csr = "csr"
+    bitmask = "bitmask"
+    bsr = "bsr"
+    dense = "dense"
+
+
+class DType(str, Enum):
+    float16 = "float16"
+    bfloat16 = "bfloat16"
+    float32 = "float32"
+
+
+class BlockSize(str, Enum):
+    b16 = "16"
+    b32 = "32"
+    b64 = "64"
+
+
+class Lowering(str, Enum):
+    custom = "custom"
+    standard = "standard"
+
+
+def _fail(message: str) -> typer.Exit:
+    typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
+    return typer.Exit(1)
+
+
+def export(
+    src: Path = typer.Argument(..., help="A compressed model directory (from `dsf compress` or `dsf export`)."),
+    output: Path | None = typer.Option(
+        None, "--output", "-o", help="Output directory: a compressed directory in --layout, or with --dense-fallback "
+        "an ordinary Hugging Face checkpoint."
+    ),
+    onnx: Path | None = typer.Option(
+        None, "--onnx", help="Write an ONNX model (input_ids -> logits) to this .onnx file plus its .onnx.data."
+    ),
+    layout: Layout = typer.Option(Layout.csr, "--layout", help="Layout of every factor (ONNX: csr, bitmask or bsr)."),
+    dtype: DType | None = typer.Option(
+        None, "--dtype", help="Cast factor values and floating tensors (ONNX: float16 or float32); default: keep."
+    ),
+    block_size: BlockSize = typer.Option(BlockSize.b32, "--block-size", help="bsr block size b (b × b blocks)."),
+    max_shard_size: str = typer.Option(
+        "2GiB", "--max-shard-size", help="safetensors shard limit, e.g. 2GiB, 500MB or bytes (directories only)."
+    ),
+    dense_fallback: bool = typer.Option(
+        False, "--dense-fallback", help="Multiply the factors out into a dense checkpoint that plain transformers "
+        "loads (as large as the original model)."
+    ),
+    lowering: Lowering = typer.Option(
+        Lowering.custom, "--lowering", help="ONNX: custom = ai.dsf nodes (needs exporters.onnx_ops to run); "
+        "standard = standard operators only (any ONNX Runtime; densified when the session loads)."
+    ),
+    opset: int = typer.Option(18, "--opset", help="ONNX default-domain opset (>= 18)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --output or an existing --onnx file."),
+) -> None:
+    """Export a compressed model: to another layout or dtype, to a dense fallback, or to ONNX.
+
+    Every output is written under a temporary name and renamed into place, so it is complete or absent.
+    """
+    if (output is None) == (onnx is None):
+        raise _fail("pass exactly one of --output DIR and --onnx FILE")
+    if dense_fallback and output is None:
+        raise _fail("--dense-fallback writes a directory: pass --output DIR")
+    for name in ("onnx_ir", "onnxscript"):  # the ONNX exporter's passes log every constant they touch at INFO
+        logging.getLogger(name).setLevel(logging.WARNING)
+    from dsf_runtime.checkpoint import CheckpointError
+    from exporters.config import ExportConfig
+
+    try:
+        config = ExportConfig(layout=layout.value, dtype=dtype and dtype.value, block_size=int(block_size.value),
+                              max_shard_size=max_shard_size)
+        if onnx is not None:
+            from exporters.onnx_export import export_onnx
+
+            written = export_onnx(src, onnx, config, lowering=lowering.value, opset=opset, overwrite=overwrite)
+        elif dense_fallback:
+            from exporters.dense_fallback import export_dense_fallback
+
+            written = export_dense_fallback(src, output, dtype=config.torch_dtype, max_shard_size=max_shard_size,
+                                            overwrite=overwrite)
+        else:
+            from exporters.layouts import convert_layout
+
+            written = convert_layout(src, output, config, overwrite=overwrite)
+    except (CheckpointError, FileExistsError, ValueError, ImportError) as exc:
+        raise _fail(str(exc)) from exc
+    typer.echo(f"wrote {written}")
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``export`` to the ``dsf`` command."""
+    app.command("export")(export)

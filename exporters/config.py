@@ -1,0 +1,65 @@
+"""``ExportConfig``: what an export writes (layout, value dtype, block size, shard size), checked up front."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from dsf_runtime.formats import BLOCK_SIZES, LAYOUTS, VALUE_DTYPES
+from exporters._files import parse_size
+
+__all__ = ["ExportConfig"]
+
+_DTYPES = {name: dtype for dtype, name in VALUE_DTYPES.items()}
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """Settings of ``dsf export``; every field maps to the flag of the same name.
+
+    Attributes:
+        layout: ``dense``, ``csr``, ``bitmask`` or ``bsr`` for every factor.
+        dtype: ``float16``, ``bfloat16`` or ``float32`` for factor values and floating tensors; None keeps them.
+        block_size: ``b`` of ``bsr`` blocks (16, 32 or 64); ignored by the other layouts.
+        max_shard_size: safetensors shard limit, e.g. ``"2GiB"``, ``"500MB"`` or bytes.
+
+    Raises:
+        ValueError: on any bad value, naming its flag.
+    """
+
+    layout: str = "csr"
+    dtype: str | None = None
+    block_size: int = 32
+    max_shard_size: str | int = "2GiB"
+
+    def __post_init__(self) -> None:
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"--layout {self.layout!r} is not a layout; expected one of {', '.join(sorted(LAYOUTS))}")
+        if self.dtype is not None and self.dtype not in _DTYPES:
+            raise ValueError(
+                f"--dtype {self.dtype!r} is not a value dtype; expected one of {', '.join(sorted(_DTYPES))}"
+            )
+        if self.block_size not in BLOCK_SIZES:
+            raise ValueError(
+                f"--block-size {self.block_size} is not a bsr block size; expected one of "
+                f"{', '.join(map(str, BLOCK_SIZES))}"
+            )
+        parse_size(self.max_shard_size)
+
+    @property
+    def torch_dtype(self) -> torch.dtype | None:
+        """The value dtype as a ``torch.dtype`` (None: keep the stored dtypes)."""
+        return None if self.dtype is None else _DTYPES[self.dtype]
+
+    @property
+    def max_shard_bytes(self) -> int:
+        return parse_size(self.max_shard_size)
+
+    def layout_options(self) -> dict[str, Any]:
+        """Keyword options of ``dsf_runtime.formats.pack`` for this layout (``block_size`` for ``bsr``)."""
+        return {"block_size": self.block_size} if self.layout == "bsr" else {}
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

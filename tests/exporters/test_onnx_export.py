@@ -1,0 +1,104 @@
+"""ONNX export of the 2-block SmolLM2 with random factors: ``ai.dsf`` nodes and the standard lowering, run by ONNX
+Runtime and compared with the compressed model in torch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+import exporters.onnx_export
+from dsf_runtime import from_pretrained, open_compressed
+from exporters.config import ExportConfig
+from exporters.onnx_export import export_onnx
+from exporters.onnx_lowering import lower_to_standard
+from exporters.onnx_ops import DOMAIN, make_session
+
+pytestmark = pytest.mark.slow  # one real export (~15 s)
+
+SHAPES = [(1, 5), (3, 11)]  # neither is the traced example (2, 8): batch and sequence are dynamic
+
+
+@pytest.fixture(scope="module")
+def exported(compressed_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return export_onnx(compressed_dir, tmp_path_factory.mktemp("onnx") / "smollm2.onnx", ExportConfig(layout="csr"))
+
+
+@pytest.fixture(scope="module")
+def reference(compressed_dir: Path):
+    model = from_pretrained(compressed_dir)
+
+    def logits(ids: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return model(input_ids=torch.from_numpy(ids), use_cache=False).logits.numpy()
+
+    return logits
+
+
+def _ids(batch: int, seq: int) -> np.ndarray:
+    return np.random.default_rng(batch * 100 + seq).integers(0, 49152, (batch, seq), dtype=np.int64)
+
+
+def _options() -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    return options
+
+
+def _assert_parity(session: ort.InferenceSession, reference) -> None:
+    for shape in SHAPES:
+        ids = _ids(*shape)
+        got, want = session.run(["logits"], {"input_ids": ids})[0], reference(ids)
+        assert got.shape == want.shape == (*shape, 49152)
+        assert np.abs(got - want).max() <= 1e-3 * np.abs(want).max()
+
+
+def test_custom_op_export_is_valid_compact_and_matches_torch(exported: Path, compressed_dir: Path, reference) -> None:
+    onnx.checker.check_model(str(exported), full_check=True)
+    assert exported.with_name("smollm2.onnx.data").is_file()
+    model = onnx.load(str(exported), load_external_data=False)
+    dims = [[d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for v in (*model.graph.input, *model.graph.output)]
+    assert dims == [["batch", "sequence"], ["batch", "sequence", 49152]]
+    nodes = [n for n in model.graph.node if n.domain == DOMAIN]
+    layers = open_compressed(compressed_dir).layers
+    assert sorted(n.op_type for n in nodes) == sorted(
+        "DSFLinear" if entry["kind"] == "dsf" else "SparseLinear" for entry in layers.values()
+    )
+    types = {t.name: t.data_type for t in model.graph.initializer}
+    for fqn in layers:
+        assert f"{fqn}.weight" not in types
+        for factor in ("A", "B") if layers[fqn]["kind"] == "dsf" else ("W",):
+            assert types[f"{fqn}.{factor}.values"] == onnx.TensorProto.FLOAT
+            assert types[f"{fqn}.{factor}.col_idx"] == onnx.TensorProto.INT16
+            assert types[f"{fqn}.{factor}.row_ptr"] == onnx.TensorProto.INT32
+    _assert_parity(make_session(exported, session_options=_options()), reference)
+
+
+def test_standard_lowering_runs_on_stock_onnx_runtime(exported: Path, reference) -> None:
+    lowered = lower_to_standard(onnx.load(str(exported), load_external_data=False))
+    path = exported.with_name("standard.onnx")  # shares smollm2.onnx.data
+    onnx.save_model(lowered, str(path))
+    onnx.checker.check_model(str(path), full_check=True)
+    assert DOMAIN not in {o.domain for o in lowered.opset_import}
+    _assert_parity(ort.InferenceSession(str(path), _options(), providers=["CPUExecutionProvider"]), reference)
+
+
+def test_existing_output_is_refused_before_any_work(exported: Path, compressed_dir: Path) -> None:
+    before = exported.stat().st_mtime_ns
+    with pytest.raises(FileExistsError, match=r"smollm2.onnx already exists and is not empty; pass --overwrite"):
+        export_onnx(compressed_dir, exported)
+    assert exported.stat().st_mtime_ns == before
+
+
+def test_a_failed_export_leaves_nothing_behind(compressed_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    def broken(*args, **kwargs):
+        raise RuntimeError("tracing failed")
+
+    monkeypatch.setattr(exporters.onnx_export.torch.onnx, "export", broken)
+    with pytest.raises(RuntimeError, match="tracing failed"):
+        export_onnx(compressed_dir, tmp_path / "m.onnx")
+    assert list(tmp_path.iterdir()) == []
