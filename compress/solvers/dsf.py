@@ -14,6 +14,14 @@ Faithful to ``usamec/double_sparse`` ``doublesparse.py`` (``factorize``, ``facto
 * stage 2 (``finalize``) refits the left/output factor ``A`` on its fixed support under the full-H objective
   ``tr((A·B − W)·H·(A·B − W)ᵀ)`` with 20 ADMM steps.
 
+CNN extras (``other_experiments/OBC-x*.ipynb``, §1.4 ``get_at`` and §1.6; off by default, so the LLM setting and
+its results are unchanged): ``input_scaling=False`` factorizes the plain ``W`` (the notebooks' ``norm = ones``);
+``square_density="cnn"`` gives the square factor density ``max(0.16, density/2)``; ``refit_right=True`` refits the
+right/input factor ``B`` on its fixed support under the full H after ``finalize`` (the notebooks' ``get_at``: ADMM
+with ρ = 1 whose least-squares step is the Sylvester equation ``G̃·X·H̃ + X = F``, solved with one eigendecomposition
+of each normalized matrix). ``compress.conv.dsf_conv.CNN_DSF_OPTIONS`` bundles the notebooks' CNN setting
+(200 outer iterations, 200 finalize steps, 20 refit steps).
+
 Same results as the reference in exact arithmetic, faster: ``cholesky_ex`` + ``cholesky_inverse`` instead of
 ``torch.inverse`` (one factorization serves both shifts once ``rho_start = 1``; cuSOLVER preferred on CUDA);
 exact top-k selection (``base.topk_mask``) instead of full sorts; the last ADMM step's least-squares solve,
@@ -45,6 +53,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 
@@ -78,34 +87,46 @@ class DSFConfig(SolverConfig):
             fixed, so too low a density leaves the other factor (almost) nothing; the solver raises then, naming
             the minimum density of the shape.
         iters: outer alternating iterations (40 in the reference).
-        square_density: density of the square ``k×k`` factor; None = 0.16 for square W, else 0.25 (not with
-            ``fixmask``).
+        square_density: density of the square ``k×k`` factor; None = 0.16 for square W, else 0.25; ``"cnn"`` =
+            ``max(0.16, density/2)`` (the CNN notebooks). Not with ``fixmask``.
         fixmask: fix the square factor's mask to a random mask (density 0.1 for square W, 0.2 otherwise, the
             diagonal always included) instead of selecting it; the reference's ``--fix-mask`` ablation.
         fixmask_seed: seed of that random mask; one seed gives one mask per shape, shared by all layers.
         finalize: refit the left/output factor ``A`` under the full H (the reference's default).
         finalize_iters: ADMM steps of that refit (20 in the reference).
+        input_scaling: factorize ``W·diag(sqrt(diag H))`` (the LLM reference) instead of the plain ``W`` (False:
+            the CNN notebooks).
+        refit_right: after ``finalize``, refit the right/input factor ``B`` on its fixed support under the full H
+            (the CNN notebooks' ``get_at``).
+        refit_right_iters: ADMM steps of that refit (20 in the notebooks).
     """
 
     method: str = field(default="dsf", init=False)
     iters: int = 40
-    square_density: float | None = None
+    square_density: float | Literal["cnn"] | None = None
     fixmask: bool = False
     fixmask_seed: int = 0
     finalize: bool = True
     finalize_iters: int = 20
+    input_scaling: bool = True
+    refit_right: bool = False
+    refit_right_iters: int = 20
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.iters < 1:
             raise ValueError(f"iters must be >= 1, got {self.iters} (the reference uses 40)")
-        if self.square_density is not None and not 0 < self.square_density <= 1:
+        if self.square_density is not None and self.square_density != "cnn" and not (
+            isinstance(self.square_density, (int, float)) and 0 < self.square_density <= 1
+        ):
             raise ValueError(
-                f"square_density must be in (0, 1] or None (0.16 square / 0.25 rectangular), "
-                f"got {self.square_density!r}"
+                f"square_density must be in (0, 1] or None (0.16 square / 0.25 rectangular) or 'cnn' "
+                f"(max(0.16, density/2)), got {self.square_density!r}"
             )
         if self.finalize_iters < 1:
             raise ValueError(f"finalize_iters must be >= 1, got {self.finalize_iters} (the reference uses 20)")
+        if self.refit_right_iters < 1:
+            raise ValueError(f"refit_right_iters must be >= 1, got {self.refit_right_iters} (the notebooks use 20)")
         if self.fixmask and self.square_density is not None:
             raise ValueError(
                 "square_density has no effect with fixmask=True (the fixed mask has density 0.1 for square W, "
@@ -149,7 +170,10 @@ def _plan(shape: torch.Size, config: DSFConfig, device: torch.device, layer_name
     m, n = shape
     k = min(m, n)
     where = layer_prefix(layer_name)
-    square_density = config.square_density or (0.16 if m == n else 0.25)
+    if config.square_density == "cnn":
+        square_density = max(0.16, config.density / 2)
+    else:
+        square_density = config.square_density or (0.16 if m == n else 0.25)
     fixmask = None
     if config.fixmask:
         fixmask_density = 0.1 if m == n else 0.2
@@ -327,6 +351,45 @@ def _finalize(
     return (z / scale).mT
 
 
+def _refit_right(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    left: torch.Tensor,
+    right: torch.Tensor,
+    mask: torch.Tensor,
+    iters: int,
+) -> torch.Tensor:
+    """The CNN notebooks' ``get_at``: refit ``B`` on its support under ``tr((A·B − W)·H·(A·B − W)ᵀ)``; ADMM, ρ = 1.
+
+    In normalized coordinates ``X = diag(c)·B·diag(s)`` (``c`` the column norms of ``A``, ``s = sqrt(diag H)``),
+    with ``G̃ = ÃᵀÃ`` (``Ã = A·diag(c)⁻¹``) and ``H̃ = diag(s)⁻¹·H·diag(s)⁻¹``, each least-squares step solves the
+    Sylvester equation ``G̃·X·H̃ + X = R + Z − U`` (``R = diag(c)⁻¹·Aᵀ·W·H·diag(s)⁻¹``) as
+    ``X = Q·[(Qᵀ·F·P) ⊘ (e·dᵀ + 1)]·Pᵀ`` from ``G̃ = Q·diag(e)·Qᵀ`` and ``H̃ = P·diag(d)·Pᵀ`` (``torch.linalg.eigh``).
+
+    Args:
+        weight: W [b, m, n]; hessian: H [n, n] (dead inputs already removed); left: A [b, m, k];
+        right: B [b, k, n]; mask: B's support [b, k, n]; iters: ADMM steps.
+
+    Returns:
+        The refitted B [b, k, n], zero outside ``mask``.
+    """
+    s = hessian.diagonal().sqrt() + _EPS
+    h_eigval, h_eigvec = torch.linalg.eigh(hessian / (s.unsqueeze(-1) * s.unsqueeze(-2)))
+    gram = left.mT @ left
+    c = gram.diagonal(dim1=-2, dim2=-1).sqrt() + _EPS
+    g_eigval, g_eigvec = torch.linalg.eigh(gram / (c.unsqueeze(-1) * c.unsqueeze(-2)))
+    denominator = g_eigval.unsqueeze(-1) * h_eigval + 1
+    rhs = (left.mT @ weight @ hessian) / (c.unsqueeze(-1) * s)
+    keep, drop, sign = _mask_weights(mask, weight.dtype)
+    v = right * c.unsqueeze(-1) * s  # X + U with U = 0
+    for step in range(iters):
+        u = v * drop
+        if step < iters - 1:  # Z − U = (2·mask − 1)·V; X = solve(R + Z − U); V = X + U
+            spectral = (g_eigvec.mT @ torch.addcmul(rhs, v, sign) @ h_eigvec) / denominator
+            v = u + g_eigvec @ spectral @ h_eigvec.mT
+    return v * keep / (c.unsqueeze(-1) * s)
+
+
 @contextmanager
 def _prefer_cusolver(device: torch.device) -> Iterator[None]:
     """On CUDA, route batched Cholesky/inverse to cuSOLVER (MAGMA's batched inverse loops with host syncs)."""
@@ -354,7 +417,7 @@ def _solve_stack(
         ``(A, B, mask_A, mask_B)``: A [b, m, k], B [b, k, n] and their bool supports.
     """
     weights, hessian = remove_dead_inputs(weights, hessian)
-    norms = hessian.diagonal().sqrt() + _EPS
+    norms = hessian.diagonal().sqrt() + _EPS if config.input_scaling else torch.ones_like(hessian.diagonal())
     scaled = weights * norms
     target = scaled.mT.contiguous() if plan.transposed else scaled
     square, rect, mask_square, mask_rect = _factorize(target, plan, config.iters, failures)
@@ -364,6 +427,8 @@ def _solve_stack(
         left, mask_left, right, mask_right = square, mask_square, rect / norms, mask_rect
     if config.finalize:
         left = _finalize(weights, hessian, left, right, mask_left, config.finalize_iters, failures)
+    if config.refit_right:
+        right = _refit_right(weights, hessian, left, right, mask_right, config.refit_right_iters)
     return left.contiguous(), right.contiguous(), mask_left.contiguous(), mask_right.contiguous()
 
 
