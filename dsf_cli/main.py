@@ -21,9 +21,9 @@ def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log debug
 
 def _register_commands() -> None:
     # Each module defines `register(app)`; imports stay light (torch is imported inside the commands).
-    from dsf_cli import commands_compress, commands_runtime
+    from dsf_cli import commands_bench, commands_cnn, commands_compress, commands_export, commands_runtime
 
-    for module in (commands_compress, commands_runtime):
+    for module in (commands_compress, commands_runtime, commands_export, commands_cnn, commands_bench):
         module.register(app)
 
 
