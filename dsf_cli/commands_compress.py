@@ -125,6 +125,10 @@ def compress(
     square_density: float | None = typer.Option(
         None, "--square-density", help="DSF: density of the square factor (default 0.16 square W, 0.25 otherwise)."
     ),
+    group_size: int | None = typer.Option(
+        None, "--group-size", min=2, max=16,
+        help="DSF: balanced factors, N non-zeros in every group of this many columns (16: the GPU nibble kernels).",
+    ),
     prune_n: int | None = typer.Option(None, "--prune-n", help="SparseGPT/Wanda/magnitude/I-OBS: N of N:M sparsity."),
     prune_m: int | None = typer.Option(None, "--prune-m", help="SparseGPT/Wanda/magnitude/I-OBS: M of N:M sparsity."),
     blocksize: int | None = typer.Option(None, "--blocksize", help="SparseGPT: columns per block (default 128)."),
@@ -142,7 +146,7 @@ def compress(
 
     options = _solver_options(
         iters=iters, finalize=finalize, finalize_iters=finalize_iters, square_density=square_density,
-        prune_n=prune_n, prune_m=prune_m, blocksize=blocksize, percdamp=percdamp,
+        group_size=group_size, prune_n=prune_n, prune_m=prune_m, blocksize=blocksize, percdamp=percdamp,
     )
     config = _config(
         model=model, method=method.value, density=_density(density, sparsity), solver_options=options,

@@ -57,6 +57,8 @@ from typing import Literal
 
 import torch
 
+from dsf_runtime.formats.balanced import propose_balanced_split
+
 from compress.solvers.base import (
     SolveResult,
     SolverConfig,
@@ -99,6 +101,13 @@ class DSFConfig(SolverConfig):
         refit_right: after ``finalize``, refit the right/input factor ``B`` on its fixed support under the full H
             (the CNN notebooks' ``get_at``).
         refit_right_iters: ADMM steps of that refit (20 in the notebooks).
+        group_size: None (the reference: one global magnitude mask per factor), or ``G`` in 2..16 for *balanced*
+            factors: every row of each factor keeps exactly ``N`` non-zeros in each group of ``G`` consecutive
+            columns (the GPU kernels' ``nibble`` layout; a last partial group of width ``w`` keeps
+            ``min(N, w)``). ``N`` per factor comes from ``propose_balanced_split`` (the integer split closest to
+            DSF's square/rectangular split whose total stays within the budget, so the total density is at most
+            ``density``). The projection keeps the top ``N`` of ``|X + U|`` in each group instead of a global
+            top-k; everything else is the reference algorithm. Not with ``fixmask``.
     """
 
     method: str = field(default="dsf", init=False)
@@ -111,6 +120,7 @@ class DSFConfig(SolverConfig):
     input_scaling: bool = True
     refit_right: bool = False
     refit_right_iters: int = 20
+    group_size: int | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -127,11 +137,42 @@ class DSFConfig(SolverConfig):
             raise ValueError(f"finalize_iters must be >= 1, got {self.finalize_iters} (the reference uses 20)")
         if self.refit_right_iters < 1:
             raise ValueError(f"refit_right_iters must be >= 1, got {self.refit_right_iters} (the notebooks use 20)")
+        if self.group_size is not None and not 2 <= self.group_size <= 16:
+            raise ValueError(
+                f"group_size must be None or in 2..16 (4-bit in-group indices), got {self.group_size!r}"
+            )
+        if self.fixmask and self.group_size is not None:
+            raise ValueError("fixmask and group_size exclude each other: a random fixed mask is not balanced")
         if self.fixmask and self.square_density is not None:
             raise ValueError(
                 "square_density has no effect with fixmask=True (the fixed mask has density 0.1 for square W, "
                 "0.2 otherwise); pass one of them"
             )
+
+
+@dataclass(frozen=True)
+class _Selection:
+    """How a factor update chooses its support from ``|X + U|`` ([b, r, q] in the solver's coordinates).
+
+    ``count`` entries per batch member: the global top-``count`` (the reference), or, with ``per_group``, the
+    top ``per_group`` of each group of ``group`` consecutive entries along ``dim`` (balanced factors).
+    """
+
+    count: int
+    per_group: int | None = None
+    group: int = 16
+    dim: int = -1
+
+    def mask(self, scores: torch.Tensor) -> torch.Tensor:
+        """Bool support [b, r, q] of ``scores`` (non-negative) [b, r, q]."""
+        if self.per_group is None:
+            return topk_mask(scores.flatten(1), self.count).view_as(scores)
+        moved = scores.movedim(self.dim, -1)
+        width = moved.shape[-1]
+        # Padding below every score: a last group narrower than per_group keeps all its real entries.
+        padded = torch.nn.functional.pad(moved, (0, -width % self.group), value=-1.0)
+        mask = topk_mask(padded.unflatten(-1, (-1, self.group)), self.per_group).flatten(-2)[..., :width]
+        return mask.movedim(-1, self.dim)
 
 
 @dataclass(frozen=True)
@@ -144,8 +185,8 @@ class _Plan:
 
     transposed: bool
     k: int
-    nza: int  # non-zeros of the square factor S
-    nzb: int  # non-zeros of the rectangular factor R
+    square: _Selection  # support of Sᵀ
+    rect: _Selection  # support of R
     fixmask: torch.Tensor | None  # [k, k] bool support of Sᵀ, or None
 
 
@@ -195,7 +236,30 @@ def _plan(shape: torch.Size, config: DSFConfig, device: torch.device, layer_name
             f"alone takes {nza} of the {budget} non-zeros; the minimum density is {minimum:.6g} "
             f"(maximum sparsity {1 - minimum:.6g}); raise the density or lower square_density"
         )
-    return _Plan(transposed=m >= n, k=k, nza=nza, nzb=nzb, fixmask=fixmask)
+    transposed = m >= n
+    if config.group_size is None:
+        return _Plan(transposed, k, _Selection(nza), _Selection(nzb), fixmask)
+    return _balanced_plan(shape, config, square_density, transposed, k, where)
+
+
+def _balanced_plan(
+    shape: torch.Size, config: DSFConfig, square_density: float, transposed: bool, k: int, where: str
+) -> _Plan:
+    """Budgets of balanced factors: ``N`` per group of ``config.group_size`` columns of each factor.
+
+    The groups run along the columns of ``A`` [m, k] and ``B`` [k, n]. In the solver's coordinates
+    (``Sᵀ`` and ``R``): ``A = S`` and ``B = R·diag(s)⁻¹`` (not transposed) put them along ``Sᵀ``'s rows and
+    ``R``'s columns; ``A = Rᵀ`` and ``B = Sᵀ·diag(s)⁻¹`` (transposed) along ``R``'s rows and ``Sᵀ``'s columns.
+    """
+    group = config.group_size
+    try:
+        split = propose_balanced_split(tuple(shape), config.density, group, square_density)
+    except ValueError as error:
+        raise ValueError(f"{where}{error}") from None
+    square_name, rect_name = ("A", "B") if split["square"] == "A" else ("B", "A")
+    square = _Selection(split[f"nnz_{square_name}"], split[f"N_{square_name}"], group, -1 if transposed else -2)
+    rect = _Selection(split[f"nnz_{rect_name}"], split[f"N_{rect_name}"], group, -2 if transposed else -1)
+    return _Plan(transposed, k, square, rect, None)
 
 
 def _spd_inverse(matrix: torch.Tensor, shift: float, failures: list[torch.Tensor]) -> torch.Tensor:
@@ -213,7 +277,7 @@ def _admm(
     rhs: torch.Tensor,
     steps: int,
     mask: torch.Tensor | None,
-    select: int | None,
+    select: _Selection | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """ADMM with ρ = 1 for ``min ½xᵀGx − rhsᵀx`` s.t. support(x) ⊆ mask, i.e. the reference's loop::
 
@@ -229,8 +293,8 @@ def _admm(
         rhs: [b, r, q].
         steps: ADMM steps.
         mask: fixed bool support (broadcastable to ``v``); None when ``select`` is given.
-        select: if given, the mask is the top-``select`` of ``|V|``, re-selected in the first ``_MASK_ITERS``
-            steps and then kept.
+        select: if given, the mask is chosen from ``|V|`` by this selection, re-selected in the first
+            ``_MASK_ITERS`` steps and then kept.
 
     Returns:
         ``(Z, U, mask)`` after the last step.
@@ -239,7 +303,7 @@ def _admm(
         keep, drop, sign = _mask_weights(mask, v.dtype)
     for step in range(steps):
         if select is not None and step < _MASK_ITERS:
-            mask = topk_mask(v.abs().flatten(1), select).view_as(v)
+            mask = select.mask(v.abs())
             keep, drop, sign = _mask_weights(mask, v.dtype)
         u = v * drop
         if step < steps - 1:
@@ -258,21 +322,21 @@ def _sparse_ls(
     target: torch.Tensor,
     z: torch.Tensor,
     u: torch.Tensor,
-    nnz: int,
+    selection: _Selection,
     rho_start: float,
     fixmask: torch.Tensor | None,
     failures: list[torch.Tensor],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The reference's ``find_other2``: ``min_X ‖target − design·X‖_F`` s.t. ``nnz(X) <= nnz`` by warm ADMM.
+    """The reference's ``find_other2``: ``min_X ‖target − design·X‖_F`` on a sparse support by warm ADMM.
 
     Args:
         design_t: ``designᵀ`` [b, r, p] (the transpose is what the products need).
         target: [b, p, q].
         z: previous sparse iterate [b, r, q] (unscaled coordinates).
         u: previous scaled dual [b, r, q] (unscaled coordinates).
-        nnz: entries kept per batch member.
+        selection: how the support is chosen (entries kept per batch member; global or per group).
         rho_start: proximal weight of the warm-start solve.
-        fixmask: [r, q] bool fixed support, or None to select the top-``nnz`` of ``|X + U|``.
+        fixmask: [r, q] bool fixed support, or None to select the support from ``|X + U|``.
         failures: Cholesky ``info`` tensors are appended here.
 
     Returns:
@@ -290,7 +354,7 @@ def _sparse_ls(
     u = u * scale
     start = rhs if rho_start == 0 else rhs + rho_start * (z * scale - u)
     v = torch.baddbmm(u, inverse_start, start)
-    z, u, mask = _admm(v, inverse, rhs, _INNER_ITERS, fixmask, None if fixmask is not None else nnz)
+    z, u, mask = _admm(v, inverse, rhs, _INNER_ITERS, fixmask, None if fixmask is not None else selection)
     return z / scale, u / scale, mask
 
 
@@ -308,16 +372,16 @@ def _factorize(
     batch, k, _ = target.shape
     square = torch.eye(k, dtype=target.dtype, device=target.device).expand(batch, k, k).contiguous()
     square_dual = torch.zeros_like(square)
-    rect = target * topk_mask(target.abs().flatten(1), plan.nzb // 2).view_as(target)
+    rect = target * topk_mask(target.abs().flatten(1), plan.rect.count // 2).view_as(target)
     rect_dual = torch.zeros_like(rect)
     for t in range(iters):
         rho_start = min(1.0, t / max(iters - 3, 1)) ** 3
         square_t, dual_t, mask_t = _sparse_ls(
-            rect, target.mT, square.mT, square_dual.mT, plan.nza, rho_start, plan.fixmask, failures
+            rect, target.mT, square.mT, square_dual.mT, plan.square, rho_start, plan.fixmask, failures
         )
         square, square_dual, mask_square = square_t.mT, dual_t.mT, mask_t.mT
         rect, rect_dual, mask_rect = _sparse_ls(
-            square.mT, target, rect, rect_dual, plan.nzb, rho_start, None, failures
+            square.mT, target, rect, rect_dual, plan.rect, rho_start, None, failures
         )
     return square, rect, mask_square, mask_rect
 

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from dsf_runtime.formats._common import VALUE_DTYPES, FormatError, PackedMatrix, dtype_name, part_name
+from dsf_runtime.formats.balanced import balanced_per_group
 from dsf_runtime.formats.bitmask import BitmaskMatrix
 from dsf_runtime.formats.bsr import BLOCK_SIZES, BSRMatrix
 from dsf_runtime.formats.csr import INT16_MAX_COLS, CSRMatrix
@@ -84,7 +85,9 @@ def pack_factors(
 
     With ``drop_empty`` every inner index ``t`` where ``A[:, t]`` or ``B[t, :]`` is all zero after the cast to
     ``dtype`` is dropped (docs/format.md, "Inner dimension"); the others keep their order, so the packed factors
-    have inner dimension ``r <= k`` and ``A·B`` is unchanged. The compression output keeps ``r = k``
+    have inner dimension ``r <= k`` and ``A·B`` is unchanged. Nothing is dropped when ``A`` is balanced
+    (``balanced_per_group``: solved with ``group_size=16``): removing a column would shift its groups, and the
+    GPU kernels' ``nibble`` layout needs at most ``N`` non-zeros per group. The compression output keeps ``r = k``
     (``drop_empty=False``).
 
     Returns:
@@ -97,7 +100,8 @@ def pack_factors(
     a, b = A.to(dtype or A.dtype), B.to(dtype or B.dtype)
     if drop_empty:
         keep = torch.nonzero((a != 0).any(dim=0) & (b != 0).any(dim=1)).squeeze(1)
-        a, b = a[:, keep], b[keep]
+        if len(keep) < a.shape[1] and balanced_per_group(a) is None:
+            a, b = a[:, keep], b[keep]
     return {"A": pack(a, layout, **opts), "B": pack(b, layout, **opts)}
 
 

@@ -17,7 +17,7 @@ Each op lives in its own module with ``_<op>_kernel``, ``<op>(...)`` and ``<op>_
 """
 
 from dsf_runtime.kernels import _interpreter_compat
-from dsf_runtime.kernels.budget import balanced_nnz, propose_balanced_split
+from dsf_runtime.formats.balanced import balanced_nnz, propose_balanced_split
 from dsf_runtime.kernels.dispatch import (
     choose_layout,
     factorized_matmul,

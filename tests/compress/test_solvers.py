@@ -85,7 +85,8 @@ def test_make_config_unknown_option() -> None:
         make_config("dsf", 0.5, blocksize=128)
     assert str(info.value) == (
         "unknown option(s) 'blocksize' for method 'dsf'; "
-        "valid options: iters, square_density, fixmask, fixmask_seed, finalize, finalize_iters"
+        "valid options: iters, square_density, fixmask, fixmask_seed, finalize, finalize_iters, input_scaling, "
+        "refit_right, refit_right_iters, group_size"
     )
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from compress.solvers import DSFConfig, solve, solve_group
+from compress.solvers import DSFConfig, make_config, solve, solve_group
 from compress.solvers.base import layer_error, nnz_budget
 from compress.solvers.dsf import _fixed_mask
 from tests.compress import dsf_reference as reference
@@ -186,3 +186,64 @@ def test_matches_reference_port_large_factors() -> None:
     _, a_ref, b_ref = reference.factorize(weight, hessian, 0.5, iters=5)
     assert torch.equal(result.masks["A"], a_ref != 0) and torch.equal(result.masks["B"], b_ref != 0)
     torch.testing.assert_close(result.factors["A"], a_ref, rtol=1e-9, atol=1e-11)
+
+
+def _group_counts(matrix: torch.Tensor, group: int) -> torch.Tensor:
+    """Non-zeros of every full group of ``group`` consecutive columns, [rows, cols // group]."""
+    full = matrix.shape[1] // group * group
+    return (matrix[:, :full] != 0).reshape(matrix.shape[0], -1, group).sum(-1)
+
+
+@pytest.mark.parametrize("shape", [(64, 96), (96, 64), (48, 48), (40, 70)])
+@pytest.mark.parametrize("group", [16, 8])
+def test_balanced_factors_keep_n_per_group(shape: tuple[int, int], group: int) -> None:
+    from dsf_runtime.formats.balanced import propose_balanced_split
+
+    weight, hessian = synthetic_layer(*shape, dtype=torch.float32)
+    result = solve(weight, hessian, DSFConfig(density=0.5, iters=6, group_size=group))
+    split = propose_balanced_split(shape, 0.5, group)
+    for name in ("A", "B"):
+        mask, factor, per_group = result.masks[name], result.factors[name], split[f"N_{name}"]
+        assert torch.equal(_group_counts(mask, group), torch.full_like(_group_counts(mask, group), per_group)), name
+        tail = mask.shape[1] % group
+        if tail:
+            assert torch.all(mask[:, -tail:].sum(1) == min(per_group, tail)), name
+        # Values vanish only inside the mask (an inner index no row of the other factor uses), never outside.
+        assert not torch.any(factor[~mask]), name
+    assert result.nnz == split["nnz"] <= nnz_budget(shape, 0.5)
+    assert result.error == pytest.approx(layer_error(weight, result.weight(), hessian)[0], rel=1e-6)
+
+
+def test_balanced_costs_error_but_beats_magnitude() -> None:
+    weight, hessian = synthetic_layer(64, 96, dtype=torch.float32)
+    free = solve(weight, hessian, DSFConfig(density=0.5, iters=10))
+    balanced = solve(weight, hessian, DSFConfig(density=0.5, iters=10, group_size=16))
+    magnitude = solve(weight, hessian, make_config("magnitude", 0.5))
+    assert free.relative_error <= balanced.relative_error < magnitude.relative_error
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"group_size": 1}, "group_size must be None or in 2..16 (4-bit in-group indices), got 1"),
+        ({"group_size": 17}, "group_size must be None or in 2..16 (4-bit in-group indices), got 17"),
+        (
+            {"group_size": 16, "fixmask": True},
+            "fixmask and group_size exclude each other: a random fixed mask is not balanced",
+        ),
+    ],
+)
+def test_balanced_bad_options(options: dict, message: str) -> None:
+    with pytest.raises(ValueError) as info:
+        DSFConfig(density=0.5, **options)
+    assert str(info.value) == message
+
+
+def test_balanced_density_too_low_names_layer() -> None:
+    weight, hessian = synthetic_layer(16, 64, dtype=torch.float32)  # 0.07 suits DSF, not 1 per group (80 > 71)
+    with pytest.raises(ValueError) as info:
+        solve(weight, hessian, DSFConfig(density=0.07, iters=2, group_size=16), layer_name="l")
+    assert str(info.value) == (
+        "layer 'l': density 0.07 of a 16x64 layer cannot give each factor one non-zero per group of 16; "
+        "raise the density or use a smaller group"
+    )

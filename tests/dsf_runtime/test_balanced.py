@@ -2,7 +2,7 @@
 
 import pytest
 
-from dsf_runtime.kernels import balanced_nnz, propose_balanced_split
+from dsf_runtime.formats.balanced import balanced_nnz, propose_balanced_split
 
 
 @pytest.mark.parametrize("shape", [(4096, 4096), (4096, 11008), (11008, 4096), (576, 576), (192, 576), (1536, 576)])
@@ -29,3 +29,33 @@ def test_split_errors():
         propose_balanced_split((64, 64), 0.05)
     with pytest.raises(ValueError, match="density must be in"):
         propose_balanced_split((64, 64), 0.0)
+
+
+
+def test_balanced_per_group() -> None:
+    import torch
+
+    from dsf_runtime.formats.balanced import balanced_per_group
+
+    matrix = torch.zeros(3, 36)
+    matrix[0, [0, 5, 16, 30]] = 1.0  # 2 per full group; the partial group (32..35) is not checked
+    matrix[2, [1, 2, 20, 21, 33]] = 1.0
+    assert balanced_per_group(matrix) == 2  # row 1 is empty: ignored
+    matrix[2, 22] = 1.0
+    assert balanced_per_group(matrix) is None
+    assert balanced_per_group(torch.ones(2, 32)) is None  # 16 of 16 is dense, not balanced
+    assert balanced_per_group(torch.ones(2, 8)) is None  # no full group
+
+
+def test_pack_factors_keeps_balanced_inner_indices() -> None:
+    import torch
+
+    from dsf_runtime.formats import pack_factors
+
+    generator = torch.Generator().manual_seed(0)
+    a = torch.zeros(8, 32)
+    a[:, [0, 1, 17, 18]] = torch.randn(8, 4, generator=generator)  # 2 per group: balanced; columns 2..16 dead
+    b = torch.randn(32, 20, generator=generator)
+    assert pack_factors(a, b, "csr")["A"].shape == (8, 32)
+    a[0, 5] = 1.0  # unbalanced now: the dead inner indices are dropped
+    assert pack_factors(a, b, "csr")["A"].shape == (8, 5)

@@ -10,7 +10,11 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["balanced_nnz", "propose_balanced_split"]
+import torch
+
+__all__ = ["balanced_nnz", "balanced_per_group", "propose_balanced_split"]
+
+GROUP = 16  # columns per group of the GPU kernels' balanced (nibble) layout
 
 
 def balanced_nnz(rows: int, cols: int, per_group: int, group: int = 16) -> int:
@@ -81,3 +85,19 @@ def propose_balanced_split(shape: tuple[int, int], density: float, group: int = 
         "density": (nnz_a + nnz_b) / (m * n), "density_A": nnz_a / math.prod(a_shape),
         "density_B": nnz_b / math.prod(b_shape),
     }
+
+
+
+def balanced_per_group(matrix: torch.Tensor, group: int = GROUP) -> int | None:
+    """``N`` when every non-empty row of ``matrix`` [rows, cols] holds exactly ``N < group`` non-zeros in each
+    full group of ``group`` consecutive columns (a factor solved with ``group_size=group``), else None."""
+    rows, cols = matrix.shape
+    full = cols // group * group
+    if full == 0:
+        return None
+    counts = (matrix[:, :full] != 0).reshape(rows, -1, group).sum(-1)
+    counts = counts[counts.any(dim=1)]
+    if counts.numel() == 0 or not bool((counts == counts[0, 0]).all()):
+        return None
+    per_group = int(counts[0, 0])
+    return per_group if per_group < group else None
