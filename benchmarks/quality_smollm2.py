@@ -17,6 +17,9 @@ Smoke run on a truncated model (2 blocks, small calibration, a few windows)::
     python benchmarks/quality_smollm2.py --blocks 2 --samples 4 --seqlen 64 --max-windows 2 \\
         --methods magnitude,wanda --densities 0.5 --dsf-iters 1 --out-dir /tmp/quality-smoke
 
+Method ``dsf-g16`` (not in the default sweep) is DSF with balanced factors (``group_size=16``, the GPU kernels'
+``nibble`` layout; total density slightly below the target), to measure what the balance costs.
+
 Outputs (written atomically after every run; runs already in the file are skipped, so an interrupted sweep
 continues where it stopped, and an interrupted run resumes from its last finished block):
 
@@ -54,8 +57,11 @@ from compress.output import write_json_atomic  # noqa: E402
 
 logger = logging.getLogger("quality_smollm2")
 
-METHODS = ("dsf", "sparsegpt", "wanda", "magnitude")
-ORDER = METHODS  # the expected ordering of layer errors, smallest first
+ORDER = ("dsf", "sparsegpt", "wanda", "magnitude")  # the expected ordering of layer errors, smallest first
+# Method name in the results -> (solver, its options). "dsf-g16" is DSF with balanced factors (16 columns per group,
+# the GPU kernels' nibble layout), to measure what the balance costs next to unstructured DSF.
+VARIANTS = {m: (m, {}) for m in ORDER} | {"dsf-g16": ("dsf", {"group_size": 16})}
+METHODS = tuple(VARIANTS)
 RESULTS = "quality-smollm2.json"
 LAYER_ERRORS = "layer-errors-smollm2.json"
 # Settings that must match for runs to share one results file.
@@ -66,7 +72,7 @@ _SETTINGS = ("model", "calibration", "calibration_samples", "calibration_seqlen"
 def _args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda when available)")
-    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
+    p.add_argument("--methods", default=",".join(ORDER), help=f"comma-separated subset of {','.join(METHODS)}")
     p.add_argument("--densities", default="0.5,0.4,0.3", help="comma-separated densities in (0, 1]")
     p.add_argument("--out-dir", type=Path, default=Path("benchmarks/results"), help="where the two JSON files go")
     p.add_argument("--runs-dir", type=Path, default=Path("runs/quality-smollm2"),
@@ -193,9 +199,10 @@ def main(argv: list[str] | None = None) -> int:
             if (method, density) in done:
                 logger.info("skip %s at density %g: already in %s", method, density, results_path)
                 continue
-            options = {"iters": args.dsf_iters} if method == "dsf" else {}
+            solver, options = VARIANTS[method]
+            options = {**options, "iters": args.dsf_iters} if solver == "dsf" else options
             config = CompressConfig(
-                model=settings["model"], method=method, density=density, solver_options=options,
+                model=settings["model"], method=solver, density=density, solver_options=options,
                 calibration=args.calibration, samples=args.samples, seqlen=args.seqlen, seed=args.seed,
                 device=str(device),
             )

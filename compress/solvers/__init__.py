@@ -1,4 +1,4 @@
-"""Layer solvers: one interface for DSF, SparseGPT, Wanda and magnitude pruning.
+"""Layer solvers: one interface for DSF, SparseGPT, Wanda, magnitude pruning and layer-wise I-OBS.
 
 A solver compresses one weight matrix ``W`` [out, in] given the Hessian ``H`` [in, in] of its input and a
 method config, and returns a ``SolveResult``. Build configs with ``make_config`` (from a method name, e.g. CLI
@@ -21,6 +21,7 @@ import torch
 
 from compress.solvers.base import SolveResult, SolverConfig
 from compress.solvers.dsf import DSFConfig, solve_dsf, solve_dsf_group
+from compress.solvers.iobs import IOBSConfig, solve_iobs
 from compress.solvers.magnitude import MagnitudeConfig, solve_magnitude
 from compress.solvers.sparsegpt import SparseGPTConfig, solve_sparsegpt
 from compress.solvers.wanda import WandaConfig, solve_wanda
@@ -28,6 +29,7 @@ from compress.solvers.wanda import WandaConfig, solve_wanda
 __all__ = [
     "METHODS",
     "DSFConfig",
+    "IOBSConfig",
     "MagnitudeConfig",
     "SolveResult",
     "SolverConfig",
@@ -43,6 +45,7 @@ METHODS: dict[str, type[SolverConfig]] = {
     "sparsegpt": SparseGPTConfig,
     "wanda": WandaConfig,
     "magnitude": MagnitudeConfig,
+    "iobs": IOBSConfig,
 }
 
 _SOLVERS: dict[type[SolverConfig], Callable[..., SolveResult]] = {
@@ -50,6 +53,7 @@ _SOLVERS: dict[type[SolverConfig], Callable[..., SolveResult]] = {
     SparseGPTConfig: solve_sparsegpt,
     WandaConfig: solve_wanda,
     MagnitudeConfig: solve_magnitude,
+    IOBSConfig: solve_iobs,
 }
 
 
@@ -61,7 +65,7 @@ def make_config(method: str, density: float, **options: object) -> SolverConfig:
     """Build and validate the config of ``method``.
 
     Args:
-        method: one of ``METHODS`` (``"dsf"``, ``"sparsegpt"``, ``"wanda"``, ``"magnitude"``).
+        method: one of ``METHODS`` (``"dsf"``, ``"sparsegpt"``, ``"wanda"``, ``"magnitude"``, ``"iobs"``).
         density: kept fraction, in (0, 1].
         **options: method options (the config class's fields), e.g. ``iters=20`` for DSF.
 

@@ -24,7 +24,7 @@ from tests.compress.dsf_reference import synthetic_layer
 
 SHAPES = [(64, 96), (96, 64), (48, 48)]
 DENSITIES = [0.5, 0.4, 0.3, 0.37]
-SINGLE = ["sparsegpt", "wanda", "magnitude"]
+SINGLE = ["sparsegpt", "wanda", "magnitude", "iobs"]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -62,7 +62,7 @@ def _check_support(result, budget: int) -> None:
 
 
 def test_methods_and_names() -> None:
-    assert list(METHODS) == ["dsf", "sparsegpt", "wanda", "magnitude"]
+    assert list(METHODS) == ["dsf", "sparsegpt", "wanda", "magnitude", "iobs"]
     for name, config_class in METHODS.items():
         config = config_class(density=0.5)
         assert config.method == name and config.density == 0.5
@@ -77,7 +77,7 @@ def test_make_config_options() -> None:
 def test_make_config_unknown_method() -> None:
     with pytest.raises(ValueError) as info:
         make_config("obc", 0.5)
-    assert str(info.value) == "unknown method 'obc'; valid methods: dsf, sparsegpt, wanda, magnitude"
+    assert str(info.value) == "unknown method 'obc'; valid methods: dsf, sparsegpt, wanda, magnitude, iobs"
 
 
 def test_make_config_unknown_option() -> None:
