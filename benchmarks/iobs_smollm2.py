@@ -38,7 +38,6 @@ import argparse
 import datetime
 import json
 import logging
-import platform
 import shutil
 import sys
 import time
@@ -49,9 +48,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.quality_smollm2 import device_name, load_smollm2  # noqa: E402
 from compress.api import CompressConfig, compress_model, resolve_device  # noqa: E402
-from compress.architectures import truncate_blocks  # noqa: E402
-from compress.assets import PACKAGED_MODEL, smollm2_dir  # noqa: E402
+from compress.assets import PACKAGED_MODEL  # noqa: E402
 from compress.data import load_evaluation  # noqa: E402
 from compress.evaluate import perplexity  # noqa: E402
 from compress.iobs_model import IOBSModelConfig, compress_iobs_model  # noqa: E402
@@ -97,21 +96,6 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _load(blocks: int):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(smollm2_dir(), dtype=torch.float32).eval()
-    if blocks:
-        truncate_blocks(model, blocks)
-    return model, AutoTokenizer.from_pretrained(smollm2_dir())
-
-
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-
-
 def _run(method: str, density: float, args: argparse.Namespace, device: torch.device,
          windows: torch.Tensor) -> dict[str, Any]:
     """Compress a fresh model with one method; returns its record, layer errors and (model-level) rounds."""
@@ -120,7 +104,7 @@ def _run(method: str, density: float, args: argparse.Namespace, device: torch.de
         solver_options={"iters": args.iobs_iters} if method == "iobs" else {}, calibration=args.calibration,
         samples=args.samples, seqlen=args.seqlen, seed=args.seed, device=str(device),
     )
-    model, tokenizer = _load(args.blocks)
+    model, tokenizer = load_smollm2(args.blocks)
     out = args.runs_dir / f"{method}-{density:g}"
     start = time.perf_counter()
     if method == "iobs-model":
@@ -137,7 +121,7 @@ def _run(method: str, density: float, args: argparse.Namespace, device: torch.de
     logger.info("%s at density %g: perplexity %.4f, %.0f s", method, density, ppl, seconds)
     return {
         "record": {"method": method, "density": density, "perplexity": ppl, "total_nnz": summary["total_nnz"],
-                   "seconds": seconds, "device": _device_name(device)},
+                   "seconds": seconds, "device": device_name(device)},
         "mean_relative_error": summary["mean_relative_error"],
         "layers": {row["name"]: (row["shape"], row["relative_error"]) for row in report["layer_errors"]["layers"]},
         "rounds": report.get("iobs_rounds"),
@@ -195,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown or not methods:
         raise SystemExit(f"--methods: unknown {', '.join(unknown) or '(none given)'}; valid: {', '.join(METHODS)}")
     device = resolve_device(args.device)
-    model, tokenizer = _load(args.blocks)
+    model, tokenizer = load_smollm2(args.blocks)
     settings = {
         "model": PACKAGED_MODEL + (f" (first {args.blocks} blocks)" if args.blocks else ""),
         "calibration": args.calibration, "calibration_samples": args.samples, "calibration_seqlen": args.seqlen,

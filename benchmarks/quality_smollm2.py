@@ -90,7 +90,8 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _load(blocks: int):
+def load_smollm2(blocks: int = 0):
+    """The packaged SmolLM2-135M (fp32, eval mode; only its first ``blocks`` decoder blocks when > 0) and tokenizer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(smollm2_dir(), dtype=torch.float32).eval()
@@ -99,9 +100,10 @@ def _load(blocks: int):
     return model, AutoTokenizer.from_pretrained(smollm2_dir())
 
 
-def _device_name(device: torch.device) -> str:
+def device_name(device: torch.device) -> str:
+    """What the results record as the device: the GPU's name, or the CPU and its torch thread count."""
     if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
+        return torch.cuda.getdevice_name(device)
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
@@ -167,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"--methods: unknown {unknown}; choose from {','.join(METHODS)}")
     densities = [float(d) for d in args.densities.split(",") if d.strip()]
     device = resolve_device(args.device)
-    model, tokenizer = _load(args.blocks)
+    model, tokenizer = load_smollm2(args.blocks)
     settings = {
         "model": PACKAGED_MODEL + (f" (first {args.blocks} blocks)" if args.blocks else ""),
         "calibration": args.calibration,
@@ -206,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
                 calibration=args.calibration, samples=args.samples, seqlen=args.seqlen, seed=args.seed,
                 device=str(device),
             )
-            model, tokenizer = _load(args.blocks)
+            model, tokenizer = load_smollm2(args.blocks)
             out = args.runs_dir / f"{method}-{density:g}"
             start = time.perf_counter()
             finished = (out / "dsf_manifest.json").exists()  # kept from a run whose record was not written
@@ -221,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
                 "perplexity": ppl,
                 "total_nnz": report["layer_errors"]["summary"]["total_nnz"],
                 "seconds": seconds,
-                "device": _device_name(device),
+                "device": device_name(device),
             })
             write_json_atomic(results_path, results)
             if density == 0.5:

@@ -28,6 +28,9 @@ _FLAGS = {
     "dtype": "--dtype",
     "device": "--device",
     "offload": "--offload",
+    "rounds": "--iobs-rounds",
+    "step": "--iobs-step",
+    "heldout": "--heldout",
 }
 _DEMO_OUTPUT = Path("runs/demo-smollm2-dsf50")
 
@@ -135,6 +138,14 @@ def compress(
     percdamp: float | None = typer.Option(
         None, "--percdamp", help="SparseGPT/I-OBS: dampening, fraction of mean diag H (0.01)."
     ),
+    iobs_rounds: int = typer.Option(
+        0, "--iobs-rounds", help="Model-level I-OBS with --method sparsegpt or iobs: rounds of calibration-gradient "
+        "steps, each re-projected, the best kept by held-out perplexity (0 = one-shot; not resumable)."
+    ),
+    iobs_step: float = typer.Option(0.5, "--iobs-step", help="Model-level I-OBS: step size of W - step*grad*H^-1."),
+    heldout: str = typer.Option(
+        "northanger-abbey", "--heldout", help="Model-level I-OBS: text that chooses the best round."
+    ),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar on stderr."),
 ) -> None:
     """Compress every linear layer of a decoder (block by block, with calibration data) into --output.
@@ -142,7 +153,7 @@ def compress(
     The output is a reloadable compressed model directory (docs/format.md) plus compression_report.json with
     each layer's nnz, error and relative error. An interrupted run continues with --resume.
     """
-    from compress.api import compress_model
+    from compress.api import ConfigError, compress_model
 
     options = _solver_options(
         iters=iters, finalize=finalize, finalize_iters=finalize_iters, square_density=square_density,
@@ -154,7 +165,18 @@ def compress(
         dtype=dtype.value, batch_size=batch_size, offload=offload.value, true_sequential=true_sequential,
     )
     try:
-        report = compress_model(config, output, resume=resume, overwrite=overwrite, progress=progress)
+        if iobs_rounds:
+            from compress.iobs_model import IOBSModelConfig, compress_iobs_model
+
+            if resume:
+                raise ValueError("--resume: model-level I-OBS (--iobs-rounds) cannot be resumed; run it again")
+            rounds = IOBSModelConfig(rounds=iobs_rounds, step=iobs_step, heldout=heldout)
+            report = compress_iobs_model(config, output, rounds, overwrite=overwrite, progress=progress)
+            typer.echo(f"model-level I-OBS: kept round {report['iobs_rounds']['best_round']} of {iobs_rounds}")
+        else:
+            report = compress_model(config, output, resume=resume, overwrite=overwrite, progress=progress)
+    except ConfigError as exc:
+        raise _fail(f"{_FLAGS.get(exc.field, exc.field)}: {exc.message}") from exc
     except (FileNotFoundError, FileExistsError, ValueError) as exc:
         raise _fail(str(exc)) from exc
     summary = report["layer_errors"]["summary"]

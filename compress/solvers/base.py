@@ -22,6 +22,7 @@ from typing import Literal
 import torch
 
 __all__ = [
+    "NMConfig",
     "SolveResult",
     "SolverConfig",
     "check_density",
@@ -144,6 +145,24 @@ class SolverConfig:
 
     def __post_init__(self) -> None:
         check_density(self.density)
+
+
+@dataclass(frozen=True)
+class NMConfig(SolverConfig):
+    """Options of a single-matrix solver that also prunes N:M (magnitude, Wanda, SparseGPT, I-OBS).
+
+    Attributes:
+        density: kept fraction, in (0, 1]; must equal ``prune_n/prune_m`` for N:M.
+        prune_n: for N:M sparsity, weights kept in every group of ``prune_m`` (0 = unstructured).
+        prune_m: N:M group size (0 = unstructured); must divide the layer's in_features.
+    """
+
+    prune_n: int = 0
+    prune_m: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_nm(self.density, self.prune_n, self.prune_m)
 
 
 def validate_layer(

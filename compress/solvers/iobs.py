@@ -49,8 +49,7 @@ import torch
 
 from compress.solvers.base import (
     SolveResult,
-    SolverConfig,
-    check_nm,
+    NMConfig,
     check_nm_shape,
     elapsed,
     exact_fp32,
@@ -75,7 +74,7 @@ _BATCH_ELEMENTS = 1 << 24  # entries of the gathered sub-matrices solved at once
 
 
 @dataclass(frozen=True)
-class IOBSConfig(SolverConfig):
+class IOBSConfig(NMConfig):
     """Layer-wise I-OBS options (all defaults [inferred], see the module docstring).
 
     Attributes:
@@ -94,8 +93,6 @@ class IOBSConfig(SolverConfig):
     step: float = 0.2
     selection: Selection = "sparsegpt"
     percdamp: float = 0.01
-    prune_n: int = 0
-    prune_m: int = 0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -107,7 +104,6 @@ class IOBSConfig(SolverConfig):
             raise ValueError(f"selection must be one of {', '.join(_SELECTIONS)}, got {self.selection!r}")
         if not self.percdamp > 0:
             raise ValueError(f"percdamp must be > 0, got {self.percdamp!r} (SparseGPT uses 0.01)")
-        check_nm(self.density, self.prune_n, self.prune_m)
         if self.selection == "sparsegpt":
             self._sparsegpt()  # validates the N:M group size against SparseGPT's block size
 

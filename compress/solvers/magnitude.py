@@ -13,8 +13,7 @@ import torch
 
 from compress.solvers.base import (
     SolveResult,
-    SolverConfig,
-    check_nm,
+    NMConfig,
     check_nm_shape,
     elapsed,
     make_result,
@@ -28,22 +27,10 @@ __all__ = ["MagnitudeConfig", "solve_magnitude"]
 
 
 @dataclass(frozen=True)
-class MagnitudeConfig(SolverConfig):
-    """Magnitude-pruning options.
-
-    Attributes:
-        density: kept fraction, in (0, 1]; must equal ``prune_n/prune_m`` for N:M.
-        prune_n: for N:M sparsity, weights kept in every group of ``prune_m`` (0 = unstructured).
-        prune_m: N:M group size (0 = unstructured); must divide the layer's in_features.
-    """
+class MagnitudeConfig(NMConfig):
+    """Magnitude-pruning options: ``density``, ``prune_n``, ``prune_m`` (see ``NMConfig``)."""
 
     method: str = field(default="magnitude", init=False)
-    prune_n: int = 0
-    prune_m: int = 0
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check_nm(self.density, self.prune_n, self.prune_m)
 
 
 @torch.no_grad()

@@ -24,8 +24,7 @@ import torch
 
 from compress.solvers.base import (
     SolveResult,
-    SolverConfig,
-    check_nm,
+    NMConfig,
     check_nm_shape,
     elapsed,
     exact_fp32,
@@ -41,7 +40,7 @@ __all__ = ["SparseGPTConfig", "solve_sparsegpt"]
 
 
 @dataclass(frozen=True)
-class SparseGPTConfig(SolverConfig):
+class SparseGPTConfig(NMConfig):
     """SparseGPT options (defaults: the reference's).
 
     Attributes:
@@ -55,8 +54,6 @@ class SparseGPTConfig(SolverConfig):
     method: str = field(default="sparsegpt", init=False)
     blocksize: int = 128
     percdamp: float = 0.01
-    prune_n: int = 0
-    prune_m: int = 0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -64,7 +61,6 @@ class SparseGPTConfig(SolverConfig):
             raise ValueError(f"blocksize must be >= 1, got {self.blocksize} (the reference uses 128)")
         if not self.percdamp >= 0:
             raise ValueError(f"percdamp must be >= 0, got {self.percdamp!r} (the reference uses 0.01)")
-        check_nm(self.density, self.prune_n, self.prune_m)
         if self.prune_m and self.blocksize % self.prune_m:
             raise ValueError(
                 f"blocksize={self.blocksize} must be a multiple of prune_m={self.prune_m} so N:M groups do not "

@@ -17,8 +17,7 @@ import torch
 
 from compress.solvers.base import (
     SolveResult,
-    SolverConfig,
-    check_nm,
+    NMConfig,
     check_nm_shape,
     elapsed,
     make_result,
@@ -31,22 +30,10 @@ __all__ = ["WandaConfig", "solve_wanda"]
 
 
 @dataclass(frozen=True)
-class WandaConfig(SolverConfig):
-    """Wanda options.
-
-    Attributes:
-        density: kept fraction, in (0, 1]; must equal ``prune_n/prune_m`` for N:M.
-        prune_n: for N:M sparsity, weights kept in every group of ``prune_m`` (0 = unstructured).
-        prune_m: N:M group size (0 = unstructured); must divide the layer's in_features.
-    """
+class WandaConfig(NMConfig):
+    """Wanda options: ``density``, ``prune_n``, ``prune_m`` (see ``NMConfig``)."""
 
     method: str = field(default="wanda", init=False)
-    prune_n: int = 0
-    prune_m: int = 0
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check_nm(self.density, self.prune_n, self.prune_m)
 
 
 def _row_budget_mask(scores: torch.Tensor, budget: int) -> torch.Tensor:

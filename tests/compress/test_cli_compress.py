@@ -73,9 +73,34 @@ def test_compress_then_eval(model_dir, tmp_path):
     assert "already holds a compressed model (dsf_manifest.json); pass --overwrite" in again.output
 
 
+@pytest.mark.slow
+def test_compress_iobs_layer_and_model_level(model_dir, tmp_path):
+    import dsf_runtime
+
+    common = ["--model", model_dir, "--samples", "2", "--seqlen", "32", "--device", "cpu", "--no-progress"]
+    layer = _invoke("compress", *common, "--method", "iobs", "--iters", "2", "--output", tmp_path / "layer")
+    assert layer.exit_code == 0, layer.output
+    assert "14 layers, 3,538,944 of 7,077,888 weights kept (density 0.5000)" in layer.output
+    manifest = json.loads((tmp_path / "layer" / "dsf_manifest.json").read_text())
+    assert manifest["compression"]["method"] == "iobs" and manifest["compression"]["solver_options"] == {"iters": 2}
+
+    model = _invoke("compress", *common, "--method", "sparsegpt", "--iobs-rounds", "2", "--iobs-step", "0.1",
+                    "--output", tmp_path / "model")
+    assert model.exit_code == 0, model.output
+    assert "model-level I-OBS: kept round" in model.output and "3,538,944 of 7,077,888" in model.output
+    rounds = json.loads((tmp_path / "model" / "iobs_rounds.json").read_text())
+    assert [r["round"] for r in rounds["rounds"]] == [1, 2]
+    reloaded = dsf_runtime.from_pretrained(tmp_path / "model", device="cpu")
+    with torch.inference_mode():
+        assert torch.isfinite(reloaded(input_ids=torch.tensor([[1, 2, 3]])).logits).all()
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
+        (["--method", "wanda", "--iobs-rounds", "2"], "error: --method: model-level I-OBS projects with sparsegpt or iobs, got 'wanda'"),
+        (["--method", "iobs", "--iobs-rounds", "2", "--heldout", "persuasion"],
+         "error: --heldout: 'persuasion' is the final evaluation text"),
         (["--density", "1.5"], "error: --density/--sparsity: density must be in (0, 1], got 1.5"),
         (["--sparsity", "1.0"], "error: --density/--sparsity: density must be in (0, 1], got 0.0"),
         (["--density", "0.5", "--sparsity", "0.5"], "error: pass either --density or --sparsity, not both"),
