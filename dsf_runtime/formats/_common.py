@@ -121,6 +121,20 @@ class PackedMixin:
         return dataclasses.replace(self, **moved)
 
     @classmethod
+    def from_tensors(
+        cls, tensors: Mapping[str, torch.Tensor], prefix: str, shape: tuple[int, int], *, validate: bool = True
+    ):
+        """Rebuild from the tensors ``<prefix>.<part>`` (one per name in ``parts``) of a matrix of ``shape``.
+
+        Raises:
+            FormatError: a part is missing, or (with ``validate``) ``validate(prefix)`` fails.
+        """
+        packed = cls(**cls._take_parts(tensors, prefix), shape=(int(shape[0]), int(shape[1])))
+        if validate:
+            packed.validate(prefix)
+        return packed
+
+    @classmethod
     def _take_parts(cls, tensors: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
         missing = [part_name(prefix, p) for p in cls.parts if part_name(prefix, p) not in tensors]
         if missing:

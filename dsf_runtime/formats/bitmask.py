@@ -3,7 +3,6 @@ sparse-bitmask, with int32 row offsets so rows can be decoded independently."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, ClassVar
@@ -83,15 +82,6 @@ class BitmaskMatrix(PackedMixin):
         row_ptr = offsets(mask.sum(dim=1, dtype=torch.int32))
         return cls(values=values, bitmask=pack_bits(mask), row_ptr=row_ptr, shape=tuple(dense.shape))
 
-    @classmethod
-    def from_tensors(
-        cls, tensors: Mapping[str, torch.Tensor], prefix: str, shape: tuple[int, int], *, validate: bool = True
-    ) -> BitmaskMatrix:
-        """Rebuild from ``<prefix>.values``, ``.bitmask``, ``.row_ptr``; ``validate`` runs ``validate(prefix)``."""
-        packed = cls(**cls._take_parts(tensors, prefix), shape=(int(shape[0]), int(shape[1])))
-        if validate:
-            packed.validate(prefix)
-        return packed
 
     @property
     def nnz(self) -> int:

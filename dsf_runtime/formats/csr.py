@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, ClassVar
@@ -64,15 +63,6 @@ class CSRMatrix(PackedMixin):
         col_idx = (positions % max(cols, 1)).to(index_dtype)
         return cls(values=values, col_idx=col_idx, row_ptr=row_ptr, shape=(rows, cols))
 
-    @classmethod
-    def from_tensors(
-        cls, tensors: Mapping[str, torch.Tensor], prefix: str, shape: tuple[int, int], *, validate: bool = True
-    ) -> CSRMatrix:
-        """Rebuild from ``<prefix>.values``, ``.col_idx``, ``.row_ptr``; ``validate`` runs ``validate(prefix)``."""
-        packed = cls(**cls._take_parts(tensors, prefix), shape=(int(shape[0]), int(shape[1])))
-        if validate:
-            packed.validate(prefix)
-        return packed
 
     @property
     def nnz(self) -> int:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, ClassVar
@@ -45,15 +44,6 @@ class DenseMatrix(PackedMixin):
         values = check_matrix(matrix, dtype)
         return cls(values=values, shape=(values.shape[0], values.shape[1]))
 
-    @classmethod
-    def from_tensors(
-        cls, tensors: Mapping[str, torch.Tensor], prefix: str, shape: tuple[int, int], *, validate: bool = True
-    ) -> DenseMatrix:
-        """Rebuild from ``tensors[f"{prefix}.values"]``; ``validate`` runs ``validate(prefix)``."""
-        packed = cls(**cls._take_parts(tensors, prefix), shape=(int(shape[0]), int(shape[1])))
-        if validate:
-            packed.validate(prefix)
-        return packed
 
     @cached_property
     def nnz(self) -> int:
