@@ -20,7 +20,9 @@ iterations). Only its abstract and captions could be read; the loop below is the
   4. perplexity on a held-out text, different from the calibration text and from the final evaluation text.
 
 The round with the lowest held-out perplexity is kept and written as a compressed model directory (kind
-``"single"`` factors, ``compress.output``), with ``iobs_rounds.json`` logging every round.
+``"single"`` factors, ``compress.output``), with ``iobs_rounds.json`` logging every round. After every round the
+run's state (the weights it ended with, the best round's results, the round log) is checkpointed under
+``<output>/.dsf-partial/``, so an interrupted run resumes at the next round.
 
 [inferred] choices: the target formula, its per-token normalization and damping, the step ``η``, the held-out
 selection, and that the projection of a round starts from that round's targets (not from the dense weights).
@@ -30,6 +32,7 @@ The whole model must fit on the compute device (the backward pass needs it).
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import math
 import os
@@ -40,6 +43,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from torch import nn
 
 from compress.api import DTYPES, ConfigError, CompressConfig, resolve_device, resolve_model_dir
@@ -249,17 +253,58 @@ def _measure(
         best.errors = errors
 
 
+_STATE = "iobs-state.json"
+
+
+def _checkpoint(partial: PartialRun, groups: Groups, rounds: list[dict[str, Any]], best: _Best) -> None:
+    """Store the state after round ``len(rounds)``: the linears' current weights, the best round's results and
+    errors, the round log. The state file is written last and names the files it needs; older ones are removed."""
+    number = len(rounds)
+    weights = f"iobs-weights-{number}"
+    partial.save_tensors(weights, {name: linear.weight.detach().to("cpu", torch.float32).contiguous()
+                                   for group in groups for name, linear in group})
+    best_file = f"iobs-best-{best.round}"
+    if not (partial.path / f"{best_file}.safetensors").exists():
+        partial.save_results(best_file, best.results)
+    state = {"rounds": rounds, "weights": weights, "best": {"round": best.round, "perplexity": best.perplexity,
+             "file": best_file, "errors": best.errors}}
+    write_json_atomic(partial.path / _STATE, state)
+    for stale in partial.path.glob("iobs-*.safetensors"):
+        if stale.stem not in (weights, best_file):
+            stale.unlink()
+
+
+def _restore(partial: PartialRun, groups: Groups) -> tuple[list[dict[str, Any]], _Best | None]:
+    """The round log and best round of a checkpointed run, with its last weights written into the linears;
+    ``([], None)`` when nothing was checkpointed."""
+    path = partial.path / _STATE
+    if not path.exists():
+        return [], None
+    state = json.loads(path.read_text(encoding="utf-8"))
+    weights = load_file(str(partial.path / f"{state['weights']}.safetensors"))
+    for group in groups:
+        for name, linear in group:
+            write_back(linear, "single", {"W": weights[name]})
+    stored = state["best"]
+    results = partial.load_results(stored["file"])
+    if results is None:
+        raise FileNotFoundError(f"{partial.path}: {stored['file']}.safetensors is missing; pass --overwrite")
+    errors = {k: tuple(v) for k, v in stored["errors"].items()} if stored["errors"] else None
+    logger.info("resuming model-level I-OBS after round %d (best so far: round %d)", len(state["rounds"]),
+                stored["round"])
+    return state["rounds"], _Best(stored["round"], stored["perplexity"], results, errors)
+
+
 def _run_rounds(
     model: nn.Module, spec: ArchitectureSpec, windows: torch.Tensor, heldout: torch.Tensor,
-    config: CompressConfig, iobs: IOBSModelConfig, device: torch.device, progress: bool,
+    config: CompressConfig, iobs: IOBSModelConfig, device: torch.device, progress: bool, partial: PartialRun,
 ) -> tuple[list[dict[str, Any]], _Best]:
-    """All rounds; returns their records and the best round (its errors measured)."""
+    """All rounds not yet checkpointed in ``partial``; returns their records and the best round (errors measured)."""
     blocks = decoder_blocks(model, spec)
     groups = [g for i, block in enumerate(blocks) for g in block_groups(block, spec, f"{spec.blocks}.{i}")]
     dense = {name: linear.weight.detach().float().clone() for group in groups for name, linear in group}
-    rounds: list[dict[str, Any]] = []
-    best: _Best | None = None
-    for number in range(1, iobs.rounds + 1):
+    rounds, best = _restore(partial, groups)
+    for number in range(len(rounds) + 1, iobs.rounds + 1):
         start = time.perf_counter()
         record: dict[str, Any] = {"round": number}
         if number > 1:
@@ -276,6 +321,7 @@ def _run_rounds(
                     record["seconds"])
         if best is None or heldout_ppl.perplexity < best.perplexity:
             best = _Best(number, heldout_ppl.perplexity, results)
+        _checkpoint(partial, groups, rounds, best)
     assert best is not None
     _measure(rounds[-1], _calibration_pass(model, groups, windows, device, config.batch_size, grad=False),
              groups, dense, best)
@@ -302,6 +348,7 @@ def compress_iobs_model(
     output: str | os.PathLike,
     iobs: IOBSModelConfig = IOBSModelConfig(),
     *,
+    resume: bool = False,
     overwrite: bool = False,
     progress: bool = True,
     model: nn.Module | None = None,
@@ -317,7 +364,8 @@ def compress_iobs_model(
             ``iobs_rounds.json`` (per round: held-out perplexity and NLL, calibration loss, mean relative layer
             error, relative step size, seconds; the best round).
         iobs: the model-level options.
-        overwrite: replace whatever dsf output ``output`` holds (runs cannot be resumed).
+        resume: continue an interrupted run in ``output`` (same settings) after its last finished round.
+        overwrite: replace whatever dsf output ``output`` holds.
         progress: progress bars of the driver on stderr.
         model: an already loaded ``*ForCausalLM`` to compress instead of loading ``config.model`` (e.g. a
             truncated model); it is modified in place and moved to the compute device.
@@ -349,12 +397,12 @@ def compress_iobs_model(
     )
     heldout = load_evaluation(tokenizer, iobs.heldout, iobs.heldout_seqlen, iobs.heldout_windows)
     fingerprint = {**config.to_dict(), "iobs": iobs.to_dict(), "device": device.type}
-    partial = prepare_output(Path(output), fingerprint, resume=False, overwrite=overwrite)
+    partial = prepare_output(Path(output), fingerprint, resume=resume, overwrite=overwrite)
     if model is None:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[config.dtype]).eval()
     spec = architecture_for(model.config)
     model.to(device)
-    rounds, best = _run_rounds(model, spec, windows, heldout, config, iobs, device, progress)
+    rounds, best = _run_rounds(model, spec, windows, heldout, config, iobs, device, progress, partial)
     _save_best(partial, model, spec, best)
     log = {"best_round": best.round, "heldout": {"text": iobs.heldout, "seqlen": iobs.heldout_seqlen,
            "windows": int(heldout.shape[0])}, "rounds": rounds}

@@ -5,7 +5,9 @@ While a run is in progress, ``<out>/.dsf-partial/`` holds:
 * ``state.json``: ``{"format": "dsf-partial", "version": 1, "config": {...}}``, the fingerprint of everything
   that determines the factors (model, text, method, density, solver options, samples, seqlen, seed, ...);
 * ``block-00003.safetensors``: the factors of every linear of finished block 3 (``<fqn>.A``/``<fqn>.B`` or
-  ``<fqn>.W``, fp32) with their errors in the file's metadata, written to a temporary name and renamed.
+  ``<fqn>.W``, fp32) with their errors in the file's metadata, written to a temporary name and renamed;
+* model-level I-OBS (``compress.iobs_model``) adds its round checkpoints: ``iobs-state.json``, the weights after
+  the last finished round and the best round's results.
 
 When every block is finished, ``write_output`` writes ``compression_report.json`` and then the compressed model
 through ``dsf_runtime.checkpoint.save_compressed`` (whose manifest comes last), and removes the partial state.
@@ -78,34 +80,39 @@ class PartialRun:
 
     def save_block(self, index: int, results: Mapping[str, SolveResult]) -> None:
         """Store block ``index``'s factors (fp32, CPU) and errors atomically."""
+        self.save_results(self._block_path(index).stem, results)
+
+    def load_block(self, index: int) -> dict[str, SolveResult] | None:
+        """Block ``index``'s results as stored by ``save_block``, or None when it is not finished."""
+        return self.load_results(self._block_path(index).stem)
+
+    def save_results(self, name: str, results: Mapping[str, SolveResult]) -> None:
+        """Store layers' factors (fp32, CPU) and errors atomically as ``<name>.safetensors`` (masks are dropped)."""
         tensors, layers = {}, {}
-        for name, result in results.items():
+        for layer, result in results.items():
             for factor, matrix in result.factors.items():
-                tensors[f"{name}.{factor}"] = matrix.detach().to("cpu", torch.float32).contiguous().clone()
-            layers[name] = {
+                tensors[f"{layer}.{factor}"] = matrix.detach().to("cpu", torch.float32).contiguous().clone()
+            layers[layer] = {
                 "kind": result.kind,
                 "nnz": result.nnz,
                 "error": result.error,
                 "relative_error": result.relative_error,
                 "seconds": result.seconds,
             }
-        target = self._block_path(index)
-        tmp = target.with_name(f".{target.name}.tmp")
-        save_file(tensors, str(tmp), metadata={"layers": json.dumps(layers)})
-        os.replace(tmp, target)
+        self.save_tensors(name, tensors, {"layers": json.dumps(layers)})
 
-    def load_block(self, index: int) -> dict[str, SolveResult] | None:
-        """Block ``index``'s results as stored by ``save_block``, or None when it is not finished."""
-        path = self._block_path(index)
+    def load_results(self, name: str) -> dict[str, SolveResult] | None:
+        """The results stored by ``save_results(name, ...)``, or None when there is no such file."""
+        path = self.path / f"{name}.safetensors"
         if not path.exists():
             return None
         with safe_open(str(path), framework="pt") as f:
             layers = json.loads(f.metadata()["layers"])
             tensors = {key: f.get_tensor(key) for key in f.keys()}
         results = {}
-        for name, info in layers.items():
-            factors = {k.rsplit(".", 1)[1]: v for k, v in tensors.items() if k.rsplit(".", 1)[0] == name}
-            results[name] = SolveResult(
+        for layer, info in layers.items():
+            factors = {k.rsplit(".", 1)[1]: v for k, v in tensors.items() if k.rsplit(".", 1)[0] == layer}
+            results[layer] = SolveResult(
                 kind=info["kind"],
                 factors=factors,
                 nnz=info["nnz"],
@@ -114,6 +121,15 @@ class PartialRun:
                 seconds=info["seconds"],
             )
         return results
+
+    def save_tensors(
+        self, name: str, tensors: Mapping[str, torch.Tensor], metadata: dict[str, str] | None = None
+    ) -> None:
+        """Write ``<name>.safetensors`` atomically (temp + rename)."""
+        target = self.path / f"{name}.safetensors"
+        tmp = target.with_name(f".{target.name}.tmp")
+        save_file(dict(tensors), str(tmp), metadata=metadata)
+        os.replace(tmp, target)
 
     def remove(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)

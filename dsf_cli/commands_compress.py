@@ -140,7 +140,7 @@ def compress(
     ),
     iobs_rounds: int = typer.Option(
         0, "--iobs-rounds", help="Model-level I-OBS with --method sparsegpt or iobs: rounds of calibration-gradient "
-        "steps, each re-projected, the best kept by held-out perplexity (0 = one-shot; not resumable)."
+        "steps, each re-projected, the best kept by held-out perplexity (0 = one-shot; resumes by round)."
     ),
     iobs_step: float = typer.Option(0.5, "--iobs-step", help="Model-level I-OBS: step size of W - step*grad*H^-1."),
     heldout: str = typer.Option(
@@ -168,10 +168,8 @@ def compress(
         if iobs_rounds:
             from compress.iobs_model import IOBSModelConfig, compress_iobs_model
 
-            if resume:
-                raise ValueError("--resume: model-level I-OBS (--iobs-rounds) cannot be resumed; run it again")
             rounds = IOBSModelConfig(rounds=iobs_rounds, step=iobs_step, heldout=heldout)
-            report = compress_iobs_model(config, output, rounds, overwrite=overwrite, progress=progress)
+            report = compress_iobs_model(config, output, rounds, resume=resume, overwrite=overwrite, progress=progress)
             typer.echo(f"model-level I-OBS: kept round {report['iobs_rounds']['best_round']} of {iobs_rounds}")
         else:
             report = compress_model(config, output, resume=resume, overwrite=overwrite, progress=progress)

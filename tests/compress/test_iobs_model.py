@@ -12,23 +12,13 @@ from torch import nn
 from compress.api import CompressConfig, ConfigError
 from compress.data import load_evaluation
 from compress.evaluate import perplexity
+from compress import iobs_model
 from compress.iobs_model import ROUNDS_FILE, IOBSModelConfig, _Pass, _write_targets, compress_iobs_model
 from compress.solvers.base import nnz_budget
+from tests.compress.test_pipeline import two_block_smollm2
 
 ITERATE = IOBSModelConfig(rounds=2, step=0.5, heldout_seqlen=64, heldout_windows=2)
 SETTINGS = {"method": "sparsegpt", "density": 0.5, "samples": 4, "seqlen": 64, "device": "cpu", "batch_size": 4}
-
-
-def two_block_smollm2():
-    """The packaged SmolLM2 (fp32) keeping its first 2 decoder blocks, and its tokenizer."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from compress.assets import smollm2_dir
-
-    model = AutoModelForCausalLM.from_pretrained(smollm2_dir(), dtype=torch.float32).eval()
-    model.model.layers = model.model.layers[:2]
-    model.config.num_hidden_layers = 2
-    return model, AutoTokenizer.from_pretrained(smollm2_dir())
 
 
 @pytest.fixture(scope="module")
@@ -74,6 +64,42 @@ def test_output_reloads_as_the_best_round(run) -> None:
         weight = model.get_submodule(row["name"]).weight
         assert int(torch.count_nonzero(weight)) == row["nnz"]
     assert report["layer_errors"]["summary"]["total_nnz"] == sum(row["nnz"] for row in layers)
+
+
+def test_resume_after_an_interrupted_round_gives_the_same_output(run, tmp_path, monkeypatch) -> None:
+    """Interrupted at the start of round 2, the run resumes from its round-1 checkpoint and writes exactly the
+    output of the uninterrupted run (same factors, same round log apart from timings)."""
+    from safetensors.torch import load_file
+
+    reference_out, reference, _, _ = run
+    out = tmp_path / "out"
+    passes = iobs_model._calibration_pass
+
+    def interrupted(*args, grad, **kwargs):
+        if grad:
+            raise KeyboardInterrupt
+        return passes(*args, grad=grad, **kwargs)
+
+    monkeypatch.setattr(iobs_model, "_calibration_pass", interrupted)
+    model, tokenizer = two_block_smollm2()
+    with pytest.raises(KeyboardInterrupt):
+        compress_iobs_model(CompressConfig(**SETTINGS), out, ITERATE, progress=False, model=model, tokenizer=tokenizer)
+    assert not (out / ROUNDS_FILE).exists()
+    with pytest.raises(FileExistsError, match="pass --resume to continue it"):
+        compress_iobs_model(CompressConfig(**SETTINGS), out, ITERATE, progress=False, model=model, tokenizer=tokenizer)
+
+    monkeypatch.setattr(iobs_model, "_calibration_pass", passes)
+    model, tokenizer = two_block_smollm2()
+    report = compress_iobs_model(CompressConfig(**SETTINGS), out, ITERATE, resume=True, progress=False, model=model,
+                                 tokenizer=tokenizer)
+    untimed = [{k: v for k, v in r.items() if k != "seconds"} for r in report["iobs_rounds"]["rounds"]]
+    expected = [{k: v for k, v in r.items() if k != "seconds"} for r in reference["iobs_rounds"]["rounds"]]
+    assert untimed == expected and report["iobs_rounds"]["best_round"] == reference["iobs_rounds"]["best_round"]
+    tensors, reference_tensors = load_file(out / "model.safetensors"), load_file(reference_out / "model.safetensors")
+    assert tensors.keys() == reference_tensors.keys()
+    for name, tensor in tensors.items():
+        assert torch.equal(tensor, reference_tensors[name]), name
+    assert not (out / ".dsf-partial").exists()
 
 
 def test_targets_are_newton_steps() -> None:
