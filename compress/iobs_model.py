@@ -72,7 +72,9 @@ class IOBSModelConfig:
 
     Attributes:
         rounds: rounds, the first being the one-shot compression (≥ 1).
-        step: ``η`` of the target ``W − η·∇L·Ĥ⁻¹`` (> 0), see the module docstring.
+        step: ``η`` of the target ``W − η·∇L·Ĥ⁻¹`` (> 0), see the module docstring. On SmolLM2-135M at density
+            0.5, 0.5 made every later round worse (held-out perplexity 61.8 → 9.5·10⁵) while 0.05 improved it
+            (61.7 → 54.1); both choices were made on the held-out text, not the evaluation text.
         percdamp: damping of ``Ĥ`` as a fraction of its mean diagonal.
         heldout: packaged text name or UTF-8 file for the round selection; must differ from the calibration
             text and from the final evaluation text (``persuasion``).
@@ -81,7 +83,7 @@ class IOBSModelConfig:
     """
 
     rounds: int = 3
-    step: float = 0.5
+    step: float = 0.05
     percdamp: float = 0.01
     heldout: str = "northanger-abbey"
     heldout_seqlen: int = 512

@@ -142,7 +142,7 @@ def compress(
         0, "--iobs-rounds", help="Model-level I-OBS with --method sparsegpt or iobs: rounds of calibration-gradient "
         "steps, each re-projected, the best kept by held-out perplexity (0 = one-shot; resumes by round)."
     ),
-    iobs_step: float = typer.Option(0.5, "--iobs-step", help="Model-level I-OBS: step size of W - step*grad*H^-1."),
+    iobs_step: float = typer.Option(0.05, "--iobs-step", help="Model-level I-OBS: step size of W - step*grad*H^-1."),
     heldout: str = typer.Option(
         "northanger-abbey", "--heldout", help="Model-level I-OBS: text that chooses the best round."
     ),
