@@ -48,7 +48,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.quality_smollm2 import device_name, load_smollm2  # noqa: E402
+from benchmarks.quality_smollm2 import add_run_arguments, device_name, load_smollm2  # noqa: E402
 from compress.api import CompressConfig, compress_model, resolve_device  # noqa: E402
 from compress.assets import PACKAGED_MODEL  # noqa: E402
 from compress.data import load_evaluation  # noqa: E402
@@ -76,23 +76,12 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=IOBSModelConfig.rounds, help="model-level I-OBS rounds")
     p.add_argument("--step", type=float, default=IOBSModelConfig.step, help="model-level step size η")
     p.add_argument("--iobs-iters", type=int, default=5, help="layer-wise I-OBS iterations")
-    p.add_argument("--out-dir", type=Path, default=Path("benchmarks/results"), help="where the two JSON files go")
-    p.add_argument("--runs-dir", type=Path, default=Path("runs/iobs-smollm2"),
-                   help="compressed outputs (git-ignored); a run's directory is removed when it is done")
-    p.add_argument("--keep-outputs", action="store_true", help="keep each run's compressed model directory")
-    p.add_argument("--calibration", default="emma", help="calibration text (packaged name or file)")
-    p.add_argument("--samples", type=int, default=64, help="calibration windows")
-    p.add_argument("--seqlen", type=int, default=512, help="tokens per calibration window")
-    p.add_argument("--seed", type=int, default=0, help="seed of the calibration windows")
-    p.add_argument("--eval-text", default="persuasion", help="evaluation text (packaged name or file)")
-    p.add_argument("--eval-seqlen", type=int, default=1024, help="tokens per evaluation window")
-    p.add_argument("--max-windows", type=int, default=32, help="evaluation windows from the start (0 = all)")
+    add_run_arguments(p, runs_dir=Path("runs/iobs-smollm2"))
     p.add_argument("--heldout", default=IOBSModelConfig.heldout, help="held-out text of the model-level rounds")
     p.add_argument("--heldout-seqlen", type=int, default=IOBSModelConfig.heldout_seqlen,
                    help="tokens per held-out window")
     p.add_argument("--heldout-windows", type=int, default=IOBSModelConfig.heldout_windows,
                    help="held-out windows from the start (0 = all)")
-    p.add_argument("--blocks", type=int, default=0, help="smoke runs: keep only the first N decoder blocks (0 = all)")
     return p.parse_args(argv)
 
 

@@ -69,13 +69,10 @@ _SETTINGS = ("model", "calibration", "calibration_samples", "calibration_seqlen"
              "windows", "blocks", "dsf_iters")
 
 
-def _args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda when available)")
-    p.add_argument("--methods", default=",".join(ORDER), help=f"comma-separated subset of {','.join(METHODS)}")
-    p.add_argument("--densities", default="0.5,0.4,0.3", help="comma-separated densities in (0, 1]")
+def add_run_arguments(p: argparse.ArgumentParser, runs_dir: Path) -> None:
+    """The options every SmolLM2 quality script shares: where results and runs go, calibration and evaluation."""
     p.add_argument("--out-dir", type=Path, default=Path("benchmarks/results"), help="where the two JSON files go")
-    p.add_argument("--runs-dir", type=Path, default=Path("runs/quality-smollm2"),
+    p.add_argument("--runs-dir", type=Path, default=runs_dir,
                    help="compressed outputs (git-ignored); a run's directory is removed when it is done")
     p.add_argument("--keep-outputs", action="store_true", help="keep each run's compressed model directory")
     p.add_argument("--calibration", default="emma", help="calibration text (packaged name or file)")
@@ -85,8 +82,16 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--eval-text", default="persuasion", help="evaluation text (packaged name or file)")
     p.add_argument("--eval-seqlen", type=int, default=1024, help="tokens per evaluation window")
     p.add_argument("--max-windows", type=int, default=32, help="evaluation windows from the start (0 = all)")
-    p.add_argument("--dsf-iters", type=int, default=40, help="DSF outer iterations (40 = the reference)")
     p.add_argument("--blocks", type=int, default=0, help="smoke runs: keep only the first N decoder blocks (0 = all)")
+
+
+def _args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda when available)")
+    p.add_argument("--methods", default=",".join(ORDER), help=f"comma-separated subset of {','.join(METHODS)}")
+    p.add_argument("--densities", default="0.5,0.4,0.3", help="comma-separated densities in (0, 1]")
+    add_run_arguments(p, runs_dir=Path("runs/quality-smollm2"))
+    p.add_argument("--dsf-iters", type=int, default=40, help="DSF outer iterations (40 = the reference)")
     return p.parse_args(argv)
 
 
