@@ -271,8 +271,8 @@ def evaluate(
 def demo(
     output: Path = typer.Option(_DEMO_OUTPUT, "--output", "-o", help="Where the compressed model goes (git-ignored)."),
     device: Device = typer.Option(Device.auto, "--device", help="Device; auto = cuda when available."),
-    samples: int = typer.Option(8, "--samples", help="Calibration windows of 512 Emma tokens (full setting: 64)."),
-    iters: int = typer.Option(3, "--iters", help="DSF outer iterations (full setting: 40)."),
+    samples: int = typer.Option(16, "--samples", help="Calibration windows of 512 Emma tokens (full setting: 64)."),
+    iters: int = typer.Option(20, "--iters", help="DSF outer iterations (full setting: 40)."),
     windows: int = typer.Option(8, "--windows", help="Persuasion windows of 1024 tokens for perplexity (of ~113)."),
     prompt: str = typer.Option("Once upon a time, there was a little girl who", "--prompt", help="Generation prompt."),
 ) -> None:
