@@ -9,6 +9,8 @@ from pathlib import Path
 
 import typer
 
+from dsf_cli.common import fail
+
 __all__ = ["register"]
 
 
@@ -34,11 +36,6 @@ class Metric(str, Enum):
 class Selection(str, Enum):
     greedy = "greedy"
     qr = "qr"
-
-
-def _fail(message: str) -> typer.Exit:
-    typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
-    return typer.Exit(1)
 
 
 def compress_cnn(
@@ -94,7 +91,7 @@ def compress_cnn(
         net = load_network(network.value, calibration_images=calibration_images, seed=seed)
         result = run(net.model, config, batches(net.calibration, batch_size))
     except (ValueError, FileNotFoundError, ModuleNotFoundError) as exc:
-        raise _fail(str(exc)) from exc
+        raise fail(str(exc)) from exc
     save_cnn(output, result, base_model=net.base_model)
     typer.echo(f"wrote {output}: {len(result.layers)} compressed conv(s)")
     if onnx is not None:
@@ -103,7 +100,7 @@ def compress_cnn(
         try:
             export_cnn_onnx(result.model, onnx, net.calibration[:2], overwrite=overwrite)
         except FileExistsError as exc:
-            raise _fail(str(exc)) from exc
+            raise fail(str(exc)) from exc
         typer.echo(f"wrote {onnx}")
     if evaluate:
         images = net.eval_images[: eval_images or None]

@@ -11,6 +11,8 @@ from typing import Any
 
 import typer
 
+from dsf_cli.common import DType, fail
+
 __all__ = ["register"]
 
 logger = logging.getLogger(__name__)
@@ -49,26 +51,15 @@ class Device(str, Enum):
     cuda = "cuda"
 
 
-class DType(str, Enum):
-    float32 = "float32"
-    bfloat16 = "bfloat16"
-    float16 = "float16"
-
-
 class Offload(str, Enum):
     auto = "auto"
     always = "always"
     never = "never"
 
 
-def _fail(message: str) -> typer.Exit:
-    typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
-    return typer.Exit(1)
-
-
 def _density(density: float | None, sparsity: float | None) -> float:
     if density is not None and sparsity is not None:
-        raise _fail("pass either --density or --sparsity, not both (density = 1 - sparsity)")
+        raise fail("pass either --density or --sparsity, not both (density = 1 - sparsity)")
     if sparsity is not None:
         return 1.0 - sparsity
     return 0.5 if density is None else density
@@ -85,7 +76,7 @@ def _config(**fields: Any):
     try:
         return CompressConfig(**fields)
     except ConfigError as exc:
-        raise _fail(f"{_FLAGS.get(exc.field, exc.field)}: {exc.message}") from exc
+        raise fail(f"{_FLAGS.get(exc.field, exc.field)}: {exc.message}") from exc
 
 
 def compress(
@@ -174,9 +165,9 @@ def compress(
         else:
             report = compress_model(config, output, resume=resume, overwrite=overwrite, progress=progress)
     except ConfigError as exc:
-        raise _fail(f"{_FLAGS.get(exc.field, exc.field)}: {exc.message}") from exc
+        raise fail(f"{_FLAGS.get(exc.field, exc.field)}: {exc.message}") from exc
     except (FileNotFoundError, FileExistsError, ValueError) as exc:
-        raise _fail(str(exc)) from exc
+        raise fail(str(exc)) from exc
     summary = report["layer_errors"]["summary"]
     typer.echo(
         f"wrote {output}: {summary['layers']} layers, {summary['total_nnz']:,} of {summary['total_params']:,} "
@@ -245,7 +236,7 @@ def evaluate(
         loaded, tokenizer, path = _load_model(model, device.value, dtype.value)
         windows = load_evaluation(tokenizer, text, seqlen, max_windows)
     except (FileNotFoundError, ValueError) as exc:
-        raise _fail(str(exc)) from exc
+        raise fail(str(exc)) from exc
     result = {
         "model": model,
         "text": text,
@@ -304,7 +295,7 @@ def demo(
     try:
         report = compress_model(config, output, resume=not done, overwrite=done)
     except (FileExistsError, ValueError) as exc:
-        raise _fail(f"{exc} (or pass another --output)") from exc
+        raise fail(f"{exc} (or pass another --output)") from exc
     compressed, tokenizer, _ = _load_model(str(output), device.value, "float32")
     after = perplexity(compressed, eval_windows)
     summary = report["layer_errors"]["summary"]

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import typer
 
+from dsf_cli.common import DType, fail
+
 __all__ = ["register"]
 
 
@@ -16,12 +18,6 @@ class Layout(str, Enum):
     bitmask = "bitmask"
     bsr = "bsr"
     dense = "dense"
-
-
-class DType(str, Enum):
-    float16 = "float16"
-    bfloat16 = "bfloat16"
-    float32 = "float32"
 
 
 class BlockSize(str, Enum):
@@ -33,11 +29,6 @@ class BlockSize(str, Enum):
 class Lowering(str, Enum):
     custom = "custom"
     standard = "standard"
-
-
-def _fail(message: str) -> typer.Exit:
-    typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
-    return typer.Exit(1)
 
 
 def export(
@@ -73,9 +64,9 @@ def export(
     Every output is written under a temporary name and renamed into place, so it is complete or absent.
     """
     if (output is None) == (onnx is None):
-        raise _fail("pass exactly one of --output DIR and --onnx FILE")
+        raise fail("pass exactly one of --output DIR and --onnx FILE")
     if dense_fallback and output is None:
-        raise _fail("--dense-fallback writes a directory: pass --output DIR")
+        raise fail("--dense-fallback writes a directory: pass --output DIR")
     for name in ("onnx_ir", "onnxscript"):  # the ONNX exporter's passes log every constant they touch at INFO
         logging.getLogger(name).setLevel(logging.WARNING)
     from dsf_runtime.checkpoint import CheckpointError
@@ -98,7 +89,7 @@ def export(
 
             written = convert_layout(src, output, config, overwrite=overwrite)
     except (CheckpointError, FileExistsError, ValueError, ImportError) as exc:
-        raise _fail(str(exc)) from exc
+        raise fail(str(exc)) from exc
     typer.echo(f"wrote {written}")
 
 
