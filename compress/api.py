@@ -32,7 +32,9 @@ __all__ = [
     "ConfigError",
     "CompressConfig",
     "DTYPES",
+    "RunInputs",
     "compress_model",
+    "read_inputs",
     "resolve_device",
     "resolve_model_dir",
 ]
@@ -155,17 +157,74 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _fingerprint(config: CompressConfig, model_config: Any, text: str, device: torch.device) -> dict[str, Any]:
-    """Settings that determine the factors: the config (but ``offload``, which moves data without changing it),
-    the model's config, the text and the device type."""
-    settings = config.to_dict()
-    del settings["offload"]
-    return {
-        **settings,
-        "device": device.type,
-        "model_config_sha256": _sha256(model_config.to_json_string(use_diff=False).encode()),
-        "calibration_sha256": _sha256(text.encode()),
-    }
+@dataclass
+class RunInputs:
+    """What a compression run reads before it touches the weights.
+
+    Attributes:
+        source: the model directory (None when the caller passed an already loaded model).
+        model_config: the model's transformers config.
+        tokenizer: its tokenizer.
+        text: the calibration text.
+        windows: calibration token windows [samples, seqlen] int64.
+    """
+
+    source: Path | None
+    model_config: Any
+    tokenizer: Any
+    text: str
+    windows: torch.Tensor
+
+    def fingerprint(self, config: CompressConfig, device: torch.device) -> dict[str, Any]:
+        """Settings that determine the factors: the config (but ``offload``, which moves data without changing
+        it), the model's config, the text and the device type."""
+        settings = config.to_dict()
+        del settings["offload"]
+        return {
+            **settings,
+            "device": device.type,
+            "model_config_sha256": _sha256(self.model_config.to_json_string(use_diff=False).encode()),
+            "calibration_sha256": _sha256(self.text.encode()),
+        }
+
+    def load_model(self, config: CompressConfig, model: nn.Module | None) -> nn.Module:
+        """``model`` itself, or the dense model loaded from ``source`` in ``config.dtype`` (eval mode)."""
+        if model is not None:
+            return model
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(self.source, dtype=DTYPES[config.dtype]).eval()
+
+
+def read_inputs(config: CompressConfig, model: nn.Module | None, tokenizer: Any, caller: str) -> RunInputs:
+    """The model directory's config and tokenizer (or those of ``model``), the calibration text and windows.
+
+    Raises:
+        FileNotFoundError: missing model directory or calibration text.
+        ValueError: the model directory is already compressed, ``model`` comes without its tokenizer, or the text
+            is shorter than one sample.
+    """
+    from transformers import AutoConfig, AutoTokenizer
+
+    text = load_text(config.calibration)
+    source = None
+    if model is None:
+        source = resolve_model_dir(config.model)
+        if (source / MANIFEST_NAME).exists():
+            raise ValueError(
+                f"model directory {config.model!r} is already compressed ({MANIFEST_NAME}); "
+                "pass the dense model it was made from"
+            )
+        model_config = AutoConfig.from_pretrained(source)
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    elif tokenizer is None:
+        raise ValueError(f"{caller}(model=...) also needs the model's tokenizer")
+    else:
+        model_config = model.config
+    windows = calibration_windows(
+        tokenize_text(tokenizer, text), config.samples, config.seqlen, config.seed, name=config.calibration
+    )
+    return RunInputs(source, model_config, tokenizer, text, windows)
 
 
 def compress_model(
@@ -200,39 +259,17 @@ def compress_model(
             different settings (``ConfigError`` for an invalid config field).
         FileExistsError: ``output`` holds another output and neither ``resume`` nor ``overwrite`` applies.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
     start = time.perf_counter()
     solver_config = config.solver_config()
     device = resolve_device(config.device)
-    text = load_text(config.calibration)
-    source = None
-    if model is None:
-        source = resolve_model_dir(config.model)
-        if (source / MANIFEST_NAME).exists():
-            raise ValueError(
-                f"model directory {config.model!r} is already compressed ({MANIFEST_NAME}); "
-                "pass the dense model it was made from"
-            )
-        model_config = AutoConfig.from_pretrained(source)
-        tokenizer = AutoTokenizer.from_pretrained(source)
-    elif tokenizer is None:
-        raise ValueError("compress_model(model=...) also needs the model's tokenizer")
-    else:
-        model_config = model.config
-    spec = architecture_for(model_config)
-    windows = calibration_windows(
-        tokenize_text(tokenizer, text), config.samples, config.seqlen, config.seed, name=config.calibration
-    )
-    partial = prepare_output(
-        Path(output), _fingerprint(config, model_config, text, device), resume=resume, overwrite=overwrite
-    )
-    if model is None:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[config.dtype]).eval()
+    inputs = read_inputs(config, model, tokenizer, "compress_model")
+    spec = architecture_for(inputs.model_config)
+    partial = prepare_output(Path(output), inputs.fingerprint(config, device), resume=resume, overwrite=overwrite)
+    model = inputs.load_model(config, model)
     compress_blocks(
         model,
         spec,
-        windows,
+        inputs.windows,
         solver_config,
         device=device,
         offload=config.offload,
@@ -246,8 +283,8 @@ def compress_model(
         **config.to_dict(),
         "device": str(device),
         "blocks": model.config.num_hidden_layers,
-        "calibration_sha256": _sha256(text.encode()),
+        "calibration_sha256": _sha256(inputs.text.encode()),
         "seconds": time.perf_counter() - start,  # of this invocation (a resumed run: the resumed part)
         "torch": torch.__version__,
     }
-    return write_output(Path(output), model, tokenizer, spec, partial, info, source)
+    return write_output(Path(output), model, inputs.tokenizer, spec, partial, info, inputs.source)

@@ -31,7 +31,6 @@ The whole model must fit on the compute device (the backward pass needs it).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -46,15 +45,14 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
-from compress.api import DTYPES, ConfigError, CompressConfig, resolve_device, resolve_model_dir
+from compress.api import ConfigError, CompressConfig, read_inputs, resolve_device
 from compress.architectures import ArchitectureSpec, architecture_for, block_groups, decoder_blocks
-from compress.assets import load_text
 from compress.calibration import compress_blocks, write_back
-from compress.data import calibration_windows, load_evaluation, tokenize_text
+from compress.data import load_evaluation
 from compress.evaluate import DEFAULT_EVAL_TEXT, perplexity
 from compress.hessian import HessianAccumulator
 from compress.output import PartialRun, prepare_output, write_json_atomic, write_output
-from compress.solvers.base import SolveResult, layer_error
+from compress.solvers.base import SolveResult, damp, layer_error
 
 __all__ = ["IOBSModelConfig", "ROUNDS_FILE", "PROJECTIONS", "compress_iobs_model"]
 
@@ -181,9 +179,7 @@ def _write_targets(groups: Groups, state: _Pass, iobs: IOBSModelConfig, seqlen: 
     ratios = []
     for group in groups:
         per_token = state.hessians[group[0][0]] / (2 * seqlen)  # Ĥ = mean xxᵀ per token
-        damped = per_token.clone()
-        damped.diagonal().add_(iobs.percdamp * per_token.diagonal().mean())
-        factor = torch.linalg.cholesky(damped)
+        factor = torch.linalg.cholesky(damp(per_token, iobs.percdamp))
         for name, linear in group:
             weight = linear.weight.detach().float()
             step = iobs.step * torch.cholesky_solve(state.gradients[name].T, factor).T  # [out, in]
@@ -380,40 +376,30 @@ def compress_iobs_model(
         ConfigError: a projection other than ``sparsegpt``/``iobs``, or a held-out text equal to the calibration
             text; ``IOBSModelConfig`` raises it for invalid options.
         FileNotFoundError: missing model directory or text.
-        FileExistsError: ``output`` holds another output and ``overwrite`` is not set.
+        ValueError: an already compressed model directory, a text shorter than one sample, a resume with other
+            settings.
+        FileExistsError: ``output`` holds another output and neither ``resume`` nor ``overwrite`` applies.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     _check(config, iobs)
     start = time.perf_counter()
     device = resolve_device(config.device)
-    text = load_text(config.calibration)
-    source = None
-    if model is None:
-        source = resolve_model_dir(config.model)
-        tokenizer = AutoTokenizer.from_pretrained(source)
-    elif tokenizer is None:
-        raise ValueError("compress_iobs_model(model=...) also needs the model's tokenizer")
-    windows = calibration_windows(
-        tokenize_text(tokenizer, text), config.samples, config.seqlen, config.seed, name=config.calibration
-    )
-    heldout = load_evaluation(tokenizer, iobs.heldout, iobs.heldout_seqlen, iobs.heldout_windows)
-    fingerprint = {**config.to_dict(), "iobs": iobs.to_dict(), "device": device.type}
+    inputs = read_inputs(config, model, tokenizer, "compress_iobs_model")
+    heldout = load_evaluation(inputs.tokenizer, iobs.heldout, iobs.heldout_seqlen, iobs.heldout_windows)
+    fingerprint = {**inputs.fingerprint(config, device), "iobs": iobs.to_dict()}
     partial = prepare_output(Path(output), fingerprint, resume=resume, overwrite=overwrite)
-    if model is None:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[config.dtype]).eval()
+    model = inputs.load_model(config, model)
     spec = architecture_for(model.config)
     model.to(device)
-    rounds, best = _run_rounds(model, spec, windows, heldout, config, iobs, device, progress, partial)
+    rounds, best = _run_rounds(model, spec, inputs.windows, heldout, config, iobs, device, progress, partial)
     _save_best(partial, model, spec, best)
     log = {"best_round": best.round, "heldout": {"text": iobs.heldout, "seqlen": iobs.heldout_seqlen,
            "windows": int(heldout.shape[0])}, "rounds": rounds}
     info = {
         **config.to_dict(), "method": "iobs-model", "projection": config.method, "iobs": iobs.to_dict(),
         "best_round": best.round, "device": str(device), "blocks": model.config.num_hidden_layers,
-        "calibration_sha256": hashlib.sha256(text.encode()).hexdigest(), "seconds": time.perf_counter() - start,
+        "calibration_sha256": fingerprint["calibration_sha256"], "seconds": time.perf_counter() - start,
         "torch": torch.__version__,
     }
-    report = write_output(Path(output), model, tokenizer, spec, partial, info, source)
+    report = write_output(Path(output), model, inputs.tokenizer, spec, partial, info, inputs.source)
     write_json_atomic(Path(output) / ROUNDS_FILE, log)
     return {**report, "iobs_rounds": log}

@@ -60,6 +60,16 @@ def _staging(dst: Path, tag: str) -> Path:
     return dst.with_name(f".{dst.name}.{tag}-{os.getpid()}")
 
 
+def _fresh_staging(dst: Path, overwrite: bool, sources: tuple[Path, ...]) -> Path:
+    """Check ``dst`` (``check_destination``) and create an empty staging directory beside it."""
+    check_destination(dst, overwrite=overwrite, sources=sources)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    staging = _staging(dst, "tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    return staging
+
+
 @contextmanager
 def atomic_directory(dst: Path, *, overwrite: bool, sources: tuple[Path, ...] = ()) -> Iterator[Path]:
     """Yield an empty staging directory next to ``dst``; on success it replaces ``dst`` by renames, on error it
@@ -69,11 +79,7 @@ def atomic_directory(dst: Path, *, overwrite: bool, sources: tuple[Path, ...] = 
         FileExistsError, ValueError: see ``check_destination`` (raised before anything is written).
     """
     dst = Path(dst)
-    check_destination(dst, overwrite=overwrite, sources=sources)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    staging = _staging(dst, "tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
+    staging = _fresh_staging(dst, overwrite, sources)
     try:
         yield staging
     except BaseException:
@@ -101,11 +107,7 @@ def atomic_files(main: Path, *, overwrite: bool, sources: tuple[Path, ...] = ())
         FileExistsError, ValueError: see ``check_destination`` (raised before anything is written).
     """
     main = Path(main)
-    check_destination(main, overwrite=overwrite, sources=sources)
-    main.parent.mkdir(parents=True, exist_ok=True)
-    staging = _staging(main, "tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
+    staging = _fresh_staging(main, overwrite, sources)
     try:
         yield staging
         written = sorted(staging.iterdir(), key=lambda p: p.name == main.name)

@@ -26,6 +26,7 @@ __all__ = [
     "SolveResult",
     "SolverConfig",
     "check_density",
+    "damp",
     "check_nm",
     "check_nm_shape",
     "elapsed",
@@ -103,6 +104,13 @@ def nnz_budget(shape: tuple[int, int] | torch.Size, density: float) -> int:
 def layer_prefix(layer_name: str | None) -> str:
     """``"layer 'NAME': "`` for error messages, or ``""`` when the caller gave no name."""
     return f"layer {layer_name!r}: " if layer_name else ""
+
+
+def damp(hessian: torch.Tensor, percdamp: float) -> torch.Tensor:
+    """``H + percdamp·mean(diag H)·I`` [n, n], a new tensor (SparseGPT's damping)."""
+    damped = hessian.clone()
+    damped.diagonal().add_(percdamp * hessian.diagonal().mean())
+    return damped
 
 
 def check_density(density: float) -> None:

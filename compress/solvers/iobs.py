@@ -48,9 +48,10 @@ from typing import Literal
 import torch
 
 from compress.solvers.base import (
-    SolveResult,
     NMConfig,
+    SolveResult,
     check_nm_shape,
+    damp,
     elapsed,
     exact_fp32,
     layer_error,
@@ -265,11 +266,16 @@ def _inverse(damped: torch.Tensor, config: IOBSConfig, layer_name: str | None) -
 
 
 def _select(
-    point: torch.Tensor, live_hessian: torch.Tensor, inverse_diagonal: torch.Tensor, budget: int, config: IOBSConfig
+    point: torch.Tensor,
+    live_hessian: torch.Tensor,
+    inverse_diagonal: torch.Tensor,
+    budget: int,
+    config: IOBSConfig,
+    layer_name: str | None,
 ) -> torch.Tensor:
     """The kept set for the Newton point ``v`` [out, in]: bool [out, in] with exactly the budget."""
     if config.selection == "sparsegpt":
-        return solve_sparsegpt(point, live_hessian, config._sparsegpt()).masks["W"]
+        return solve_sparsegpt(point, live_hessian, config._sparsegpt(), layer_name=layer_name).masks["W"]
     saliency = point**2 / inverse_diagonal  # OBS: error increase of removing each weight alone
     if config.prune_m:
         return nm_mask(saliency, config.prune_n, config.prune_m)
@@ -307,16 +313,20 @@ def iobs_trace(
         return result, IOBSTrace((0.0,), (0,), 0)
     with exact_fp32():
         work, live = remove_dead_inputs(original, hess)
-        damped = live.clone()
-        damped.diagonal().add_(config.percdamp * damped.diagonal().mean())
+        damped = damp(live, config.percdamp)
         inverse = _inverse(damped, config, layer_name)
         theta, mask, projected = work, torch.ones_like(work, dtype=torch.bool), work
         errors, changes = [], []
         best_weight, best_mask = work, mask
         for _ in range(config.iters):
             point = theta + config.step * (work - theta)  # Newton step on f; the first iterate: W
-            new_mask = _select(point, live, inverse.diagonal(), budget, config)
-            theta, projected = _iterate(point, work, (theta, mask, projected), new_mask, damped, inverse, config.step)
+            new_mask = _select(point, live, inverse.diagonal(), budget, config, layer_name)
+            try:
+                theta, projected = _iterate(
+                    point, work, (theta, mask, projected), new_mask, damped, inverse, config.step
+                )
+            except RuntimeError as error:  # a kept-set sub-matrix was not positive definite
+                raise RuntimeError(f"{layer_prefix(layer_name)}{error}") from error
             changes.append(int(torch.count_nonzero(new_mask != mask)))
             mask = new_mask
             errors.append(layer_error(original, theta, hess)[0])

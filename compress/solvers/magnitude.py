@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 import torch
 
 from compress.solvers.base import (
-    SolveResult,
     NMConfig,
+    SolveResult,
     check_nm_shape,
     elapsed,
     make_result,

@@ -23,11 +23,13 @@ from dataclasses import dataclass, field
 import torch
 
 from compress.solvers.base import (
-    SolveResult,
     NMConfig,
+    SolveResult,
     check_nm_shape,
+    damp,
     elapsed,
     exact_fp32,
+    layer_prefix,
     make_result,
     nm_mask,
     nnz_budget,
@@ -68,20 +70,19 @@ class SparseGPTConfig(NMConfig):
             )
 
 
-def _inverse_cholesky(hessian: torch.Tensor, percdamp: float) -> torch.Tensor:
+def _inverse_cholesky(hessian: torch.Tensor, percdamp: float, layer_name: str | None) -> torch.Tensor:
     """Upper Cholesky factor of ``(H + percdamp·mean(diag H)·I)⁻¹`` [n, n].
 
     Raises:
-        RuntimeError: if the damped H is not positive definite (raise percdamp).
+        RuntimeError: if the damped H is not positive definite (raise percdamp), naming the layer.
     """
-    damped = hessian.clone()
-    damped.diagonal().add_(percdamp * damped.diagonal().mean())
-    factor, info = torch.linalg.cholesky_ex(damped)
+    factor, info = torch.linalg.cholesky_ex(damp(hessian, percdamp))
     if int(info) == 0:
         factor, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(factor), upper=True)
     if int(info) != 0:
         raise RuntimeError(
-            f"SparseGPT: the damped Hessian is not positive definite (percdamp={percdamp}); raise percdamp"
+            f"{layer_prefix(layer_name)}SparseGPT: the damped Hessian is not positive definite "
+            f"(percdamp={percdamp}); raise percdamp"
         )
     return factor
 
@@ -146,7 +147,7 @@ def solve_sparsegpt(
     start = time.perf_counter()
     with exact_fp32():
         work, live_hessian = remove_dead_inputs(original, hess)
-        hinv = _inverse_cholesky(live_hessian, config.percdamp)
+        hinv = _inverse_cholesky(live_hessian, config.percdamp, layer_name)
         mask = torch.zeros_like(work, dtype=torch.bool)
         for i1 in range(0, columns, config.blocksize):
             i2 = min(i1 + config.blocksize, columns)

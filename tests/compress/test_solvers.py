@@ -360,3 +360,12 @@ def test_topk_mask_ties_and_edges(size: int) -> None:
 @pytest.mark.parametrize("module", ["compress.solvers", "compress.hessian"])
 def test_docstring_examples(module: str) -> None:
     assert doctest.testmod(importlib.import_module(module)).failed == 0
+
+
+@pytest.mark.parametrize("method", ["sparsegpt", "iobs"])
+def test_indefinite_hessian_error_names_the_layer(method: str) -> None:
+    weight, hessian = torch.randn(4, 8), -torch.eye(8)
+    with pytest.raises(RuntimeError) as info:
+        solve(weight, hessian, make_config(method, 0.5), layer_name="model.layers.0.q_proj")
+    assert str(info.value).startswith("layer 'model.layers.0.q_proj': ")
+    assert "the damped Hessian is not positive definite (percdamp=0.01); raise percdamp" in str(info.value)
