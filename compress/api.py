@@ -23,7 +23,7 @@ from compress.architectures import architecture_for
 from compress.assets import PACKAGED_MODEL, load_text, smollm2_dir
 from compress.calibration import OffloadMode, compress_blocks
 from compress.data import calibration_windows, tokenize_text
-from compress.output import prepare_output, write_output
+from compress.output import check_complete, prepare_output, write_output
 from compress.solvers import METHODS, make_config
 from compress.solvers.base import check_density
 from dsf_runtime.checkpoint import MANIFEST_NAME
@@ -31,6 +31,7 @@ from dsf_runtime.checkpoint import MANIFEST_NAME
 __all__ = [
     "ConfigError",
     "CompressConfig",
+    "check_seqlen",
     "DTYPES",
     "RunInputs",
     "compress_model",
@@ -127,7 +128,7 @@ def resolve_device(device: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     resolved = torch.device(device)
     if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device", f"{device!r} was requested but CUDA is not available; use --device cpu")
+        raise ConfigError("device", f"{device!r}: CUDA requested but torch sees no CUDA device; use --device cpu")
     return resolved
 
 
@@ -136,6 +137,8 @@ def resolve_model_dir(model: str | os.PathLike) -> Path:
 
     Raises:
         FileNotFoundError: the directory does not exist or has no ``config.json``.
+        CheckpointError: the directory holds compressed-model files but no manifest (an interrupted write), the
+            loader's error (``compress.output.check_complete``).
     """
     if str(model) == PACKAGED_MODEL:
         return smollm2_dir()
@@ -145,12 +148,32 @@ def resolve_model_dir(model: str | os.PathLike) -> Path:
             f"model directory {str(model)!r} does not exist; pass a Hugging Face model directory "
             f"or {PACKAGED_MODEL!r} (the packaged SmolLM2)"
         )
+    check_complete(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(
             f"model directory {str(model)!r} has no config.json; expected a Hugging Face model directory "
             "(config.json, *.safetensors, tokenizer files)"
         )
     return path
+
+
+def check_seqlen(seqlen: int, model_config: Any, model: str) -> None:
+    """Refuse windows longer than the model's context.
+
+    Args:
+        seqlen: tokens per window.
+        model_config: the model's transformers config (``max_position_embeddings``; no limit when absent).
+        model: the model's name or directory, for the message.
+
+    Raises:
+        ConfigError: naming ``seqlen`` and the model's ``max_position_embeddings``.
+    """
+    limit = getattr(model_config, "max_position_embeddings", None)
+    if isinstance(limit, int) and seqlen > limit:
+        raise ConfigError(
+            "seqlen", f"{seqlen} exceeds the context of model {model!r} (max_position_embeddings = {limit} in its "
+            f"config.json); use a seqlen of at most {limit}"
+        )
 
 
 def _sha256(data: bytes) -> str:
@@ -193,7 +216,9 @@ class RunInputs:
             return model
         from transformers import AutoModelForCausalLM
 
-        return AutoModelForCausalLM.from_pretrained(self.source, dtype=DTYPES[config.dtype]).eval()
+        return AutoModelForCausalLM.from_pretrained(
+            self.source, dtype=DTYPES[config.dtype], trust_remote_code=False
+        ).eval()
 
 
 def read_inputs(config: CompressConfig, model: nn.Module | None, tokenizer: Any, caller: str) -> RunInputs:
@@ -201,8 +226,8 @@ def read_inputs(config: CompressConfig, model: nn.Module | None, tokenizer: Any,
 
     Raises:
         FileNotFoundError: missing model directory or calibration text.
-        ValueError: the model directory is already compressed, ``model`` comes without its tokenizer, or the text
-            is shorter than one sample.
+        ValueError: the model directory is already compressed, ``model`` comes without its tokenizer, the text is
+            not UTF-8 or shorter than one sample (``ConfigError`` for a ``seqlen`` beyond the model's context).
     """
     from transformers import AutoConfig, AutoTokenizer
 
@@ -215,12 +240,13 @@ def read_inputs(config: CompressConfig, model: nn.Module | None, tokenizer: Any,
                 f"model directory {config.model!r} is already compressed ({MANIFEST_NAME}); "
                 "pass the dense model it was made from"
             )
-        model_config = AutoConfig.from_pretrained(source)
-        tokenizer = AutoTokenizer.from_pretrained(source)
+        model_config = AutoConfig.from_pretrained(source, trust_remote_code=False)
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
     elif tokenizer is None:
         raise ValueError(f"{caller}(model=...) also needs the model's tokenizer")
     else:
         model_config = model.config
+    check_seqlen(config.seqlen, model_config, config.model)
     windows = calibration_windows(
         tokenize_text(tokenizer, text), config.samples, config.seqlen, config.seed, name=config.calibration
     )

@@ -150,6 +150,7 @@ def load_text(name_or_path: str | os.PathLike) -> str:
 
     Raises:
         FileNotFoundError: neither a packaged text name nor an existing file.
+        ValueError: the file is not UTF-8 text (e.g. Latin-1 or binary), naming it and the fix.
     """
     key = re.sub(r"[\s_]+", "-", str(name_or_path).strip().lower())
     if key in PACKAGED_TEXTS:
@@ -160,7 +161,30 @@ def load_text(name_or_path: str | os.PathLike) -> str:
             f"text {str(name_or_path)!r}: no such file, and not a packaged text "
             f"(choose one of {', '.join(PACKAGED_TEXTS)})"
         )
-    return path.read_text(encoding="utf-8")
+    return _read_utf8(path)
+
+
+def _read_utf8(path: Path) -> str:
+    """The content of text file ``path``, line ends translated to ``\\n`` (as ``Path.read_text``).
+
+    Raises:
+        ValueError: it is not UTF-8 (e.g. Latin-1) or holds NUL bytes (a binary file), naming the file, the offset
+            and the fix.
+    """
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(
+            f"text file {path}: not UTF-8 (byte 0x{data[exc.start]:02x} at offset {exc.start}); convert it "
+            f"(e.g. `iconv -f latin1 -t utf-8 {path.name} > {path.stem}-utf8{path.suffix}`) or pass a packaged text"
+        ) from exc
+    if "\0" in text:
+        raise ValueError(
+            f"text file {path}: a NUL byte at offset {data.index(0)}, a binary file rather than text; "
+            "pass a UTF-8 text file or a packaged text"
+        )
+    return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
 def _main(argv: list[str]) -> int:

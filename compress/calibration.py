@@ -267,7 +267,7 @@ def compress_blocks(
     offload: OffloadMode = "auto",
     batch_size: int = 8,
     true_sequential: bool = False,
-    finished: Callable[[int], Mapping[str, SolveResult] | None] = lambda index: None,
+    finished: Callable[[int, Mapping[str, nn.Linear]], Mapping[str, SolveResult] | None] = lambda index, linears: None,
     on_block: Callable[[int, dict[str, SolveResult]], None] = lambda index, results: None,
     progress: bool = True,
 ) -> BlockInputs:
@@ -284,8 +284,9 @@ def compress_blocks(
         true_sequential: compress the groups of a block one after another, each group's H collected with the
             earlier groups already compressed (one extra partial forward per group); default: all groups of a
             block collect H in one pass before any is compressed (the reference's default).
-        finished: ``finished(i)`` returns the stored results of block ``i`` from an interrupted run, or None;
-            stored blocks are written back and replayed instead of solved.
+        finished: ``finished(i, linears)`` returns the stored results of block ``i`` (whose linears by name are
+            ``linears``) from an interrupted run, or None; stored blocks are written back and replayed instead of
+            solved.
         on_block: called with ``(i, results)`` after block ``i`` was solved (not for replayed blocks).
         progress: show a progress bar on stderr.
 
@@ -313,7 +314,7 @@ def compress_blocks(
 
         for index, (block, groups) in enumerate(zip(blocks, all_groups)):
             block.to(device)
-            stored = finished(index)
+            stored = finished(index, {name: linear for group in groups for name, linear in group})
             if stored is not None:
                 for group in groups:
                     for name, linear in group:

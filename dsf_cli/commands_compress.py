@@ -11,7 +11,7 @@ from typing import Any
 
 import typer
 
-from dsf_cli.common import DType, fail
+from dsf_cli.common import DType, check_device, fail, load_tokenizer, user_errors
 
 __all__ = ["register"]
 
@@ -185,8 +185,13 @@ def _load_model(model: str, device: str, dtype: str):
 
     Returns:
         ``(model in eval mode on the device, tokenizer, its directory)``.
+
+    Raises:
+        FileNotFoundError: no such model directory; ValueError: a directory with compressed-model files but no
+            manifest (``CheckpointError``), CUDA without a CUDA device (``ConfigError``), tokenizer files that do
+            not load.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     import dsf_runtime
     from compress.api import DTYPES, resolve_device, resolve_model_dir
@@ -194,11 +199,21 @@ def _load_model(model: str, device: str, dtype: str):
 
     path = resolve_model_dir(model)
     target = resolve_device(device)
+    tokenizer = load_tokenizer(path)
     if (path / MANIFEST_NAME).exists():
         loaded = dsf_runtime.from_pretrained(path, device=target, dtype=DTYPES[dtype])
     else:
-        loaded = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype]).to(target)
-    return loaded.eval(), AutoTokenizer.from_pretrained(path), path
+        loaded = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], trust_remote_code=False).to(target)
+    return loaded.eval(), tokenizer, path
+
+
+def _check_context(model: str, seqlen: int) -> None:
+    """Refuse ``seqlen`` beyond the context of ``model`` (read from its config.json, before the weights load)."""
+    from transformers import AutoConfig
+
+    from compress.api import check_seqlen, resolve_model_dir
+
+    check_seqlen(seqlen, AutoConfig.from_pretrained(resolve_model_dir(model), trust_remote_code=False), model)
 
 
 def evaluate(
@@ -227,14 +242,19 @@ def evaluate(
     """
     import time
 
+    from compress.api import ConfigError
     from compress.data import load_evaluation
     from compress.evaluate import layer_error_markdown, perplexity
     from compress.output import read_layer_errors
 
     start = time.perf_counter()
     try:
+        check_device(device.value)
+        _check_context(model, seqlen)
         loaded, tokenizer, path = _load_model(model, device.value, dtype.value)
         windows = load_evaluation(tokenizer, text, seqlen, max_windows)
+    except ConfigError as exc:
+        raise fail(f"{_FLAGS.get(exc.field, exc.field)}: {exc.message}") from exc
     except (FileNotFoundError, ValueError) as exc:
         raise fail(str(exc)) from exc
     result = {
@@ -312,7 +332,7 @@ def demo(
 
 
 def register(app: typer.Typer) -> None:
-    """Add ``compress``, ``eval`` and ``demo`` to the ``dsf`` app."""
-    app.command("compress")(compress)
-    app.command("eval")(evaluate)
-    app.command("demo")(demo)
+    """Add ``compress``, ``eval`` and ``demo`` to the ``dsf`` app, each reporting user errors as one line."""
+    app.command("compress")(user_errors(compress))
+    app.command("eval")(user_errors(evaluate))
+    app.command("demo")(user_errors(demo))

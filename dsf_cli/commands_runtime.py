@@ -7,6 +7,8 @@ from pathlib import Path
 
 import typer
 
+from dsf_cli.common import check_device, load_tokenizer, user_errors
+
 __all__ = ["register"]
 
 
@@ -83,19 +85,15 @@ def run(
 ) -> None:
     """Generate text greedily with a compressed model; its linears stay compressed (on CUDA: converted once to the
     Triton kernels' layouts, static KV cache, timing printed)."""
+    check_device(device)
     import torch
     from rich.console import Console
 
-    from dsf_runtime.checkpoint import CheckpointError
-    from dsf_runtime.loader import from_pretrained, load_tokenizer
+    from dsf_runtime.loader import from_pretrained
 
     console = Console()
     torch_dtype = None if dtype is DType.auto else getattr(torch, dtype.value)
-    try:
-        net = from_pretrained(model, device=device, dtype=torch_dtype)
-    except CheckpointError as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(1) from exc
+    net = from_pretrained(model, device=device, dtype=torch_dtype)  # a CheckpointError: one line (user_errors)
     tokenizer = load_tokenizer(model)
     if chat and tokenizer.chat_template:
         messages = [{"role": "user", "content": prompt}]
@@ -131,6 +129,6 @@ def _until_eos(tokens, eos):
 
 
 def register(app: typer.Typer) -> None:
-    """Add ``inspect`` and ``run`` to the ``dsf`` command."""
-    app.command("inspect")(inspect)
-    app.command("run")(run)
+    """Add ``inspect`` and ``run`` to the ``dsf`` command, each reporting user errors as one line."""
+    app.command("inspect")(user_errors(inspect))
+    app.command("run")(user_errors(run))

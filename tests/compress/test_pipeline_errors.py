@@ -121,7 +121,7 @@ def test_other_config_errors():
     if not torch.cuda.is_available():
         from compress.api import resolve_device
 
-        with pytest.raises(ConfigError, match="'cuda' was requested but CUDA is not available; use --device cpu"):
+        with pytest.raises(ConfigError, match="'cuda': CUDA requested but torch sees no CUDA device; use --device cpu"):
             resolve_device("cuda")
 
 
