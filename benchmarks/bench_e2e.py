@@ -1,6 +1,6 @@
 """End to end: how fast does a whole DSF model decode and prefill on one GPU, against the same model dense?
 
-One unattended run (``dsf bench e2e`` or ``python benchmarks/bench_e2e.py --out benchmarks/results/e2e-h100.json``):
+One unattended run (``dsf bench e2e`` or ``python -m benchmarks.bench_e2e --out benchmarks/results/e2e-h100.json``):
 
 (a) ``llama2-7b``: a LLaMA-2-7B-shaped fp16 model with random weights built on the GPU, measured dense, then with
     every decoder linear replaced by random DSF factors with balanced masks at total density 0.5 and 0.3 (the
@@ -22,12 +22,8 @@ timings mean nothing; it checks the code paths and the schema).
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
 import json
-import os
-import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,6 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.common import run_meta  # noqa: E402
 from benchmarks.e2e_models import (  # noqa: E402
     LLAMA2_7B,
     TINY_LLAMA,
@@ -66,12 +63,11 @@ def _peak(device: torch.device) -> int | None:
 
 
 def _layouts(model) -> dict:
-    """How many factors of each layout the model holds (``nibble``, ``delta``, ``dense`` kernel layouts, or the
-    packed formats)."""
-    from dsf_runtime.modules import KernelFactor, PackedFactor
+    """How many factors of each layout the model holds (the kernels' ``nibble``, ``delta``, ``dense``, or the stored
+    ``bitmask``, ``csr``, ``bsr`` of the pure-torch path)."""
+    from dsf_runtime.modules import PackedFactor
 
-    return dict(Counter(m.layout + ("" if isinstance(m, KernelFactor) else " (packed)")
-                        for m in model.modules() if isinstance(m, (KernelFactor, PackedFactor))))
+    return dict(Counter(m.layout for m in model.modules() if isinstance(m, PackedFactor)))
 
 
 def measure(model, *, base: dict, batches, prompt_tokens: int, new_tokens: int, prefill_tokens: int, runs: int,
@@ -197,34 +193,9 @@ def real_sentence(device, dtype, workdir: Path, *, density: float = 0.5, new_tok
 
 
 # ---------------------------------------------------------------------------------------------- results
-def _meta() -> dict:
-    def sh(*cmd):
-        try:
-            return subprocess.run(cmd, capture_output=True, text=True, timeout=10).stdout.strip() or None
-        except Exception:  # noqa: BLE001 - tool missing or failing: unknown
-            return None
-
-    import transformers
-
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    root = str(Path(__file__).resolve().parents[1])
-    return {
-        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu",
-        "driver": sh("nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"),
-        "torch": torch.__version__, "cuda": torch.version.cuda, "triton": triton_version,
-        "transformers": transformers.__version__, "python": platform.python_version(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "git_sha": os.environ.get("DSF_GIT_SHA") or sh("git", "-C", root, "rev-parse", "HEAD"),
-        "git_dirty": os.environ.get("DSF_GIT_DIRTY", "") == "1" or bool(sh("git", "-C", root, "status", "--porcelain")),
-        "method": "greedy decode with a static KV cache, the decode step replayed from one CUDA graph; one warm-up "
-                  "generation, median of runs; CUDA-event timing; decode_tok_s = batch x steps / decode time "
-                  "(graph replays only); prefill = one forward of the prompt into a static cache",
-    }
+METHOD = ("greedy decode with a static KV cache, the decode step replayed from one CUDA graph; one warm-up "
+          "generation, median of runs; CUDA-event timing; decode_tok_s = batch x steps / decode time (graph replays "
+          "only); prefill = one forward of the prompt into a static cache")
 
 
 def add_ratios(rows: list[dict]) -> None:
@@ -302,7 +273,7 @@ def bench_e2e(*, out: Path | None = None, models=("llama2-7b", "smollm2"), densi
         prompt_tokens, new_tokens, prefill_tokens, runs = min(prompt_tokens, 8), min(new_tokens, 3), 16, 1
     kw = dict(batches=batches, prompt_tokens=prompt_tokens, new_tokens=new_tokens, prefill_tokens=prefill_tokens,
               runs=runs, cuda_graphs=cuda_graphs, log=log)
-    results = {"kind": "e2e", "meta": _meta(), "rows": [], "sentence": None,
+    results = {"kind": "e2e", "meta": run_meta(device, method=METHOD), "rows": [], "sentence": None,
                "settings": {k: v for k, v in kw.items() if k != "log"} | {"dtype": str(dtype)}}
 
     def save() -> None:

@@ -1,27 +1,30 @@
 """How fast does one DSF / single-sparse layer run against cuBLAS dense, torch CSR and torch 2:4, by batch size?
 
-One unattended run (``dsf bench layer`` or ``python benchmarks/bench_layer.py --out benchmarks/results/layer-h100.json``):
+One unattended run (``dsf bench layer`` or ``python -m benchmarks.bench_layer --out benchmarks/results/layer-h100.json``):
 shapes 4096×4096, 11008×4096, 4096×11008 and SmolLM2's 576×576, 192×576, 1536×576, 576×1536; batch 1…2048;
 DSF at total density 0.5 and 0.3 with DSF's factor budgets (square factor 0.16 / 0.25, rounded to balanced groups by
 ``propose_balanced_split``), single sparse matrices at the same densities; balanced (``nibble``) layouts for all
-rows and the unstructured ``delta`` layout for a subset. Method: weights rotated over copies larger than the 50 MB
-L2, CUDA-graph replays timed with CUDA events, median of repeats, dense measured in the same run.
+rows and the unstructured ``delta`` layout for a subset. Each row times ``dispatch.linear(x, factors, path=p)`` for
+the paths that fit the batch (``auto`` always; ``decode``, ``prefill``, ``materialize``) against ``F.linear`` dense.
+Method: weights rotated over copies larger than the 50 MB L2, CUDA-graph replays timed with CUDA events, median of
+repeats, dense measured in the same run (``benchmarks.common.time_calls``).
+
+``--tune`` first times the kernels' candidate configs (``dsf_runtime.kernels.tuning``) for the fp16 cases and
+writes the fastest per shape into a tuning file (default: the one shipped for this GPU,
+``dsf_runtime/kernels/tuned/<gpu>.json``), which the sweep then uses.
 
 Rows (``results["rows"]``): ``{"shape", "kind", "density", "batch", "dtype", "dense_us", "ours_us", "csr_us",
-"semi24_us"}`` plus ``format``, ``path``, ``paths_us``, ``nnz_density``, ``bytes``, ``gbps``, ``rel_err``.
-``csr_us``: torch CSR with int32 indices (cuSPARSE); for DSF both factors chained. ``semi24_us``: a 2:4 matrix of
-the layer's shape (``to_sparse_semi_structured``, cuSPARSELt), density-0.5 rows only.
+"semi24_us"}`` plus ``format``, ``path`` (the fastest), ``paths_us``, ``auto_us``, ``nnz_density``, ``bytes``,
+``gbps``, ``rel_err``. ``ours_us``: the fastest path. ``csr_us``: torch CSR with int32 indices (cuSPARSE); for DSF
+both factors chained. ``semi24_us``: a 2:4 matrix of the layer's shape (``to_sparse_semi_structured``,
+cuSPARSELt), density-0.5 rows only.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
-import os
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -31,16 +34,12 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dsf_runtime.kernels import (  # noqa: E402
-    KernelMatrix,
-    balance_mask,
-    factorized_matmul,
-    prepare_factor,
-    propose_balanced_split,
-    sparse_matmul,
-)
-from dsf_runtime.kernels import configs  # noqa: E402
-from dsf_runtime.kernels.timing import eager_time, graph_time  # noqa: E402
+from benchmarks.common import run_meta, time_calls  # noqa: E402
+from compress.solvers.split import propose_balanced_split, square_factor_density  # noqa: E402
+from dsf_runtime.formats import DeltaMatrix, NibbleMatrix  # noqa: E402
+from dsf_runtime.formats.nibble import balance_mask  # noqa: E402
+from dsf_runtime.kernels import configs, tuning  # noqa: E402
+from dsf_runtime.kernels.dispatch import linear  # noqa: E402
 
 SHAPE_SETS = {
     "llama": [(4096, 11008), (11008, 4096), (4096, 4096)],
@@ -81,7 +80,7 @@ def make_case(shape, kind: str, density: float, layout: str, dtype, device) -> d
             mb = balance_mask(torch.rand(rb, cb, device=device), p["N_B"], 16)
             meta = {"N_A": p["N_A"], "N_B": p["N_B"], "group": 16}
         else:  # unstructured at DSF's own split
-            asp = 0.16 if m == n else 0.25
+            asp = square_factor_density(m, n)
             k = min(m, n)
             rest = (density * m * n - asp * k * k) / (m * n)
             da, db = (asp, rest) if p["square"] == "A" else (rest, asp)
@@ -101,17 +100,12 @@ def make_case(shape, kind: str, density: float, layout: str, dtype, device) -> d
     return {"factors": factors, "meta": meta}
 
 
-def _prepare(case: dict, layout: str) -> list[KernelMatrix]:
-    out = []
-    for f in case["factors"]:
-        g = case["meta"].get("group", 16)
-        out.append(prepare_factor(f, layout=layout, group=g))
-    return out
-
-
-def _clone(k: KernelMatrix) -> KernelMatrix:
-    c = lambda t: None if t is None else t.clone()  # noqa: E731
-    return KernelMatrix(k.layout, k.shape, c(k.values), c(k.index), c(k.row_ptr), k.group, k.per_group, k.nnz)
+def _prepare(case: dict, layout: str) -> list:
+    """The case's factors in the kernel layout ``layout`` (``NibbleMatrix`` with the case's group, or
+    ``DeltaMatrix``)."""
+    if layout == "nibble":
+        return [NibbleMatrix.from_dense(f, group=case["meta"].get("group", 16)) for f in case["factors"]]
+    return [DeltaMatrix.from_dense(f) for f in case["factors"]]
 
 
 def n_copies(nbytes: float) -> int:
@@ -119,29 +113,15 @@ def n_copies(nbytes: float) -> int:
     return max(2, min(256, math.ceil(2.5 * L2_BYTES / max(nbytes, 1))))
 
 
+def _copies(ks: list) -> list[list]:
+    """``ks`` and copies of it (tensors cloned), ``n_copies`` of the factors' bytes in all."""
+    per_factor = [tuning.weight_copies(k, n_copies(sum(k.nbytes for k in ks))) for k in ks]
+    return [list(c) for c in zip(*per_factor)]
+
+
 # ---------------------------------------------------------------------------------------------- timing
-def _cpu_time(fns, calls: int, repeats: int) -> dict:
-    """Wall-clock stand-in used only by the CPU dry run (TRITON_INTERPRET=1): checks the code paths, not speed."""
-    for f in fns[:1]:
-        f()
-    start = time.perf_counter()
-    for f in fns[: min(len(fns), 2)]:
-        f()
-    return {"us": (time.perf_counter() - start) * 1e6 / min(len(fns), 2), "p20": None, "p80": None,
-            "graphed": False}
-
-
 def _time(fns, batch: int, repeats: int) -> dict:
-    calls = 30 if batch <= 16 else (10 if batch <= 256 else 4)
-    if not torch.cuda.is_available():
-        return _cpu_time(fns, calls, repeats)
-    try:
-        return graph_time(fns, calls=calls, repeats=repeats)
-    except Exception as exc:  # e.g. an op that refuses capture
-        _sync()
-        r = eager_time(fns, calls=calls, repeats=repeats)
-        r["capture_error"] = repr(exc)[:200]
-        return r
+    return time_calls(fns, calls=30 if batch <= 16 else (10 if batch <= 256 else 4), repeats=repeats)
 
 
 def _sync() -> None:
@@ -172,37 +152,21 @@ def _reference(x: torch.Tensor, factors: list[torch.Tensor]) -> torch.Tensor:
     return h
 
 
-def _ours_fn(kind, x, ks, path):
-    if path == "decode_nopdl":
-        inner = _ours_fn(kind, x, ks, "decode")
-
-        def run():
-            old, configs.USE_PDL = configs.USE_PDL, False
-            try:
-                return inner()
-            finally:
-                configs.USE_PDL = old
-
-        return run
-    if kind == "dsf":
-        return lambda kk=ks: factorized_matmul(x, kk[0], kk[1], path=path)
-    return lambda kk=ks: sparse_matmul(x, kk[0], path=path)
+def _ours_fn(x, ks, path):
+    return lambda: linear(x, ks, path=path)
 
 
-def _paths_for(kind: str, batch: int, layout: str = "nibble") -> list[str]:
-    """Paths timed per row (the fastest is reported); "decode_nopdl" and "decode_fused" show what PDL and the
-    fused one-launch kernel change at batch 1."""
-    if batch == 1:
-        extra = ["decode_nopdl"] + (["decode_fused"] if kind == "dsf" and layout == "nibble" else [])
-        return ["decode"] + (extra if layout == "nibble" else [])
-    if batch < 16:
-        return ["decode", "decode_bn1"] if layout == "nibble" else ["decode"]
-    if batch == 16:
-        return ["decode"]
-    if batch <= 64:
-        return ["decode", "prefill"]
-    mat = ["materialize"] if kind == "dsf" else []
-    return (["decode"] if batch <= 256 else []) + ["prefill"] + mat
+def _paths_for(kind: str, batch: int) -> list[str]:
+    """Paths timed per row (``dispatch.PATHS``): ``auto`` (what a model runs) and the explicit paths that can win at
+    this batch; ``materialize`` only for DSF (for one factor it is ``prefill``)."""
+    paths = ["auto"]
+    if batch <= 256:
+        paths.append("decode")
+    if batch > configs.DECODE_MAX_TOKENS:
+        paths.append("prefill")
+    if batch > 64 and kind == "dsf":
+        paths.append("materialize")
+    return paths
 
 
 def _csr(dense: torch.Tensor) -> torch.Tensor:
@@ -251,130 +215,75 @@ def time_semi24(shape, x, dtype, batch, repeats) -> dict | None:
 
 
 # ---------------------------------------------------------------------------------------------- tuning
-def tune_case(ks: list[KernelMatrix], kind: str, bns=(1, 16), repeats: int = 5, warm_only: bool = False) -> list[dict]:
-    """Time ``configs.candidates`` for every factor and token block; keep the best in ``configs.TUNED``.
-
-    With ``warm_only`` every candidate just runs once (compiles) and nothing is timed or kept."""
-    from dsf_runtime.kernels.delta_matmul import delta_matmul
-    from dsf_runtime.kernels.nibble_matmul import nibble_matmul
-    from dsf_runtime.kernels.pack_activations import pack_activations
-
-    found = []
-    dev = ks[0].device
-    for bn in bns:
-        for idx, k in enumerate(ks):
-            first = idx == len(ks) - 1  # the factor that reads x (B for DSF)
-            rows, cols = k.shape
-            per_row = k.slots if k.layout == "nibble" else k.slots // max(rows, 1)
-            key = (k.layout, rows, per_row, bn)
-            if key in configs.TUNED:
-                continue
-            x0 = torch.randn(bn, cols, device=dev, dtype=k.dtype if first else torch.float32)
-            xins = {False: x0 if bn == 1 else pack_activations(x0, bn),
-                    True: x0 if bn == 1 else pack_activations(x0, bn, dtype=torch.float32)}
-            op = nibble_matmul if k.layout == "nibble" else delta_matmul
-            out_dtype = torch.float32 if (kind == "dsf" and first) else k.dtype
-            copies = [k] if warm_only else [k] + [_clone(k) for _ in range(n_copies(k.nbytes) - 1)]
-            best = None
-            for cfg in configs.candidates(k.layout, bn):
-                xin = xins[bool(cfg.get("XF32")) and first]
-                if warm_only:
-                    try:
-                        op(xin, k, n_tokens=bn, out_dtype=out_dtype, config=cfg)
-                    except Exception:  # the timed tuning records it
-                        pass
-                    continue
-                fns = [lambda kk=kk, c=cfg, xx=xin: op(xx, kk, n_tokens=bn, out_dtype=out_dtype, config=c)
-                       for kk in copies]
-                try:
-                    t = _time(fns, 1, repeats)["us"]
-                except Exception as exc:  # a config that does not compile or launch
-                    _sync()
-                    found.append({"key": list(key), "cfg": cfg, "error": repr(exc)[:200]})
-                    continue
-                found.append({"key": list(key), "cfg": cfg, "us": t, "bytes": k.nbytes})
-                if best is None or t < best[0]:
-                    best = (t, cfg)
-            if best:
-                configs.TUNED[key] = dict(best[1])
-                found.append({"key": list(key), "best": best[1], "us": best[0], "gbps": k.nbytes / best[0] / 1e3})
-    return found
-
-
-def tune_unpack(ks: list[KernelMatrix], repeats: int = 5, warm_only: bool = False) -> list[dict]:
-    """Time ``configs.unpack_candidates`` of ``nibble_unpack`` per nibble factor; keep the best."""
-    from dsf_runtime.kernels.nibble_unpack import nibble_unpack
-
-    found = []
-    for k in ks:
-        key = (k.shape[0], k.slots)
-        if k.layout != "nibble" or (key in configs.UNPACK_TUNED and not warm_only):
-            continue
-        out = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-        copies = [k] if warm_only else [k] + [_clone(k) for _ in range(n_copies(k.nbytes) - 1)]
-        best = None
-        for cfg in configs.unpack_candidates():
-            fns = [lambda kk=kk, c=cfg: nibble_unpack(kk, out, **c) for kk in copies]
-            if warm_only:
-                fns[0]()
-                continue
-            t = _time(fns, 1, repeats)["us"]
-            found.append({"key": ["unpack", *key], "cfg": cfg, "us": t})
-            if best is None or t < best[0]:
-                best = (t, cfg)
-        if best:
-            configs.UNPACK_TUNED[key] = best[1]
-            found.append({"key": ["unpack", *key], "best": best[1], "us": best[0],
-                          "gbps_written": k.shape[0] * k.shape[1] * 2 / best[0] / 1e3})
-    return found
-
-
-def tune_all(shapes, *, bns=(1, 16), delta: bool = True, log=print) -> list[dict]:
-    """Tune the decode kernels of every fp16 case of ``shapes`` (fills ``configs.TUNED``)."""
-    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    found = []
-    t = time.time()
+def _tune_cases(shapes):
+    """``(shape, kind, density, layout)`` of the fp16 cases ``--tune`` measures."""
     for shape in shapes:
         for kind in ("dsf", "single"):
-            for density, layout in ((0.5, "nibble"), (0.3, "nibble")) + (((0.5, "delta"),) if delta else ()):
-                torch.manual_seed(0)
-                case = make_case(shape, kind, density, layout, torch.float16, dev)
-                ks = _prepare(case, layout)
-                found += tune_case(ks, kind, bns)
-                found += tune_unpack(ks)
-    log(f"tuned {len(configs.TUNED)} kernel keys in {time.time() - t:.0f}s")
-    return found
+            for density, layout in ((0.5, "nibble"), (0.3, "nibble"), (0.5, "delta")):
+                yield tuple(shape), kind, density, layout
+
+
+def tune_all(shapes, out: Path | None, *, bns=(1, 16), timer=None, device: str | None = None, log=print) -> dict:
+    """Tune the decode kernels (``tuning.tune``) for every fp16 case of ``shapes`` and write the fastest configs
+    into ``out`` (default: the shipped tuning file of this GPU), which ``configs`` then reads. ``timer`` and
+    ``device`` (the GPU name the results are filed under; default this GPU's): see ``tuning.tune``.
+
+    Returns:
+        ``tuning.tune``'s result plus ``"file"``.
+    """
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    found: dict = {"device": device or configs.device_name(dev), "matmul": [], "unpack": [], "timings": []}
+    t = time.time()
+    for shape, kind, density, layout in _tune_cases(shapes):
+        torch.manual_seed(0)
+        ks = _prepare(make_case(shape, kind, density, layout, torch.float16, dev), layout)
+        part = tuning.tune([ks], bns=bns, timer=timer, copies=n_copies(sum(k.nbytes for k in ks)),
+                           device=found["device"])
+        for key in ("matmul", "unpack", "timings"):
+            found[key] += part[key]
+    out = Path(out) if out else tuning.shipped_path(found["device"])
+    tuning.write_tuning(out, found, source="benchmarks/bench_layer.py --tune")
+    if out.parent != configs.TUNED_DIR:
+        configs.use_tuning_file(out)
+    log(f"tuned {len(found['matmul'])} kernel and {len(found['unpack'])} unpack keys in {time.time() - t:.0f}s "
+        f"into {out}")
+    return dict(found, file=str(out))
 
 
 # ---------------------------------------------------------------------------------------------- precompile
+def _run_once(fns) -> float:
+    """A tuning timer that only launches (compiles) each candidate once."""
+    fns[0]()
+    return 0.0
+
+
 def _warm_job(job: dict) -> str:
-    """Worker: build one case at its real shape and run every path/config once, so Triton compiles (into the
-    shared cache) exactly the kernels the timed sweep will launch."""
+    """Worker: build one case at its real shape and run every path (and, with ``tune``, every candidate config)
+    once, so that Triton compiles into its shared on-disk cache exactly the kernels the timed run launches."""
     try:
         torch.manual_seed(0)
-        configs.TUNED.update(job.get("tuned") or {})
-        configs.UNPACK_TUNED.update(job.get("unpack_tuned") or {})
+        if job.get("tuning_file"):
+            configs.use_tuning_file(job["tuning_file"])
         dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         shape, kind, density, layout, dname = job["case"]
         dtype = DTYPES[dname]
         case = make_case(tuple(shape), kind, density, layout, dtype, dev)
         ks = _prepare(case, layout)
         if job.get("tune"):
-            tune_case(ks, kind, job["tune_bns"], repeats=1, warm_only=True)
-            tune_unpack(ks, warm_only=True)
+            tuning.tune([ks], bns=job["tune_bns"], timer=_run_once, copies=1)
         for batch in job["batches"]:
             x = torch.randn(batch, shape[1], device=dev, dtype=dtype)
-            for path in _paths_for(kind, batch, layout):
-                _ours_fn(kind, x, ks, path)()
+            for path in _paths_for(kind, batch):
+                _ours_fn(x, ks, path)()
         _sync()
         return f"ok {job['case']}"
-    except Exception as exc:  # reported, the timed sweep will meet it again
+    except Exception as exc:  # noqa: BLE001 - reported; the timed run will meet it again
         return f"FAILED {job['case']}: {exc!r}"[:300]
 
 
-def precompile(shapes, batches, *, tune: bool, workers: int, delta_batches, bf16: bool, tuned: dict | None = None,
-               tune_bns=(1, 16), log=print) -> None:
-    """Compile all kernels of the sweep in ``workers`` parallel processes (Triton's on-disk cache is shared)."""
+def precompile(shapes, batches, *, tune: bool, workers: int, delta_batches, bf16: bool,
+               tuning_file: str | None = None, tune_bns=(1, 16), log=print) -> None:
+    """Compile all kernels of the sweep in ``workers`` parallel processes (Triton's cache is shared)."""
     import concurrent.futures as cf
     import multiprocessing as mp
 
@@ -385,8 +294,7 @@ def precompile(shapes, batches, *, tune: bool, workers: int, delta_batches, bf16
                 key = (tuple(shape), kind, density, layout, dname)
                 job = jobs.setdefault(key, {"case": [list(shape), kind, density, layout, dname], "batches": [],
                                             "tune": tune and dname == "float16", "tune_bns": tune_bns,
-                                            "tuned": dict(tuned or {}),
-                                            "unpack_tuned": dict(configs.UNPACK_TUNED)})
+                                            "tuning_file": tuning_file})
                 if batch is not None:
                     job["batches"].append(batch)
     t = time.time()
@@ -407,7 +315,7 @@ def probe_pdl(dev) -> dict:
         case = make_case((512, 1024), "dsf", 0.5, "nibble", torch.float16, dev)
         ks = _prepare(case, "nibble")
         x = torch.randn(1, 1024, device=dev, dtype=torch.float16)
-        fn = _ours_fn("dsf", x, ks, "decode")
+        fn = _ours_fn(x, ks, "decode")
         ref = _reference(x, case["factors"])
         graph_time([fn], calls=8, repeats=2)
         graph = torch.cuda.CUDAGraph()
@@ -426,28 +334,8 @@ def probe_pdl(dev) -> dict:
         return {"used": False, "error": repr(exc)[:300]}
 
 
-def _meta() -> dict:
-    def sh(*cmd):
-        try:
-            return subprocess.run(cmd, capture_output=True, text=True, timeout=10).stdout.strip()
-        except Exception:
-            return None
-
-    import triton
-
-    return {
-        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "driver": sh("nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"),
-        "torch": torch.__version__, "cuda": torch.version.cuda, "triton": triton.__version__,
-        "python": platform.python_version(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "git_sha": os.environ.get("DSF_GIT_SHA") or sh("git", "-C", str(Path(__file__).resolve().parents[1]),
-                                                        "rev-parse", "HEAD"),
-        "git_dirty": bool(sh("git", "-C", str(Path(__file__).resolve().parents[1]), "status", "--porcelain",
-                             "dsf_runtime/kernels", "benchmarks")),
-        "method": "weights rotated over copies > 2.5x the 50 MB L2; calls captured in one CUDA graph (30 per graph "
-                  "at batch <= 16, 10 up to 256, 4 above); CUDA-event timing of graph replays; median of repeats",
-    }
+METHOD = ("weights rotated over copies > 2.5x the 50 MB L2; calls captured in one CUDA graph (30 per graph at "
+          "batch <= 16, 10 up to 256, 4 above); CUDA-event timing of graph replays; median of repeats")
 
 
 def _cases(batch: int, shape, delta_batches, bf16: bool):
@@ -462,10 +350,9 @@ def _cases(batch: int, shape, delta_batches, bf16: bool):
     return out
 
 
-def bench_layer(shapes=None, batches=BATCHES, *, out: Path | None = None, tune: bool = False,
-                repeats: int = 5, max_seconds: float = 270.0, delta_batches=(1, 16, 2048), bf16: bool = True,
+def bench_layer(shapes=None, batches=BATCHES, *, out: Path | None = None, repeats: int = 5, max_seconds: float = 270.0, delta_batches=(1, 16, 2048), bf16: bool = True,
                 csr_max_batch: int = 16, log=print) -> dict:
-    """Run the sweep and return ``{"meta", "rows", "tuned"}``; writes ``out`` (JSON) and ``out`` .md if given.
+    """Run the sweep and return ``{"meta", "rows", "skipped"}``; writes ``out`` (JSON) and ``out`` .md if given.
 
     Without CUDA (tests: ``TRITON_INTERPRET=1``, tiny ``shapes``) it runs every code path on the CPU with wall-clock
     stand-in timings; those numbers mean nothing."""
@@ -473,8 +360,12 @@ def bench_layer(shapes=None, batches=BATCHES, *, out: Path | None = None, tune: 
     torch.manual_seed(0)
     shapes = shapes or SHAPE_SETS["llama"] + SHAPE_SETS["smollm2"]
     t0 = time.time()
-    results = {"meta": _meta(), "rows": [], "tuned": [], "skipped": []}
+    results = {"meta": run_meta(dev, method=METHOD, packages=("triton",)), "rows": [], "skipped": []}
     results["meta"]["pdl"] = probe_pdl(dev)
+    name = configs.device_name(dev)
+    table = configs.tables().get(name, {})
+    results["meta"]["tuning"] = {"device": name, "matmul_keys": len(table.get("matmul", {})),
+                                 "unpack_keys": len(table.get("unpack", {}))}
     for shape in shapes:
         m, n = shape
         case_cache: dict = {}
@@ -490,10 +381,8 @@ def bench_layer(shapes=None, batches=BATCHES, *, out: Path | None = None, tune: 
                 if key not in case_cache:
                     case = make_case(shape, kind, density, layout, dtype, dev)
                     ks = _prepare(case, layout)
-                    if tune and dname == "float16":
-                        results["tuned"] += tune_case(ks, kind)
                     nb = sum(k.nbytes for k in ks)
-                    copies = [ks] + [[_clone(k) for k in ks] for _ in range(n_copies(nb) - 1)]
+                    copies = _copies(ks)
                     case_cache[key] = (case, copies, nb)
                 case, copies, nb = case_cache[key]
                 if dname not in dense_copies:
@@ -514,8 +403,6 @@ def bench_layer(shapes=None, batches=BATCHES, *, out: Path | None = None, tune: 
         del case_cache, dense_copies, semi
         torch.cuda.empty_cache()
     results["meta"]["seconds"] = round(time.time() - t0, 1)
-    results["tuned_table"] = {"|".join(map(str, k)): v for k, v in configs.TUNED.items()}
-    results["unpack_table"] = {"|".join(map(str, k)): v for k, v in configs.UNPACK_TUNED.items()}
     if out:
         write(results, out)
     return results
@@ -525,12 +412,12 @@ def _measure_row(shape, kind, density, layout, dname, batch, x, case, copies, nb
     check = batch in (1, 16, 2048) or batch == 256
     err = None
     paths = {}
-    for path in _paths_for(kind, batch, layout):
+    for path in _paths_for(kind, batch):
         if check:
             _poison(x.device)
-            y = _ours_fn(kind, x, copies[0], path)()
+            y = _ours_fn(x, copies[0], path)()
             err = max(err or 0.0, _rel_err(y, _reference(x, case["factors"])))
-        paths[path] = _time([_ours_fn(kind, x, ks, path) for ks in copies], batch, repeats)["us"]
+        paths[path] = _time([_ours_fn(x, ks, path) for ks in copies], batch, repeats)["us"]
     best = min(paths, key=paths.get)
     csr = time_csr(case, x, batch, repeats) if batch <= csr_max_batch else None
     s24 = base["semi24"] if density == 0.5 else None
@@ -541,6 +428,7 @@ def _measure_row(shape, kind, density, layout, dname, batch, x, case, copies, nb
         "csr_us": None if not csr or csr.get("us") is None else round(csr["us"], 3),
         "semi24_us": None if not s24 or s24.get("us") is None else round(s24["us"], 3),
         "format": layout, "path": best, "paths_us": {k: round(v, 3) for k, v in paths.items()},
+        "auto_us": round(paths["auto"], 3),
         "nnz_density": round(case["meta"]["nnz_density"], 4), "factors": case["meta"],
         "bytes": nb, "gbps": round((nb + act) / paths[best] / 1e3, 1),
         "speedup": round(base["dense"]["us"] / paths[best], 3), "rel_err": err,
@@ -585,8 +473,11 @@ def main(argv=None) -> int:
                     "is written beside it)")
     ap.add_argument("--shapes", choices=["all", "llama", "smollm2"], default="all", help="shape set")
     ap.add_argument("--batches", default=",".join(map(str, BATCHES)), help="comma-separated batch sizes")
-    ap.add_argument("--tune", action="store_true", help="time the decode-kernel configs per factor first")
+    ap.add_argument("--tune", action="store_true", help="time the kernels' candidate configs per factor first and "
+                    "write the fastest into --tuning-file (dsf_runtime.kernels.tuning)")
     ap.add_argument("--tune-shapes", choices=["all", "llama", "smollm2"], default="llama", help="shapes to tune")
+    ap.add_argument("--tuning-file", type=Path, default=None, help="tuning JSON that --tune writes (merged into it "
+                    "if it exists; default: dsf_runtime/kernels/tuned/<this gpu>.json, shipped with the package)")
     ap.add_argument("--repeats", type=int, default=5, help="graph replays per measurement (median reported)")
     ap.add_argument("--max-seconds", type=float, default=270.0, help="stop starting new rows after this")
     ap.add_argument("--no-bf16", action="store_true", help="skip the bf16 rows")
@@ -603,18 +494,19 @@ def main(argv=None) -> int:
     all_shapes = shapes or SHAPE_SETS["llama"] + SHAPE_SETS["smollm2"]
     tune_bns = (1, 16)
     common = dict(workers=args.precompile_workers, delta_batches=(1, 16, 2048), bf16=not args.no_bf16)
-    tuned_rows = []
+    tuned = None
     if args.tune:
         tune_shapes = [s for s in all_shapes if args.tune_shapes == "all" or s in SHAPE_SETS[args.tune_shapes]]
         if args.precompile_workers:
             precompile(tune_shapes, (), tune=True, tune_bns=tune_bns, **{**common, "bf16": False})
-        tuned_rows = tune_all(tune_shapes, bns=tune_bns)
+        tuned = tune_all(tune_shapes, args.tuning_file, bns=tune_bns)
     if args.precompile_workers:
-        precompile(all_shapes, batches, tune=False, tuned=configs.TUNED, **common)
+        precompile(all_shapes, batches, tune=False, tuning_file=tuned and tuned["file"], **common)
     res = bench_layer(shapes, batches, out=args.out, repeats=args.repeats, max_seconds=args.max_seconds,
                       bf16=not args.no_bf16)
-    res["tuned"] = tuned_rows
-    write(res, args.out)
+    if tuned:
+        res["tuned"] = tuned
+        write(res, args.out)
     return 0
 
 

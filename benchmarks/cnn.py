@@ -34,11 +34,8 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
 import json
 import logging
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -48,6 +45,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.common import device_name, git_sha, utc_now  # noqa: E402
 from compress.conv import CNNCompressConfig, compress_cnn  # noqa: E402
 from compress.conv.bn import reestimate_bn  # noqa: E402
 from compress.conv.data import batches  # noqa: E402
@@ -113,7 +111,7 @@ def run_network(name: str, methods: list[str] | None) -> list[dict[str, Any]]:
     net = load_network(name, calibration_images=settings["calibration_images"])
     calibration = batches(net.calibration, settings["batch_size"])
     reference = logits(net.model, net.eval_images)
-    dense = {"network": name, "method": "dense", "budget": 1.0, "density": 1.0, "seconds": 0.0, "date": _now(),
+    dense = {"network": name, "method": "dense", "budget": 1.0, "density": 1.0, "seconds": 0.0, "date": utc_now(),
              **_record(net, net.model, reference, 1)}
     dense["conv_param_reduction"] = 1.0
     metric = "accuracy" if net.eval_labels is not None else "agreement"
@@ -121,7 +119,7 @@ def run_network(name: str, methods: list[str] | None) -> list[dict[str, Any]]:
     rebuilt = copy.deepcopy(net.model)
     reestimate_bn(rebuilt, calibration)
     rows = [dense, {"network": name, "method": "dense+bn", "budget": 1.0, "density": 1.0, "seconds": 0.0,
-                    "date": _now(), **_record(net, rebuilt, reference, dense["conv_params"])}]
+                    "date": utc_now(), **_record(net, rebuilt, reference, dense["conv_params"])}]
     rows[1]["drop_points"] = round(100 * (dense[metric] - rows[1][metric]), 3)
     logger.info("%s dense: %s %.4f, conv params %d; uniform density %.4f for budget %g", name, metric, dense[metric],
                 dense["conv_params"], density, settings["budget"])
@@ -130,7 +128,7 @@ def run_network(name: str, methods: list[str] | None) -> list[dict[str, Any]]:
         start = time.perf_counter()
         result = compress_cnn(net.model, config, calibration)
         seconds = time.perf_counter() - start
-        row = {"network": name, "method": method, "budget": settings["budget"], "date": _now(),
+        row = {"network": name, "method": method, "budget": settings["budget"], "date": utc_now(),
                "density": None if config.budget is not None else density, "seconds": round(seconds, 2),
                "finetune_steps": config.finetune_steps, "bn_reestimate": config.bn_reestimate,
                "dsf_options": dict(config.dsf_options),
@@ -142,18 +140,6 @@ def run_network(name: str, methods: list[str] | None) -> list[dict[str, Any]]:
         logger.info("%s %s: %s %.4f (drop %.2f points), conv params %d (%.2f× fewer), %.1f s", name, method, metric,
                     row[metric], row["drop_points"], row["conv_params"], row["conv_param_reduction"], seconds)
     return rows
-
-
-def _now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-
-
-def _git_sha() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
-                              cwd=Path(__file__).parent).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def main() -> None:
@@ -177,10 +163,10 @@ def main() -> None:
         rows += run_network(name, methods)
     results = {
         "question": __doc__.split("\n", 1)[0],
-        "device": f"CPU {platform.processor() or platform.machine()} ({torch.get_num_threads()} torch threads)",
+        "device": device_name("cpu"),
         "torch": torch.__version__,
-        "date": _now(),
-        "git_sha": _git_sha(),
+        "date": utc_now(),
+        "git_sha": git_sha(),
         "settings": {name: {k: list(v) if isinstance(v, tuple) else v for k, v in SETTINGS[name].items()}
                      for name in NETWORKS},
         "data": DATA,

@@ -14,7 +14,9 @@ import torch
 from torch import nn
 
 from dsf_runtime import CompressedLayer, FactorizedLinear, SparseLinear, pack, save_compressed
-from dsf_runtime.kernel_backend import unavailable_reason
+from dsf_runtime.formats import NibbleMatrix
+from dsf_runtime.formats.nibble import balance_mask
+from dsf_runtime.kernels import unavailable_reason
 
 __all__ = ["LLAMA2_7B", "TINY_LLAMA", "build_random_llama", "compress_in_place", "compress_to_directory",
            "compressible_linears", "random_dsf_factors", "weight_bytes"]
@@ -44,8 +46,6 @@ def compressible_linears(model: nn.Module) -> list[str]:
 
 
 def _balanced(rows: int, cols: int, per_group: int, std: float, dtype, device, gen) -> torch.Tensor:
-    from dsf_runtime.kernels import balance_mask
-
     mask = balance_mask(torch.rand(rows, cols, device=device, generator=gen), per_group, 16)
     return (torch.randn(rows, cols, device=device, generator=gen) * std * mask).to(dtype)
 
@@ -58,7 +58,7 @@ def random_dsf_factors(shape: tuple[int, int], density: float, dtype: torch.dtyp
     Returns:
         ``(A, B, split)`` with ``split`` the proposal (``N_A``, ``N_B``, ``nnz``, ...).
     """
-    from dsf_runtime.kernels import propose_balanced_split
+    from compress.solvers.split import propose_balanced_split
 
     split = propose_balanced_split(shape, density)
     (ra, ca), (rb, cb) = split["A_shape"], split["B_shape"]
@@ -72,14 +72,12 @@ def compress_in_place(model: nn.Module, density: float, *, seed: int = 0, kernel
     """Replace every decoder linear by a ``FactorizedLinear`` with random balanced factors, one layer at a time
     (the old weight is released before the next layer is built).
 
-    ``kernels`` (default: on CUDA when the kernels run there): convert the factors with
-    ``prepare_factor(layout="nibble")`` (kernel layout only); else pack them as ``bitmask`` (pure-torch path).
+    ``kernels`` (default: on CUDA when the kernels run there): pack the factors in the kernels' ``nibble`` layout;
+    else as ``bitmask`` (pure-torch path).
 
     Returns:
         ``{"nnz", "elements", "nnz_density", "kernels": bool, "splits": {shape: [N_A, N_B]}}``.
     """
-    from dsf_runtime.kernels import prepare_factor
-
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     if kernels is None:
@@ -92,7 +90,7 @@ def compress_in_place(model: nn.Module, density: float, *, seed: int = 0, kernel
         shape = (old.out_features, old.in_features)
         A, B, split = random_dsf_factors(shape, density, dtype, device, gen)
         if kernels:
-            new = FactorizedLinear(prepare_factor(A, layout="nibble"), prepare_factor(B, layout="nibble"), old.bias)
+            new = FactorizedLinear(NibbleMatrix.from_dense(A), NibbleMatrix.from_dense(B), old.bias)
         else:
             new = FactorizedLinear(pack(A, "bitmask"), pack(B, "bitmask"), old.bias)
         parent, _, child = name.rpartition(".")

@@ -26,10 +26,12 @@ saved next to it and reading the same ``.data`` (exactly what ``export_onnx(lowe
 Method: each (model, optimization level, malloc setting) runs in a fresh Python process that imports onnxruntime
 only (plus ``exporters.onnx_ops``, hence torch, for custom ops, whose session comes from ``make_session``), with
 ``intra_op_num_threads=--threads``. RSS is ``VmRSS`` of ``/proc/self/status`` before and after creating the
-session; peak RSS is ``VmHWM`` (after creation, and after the calls; not ``ru_maxrss``, which a child process
-inherits from the parent it was forked from). Per token count: one warm-up call, then up to ``--repeats`` calls
-within ``--time-budget`` seconds (median, p20, p80); a warm-up slower than the budget is the only timing
-(``warm: false``). Optimization levels: ``all`` (``ORT_ENABLE_ALL``, constant folding) and
+session; peak RSS is ``VmHWM`` (after creation, read with that ``VmRSS``, and after the calls; not ``ru_maxrss``,
+which a child process inherits from the parent it was forked from). One read of the file is consistent
+(``VmHWM`` >= ``VmRSS``), two reads need not be (the kernel's counters are approximate and it updates the high-water
+mark lazily), so the peak after the calls is the highest ``VmHWM`` read so far. Per token count: one warm-up call,
+then up to ``--repeats`` calls within ``--time-budget`` seconds (median, p20, p80); a warm-up slower than the
+budget is the only timing (``warm: false``). Optimization levels: ``all`` (``ORT_ENABLE_ALL``, constant folding) and
 ``none`` (``ORT_DISABLE_ALL``); custom-op models ``all`` only (their nodes do not fold). SmolLM2 models without
 custom ops are also measured at ``all`` under ``MALLOC_MMAP_THRESHOLD_=131072`` (glibc returns freed folding
 temporaries to the OS). For dense and standard models at ``all`` the same process then creates a second session
@@ -256,10 +258,12 @@ def build_smollm2(work: Path, seed: int = 0) -> tuple[list[Model], dict[str, Any
 
 
 # ---------------------------------------------------------------------------------------------- measuring
-def _status_mb(field: str) -> float:
-    """``VmRSS`` (resident now) or ``VmHWM`` (peak resident) of this process, in MiB."""
+def _status_mb() -> dict[str, float]:
+    """The ``Vm*`` fields of one read of ``/proc/self/status``, in MiB: ``VmRSS`` (resident now), ``VmHWM`` (peak
+    resident), ... One read is one snapshot of the kernel's counters, so its ``VmHWM`` >= its ``VmRSS``."""
     with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) / 1024 for line in f if line.startswith(field + ":"))
+        fields = (line.split(":", 1) for line in f if line.startswith("Vm"))
+        return {name: int(value.split()[0]) / 1024 for name, value in fields}  # every Vm* field is in kB
 
 
 def _feed(session, tokens: int) -> dict[str, np.ndarray]:
@@ -353,17 +357,19 @@ def measure_session(spec: dict[str, Any]) -> dict[str, Any]:
         create = partial(make_session, spec["path"], session_options=options())
     else:
         create = partial(ort.InferenceSession, spec["path"], options(), providers=["CPUExecutionProvider"])
-    before = _status_mb("VmRSS")
+    before = _status_mb()["VmRSS"]
     start = time.perf_counter()
     session = create()
-    create_s, after = time.perf_counter() - start, _status_mb("VmRSS")
+    create_s, status = time.perf_counter() - start, _status_mb()
+    after, peak = status["VmRSS"], status["VmHWM"]
     created = {"create_s": round(create_s, 2), "rss_before_mb": round(before, 1),
                "rss_growth_mb": round(after - before, 1), "rss_after_create_mb": round(after, 1),
-               "peak_rss_create_mb": round(_status_mb("VmHWM"), 1)}
+               "peak_rss_create_mb": round(peak, 1)}
     calls = {}
     for n in spec["tokens"]:
         calls[n] = _time_calls(session, _feed(session, n), spec["repeats"], spec["time_budget_s"])
-        calls[n]["peak_rss_mb"] = round(_status_mb("VmHWM"), 1)
+        peak = max(peak, _status_mb()["VmHWM"])
+        calls[n]["peak_rss_mb"] = round(peak, 1)
     del session
     graph = _probe(spec["path"], options(), Path(spec["probe_dir"])) if spec["probe_dir"] else None
     return {"session": created, "calls": calls, "graph": graph}

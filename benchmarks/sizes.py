@@ -16,13 +16,12 @@ import json
 import logging
 import os
 import platform
-import subprocess
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
+from benchmarks.common import git_sha, utc_now
 from dsf_runtime.formats import BLOCK_SIZES, pack
 
 logger = logging.getLogger("benchmarks.sizes")
@@ -108,14 +107,6 @@ def run(seed: int = 0) -> list[dict]:
     return records
 
 
-def _git_sha() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
-                              cwd=Path(__file__).parent).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "sizes.json",
@@ -128,10 +119,10 @@ def main() -> None:
     result = {
         "question": "packed bytes vs dense fp16 per layout, DSF factor pairs and single sparse matrices",
         "torch": torch.__version__,
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "date": utc_now(),
         "machine": {"node": platform.node(), "machine": platform.machine(), "cpus": os.cpu_count(),
                     "python": platform.python_version()},
-        "git_sha": _git_sha(),
+        "git_sha": git_sha(),
         "values_dtype": "float16",
         "seed": args.seed,
         "seconds": round(time.perf_counter() - start, 1),

@@ -24,12 +24,9 @@ Records (``results["rows"]``): ``{"shape", "out", "in", "batch", "density", "ite
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import logging
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -38,6 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.common import device_name, git_sha, utc_now  # noqa: E402
 from compress.solvers import DSFConfig, solve_group  # noqa: E402
 from compress.solvers.base import exact_fp32, layer_error  # noqa: E402
 from tests.compress import dsf_reference  # noqa: E402
@@ -150,21 +148,6 @@ def _bench_shape(shape: tuple[int, int], args: argparse.Namespace, device: torch
     return record
 
 
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
-
-
-def _git_sha() -> str:
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, cwd=Path(__file__).parent
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def _cell(value: float | None, digits: int) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
@@ -214,10 +197,10 @@ def main() -> None:
 
     results = {
         "question": "DSF solve time per layer (fp32, TF32 off) and its error vs the unoptimized reference",
-        "device": _device_name(device),
+        "device": device_name(device),
         "torch": torch.__version__,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "git_sha": _git_sha(),
+        "date": utc_now(),
+        "git_sha": git_sha(),
         "settings": {
             "iters": args.iters,
             "density": args.density,

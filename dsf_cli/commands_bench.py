@@ -1,22 +1,48 @@
-"""``dsf bench e2e`` and ``dsf bench layer``: the GPU benchmarks of ``benchmarks/`` (results under
-``benchmarks/results/``)."""
+"""``dsf bench e2e`` and ``dsf bench layer``: run the GPU benchmark scripts of ``benchmarks/`` (results under
+``benchmarks/results/``) as subprocesses, so that the installed ``dsf`` command never imports ``benchmarks``.
+
+The scripts are found beside the installed packages (a source checkout, or an install that ships ``benchmarks/``);
+without them the commands stop with an error that says so.
+"""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import typer
 
 __all__ = ["register"]
 
+ROOT = Path(__file__).resolve().parents[1]  # holds benchmarks/ in a source checkout
+
 bench = typer.Typer(help="GPU benchmarks: whole models (e2e) and single layers (layer).", no_args_is_help=True)
 
 
-def _csv(text: str, cast=int) -> tuple:
+def _csv(text: str, cast=int) -> str:
+    """``text`` checked as comma-separated numbers and normalised (``"1, 8"`` -> ``"1,8"``)."""
     try:
-        return tuple(cast(v) for v in text.split(",") if v.strip())
+        return ",".join(str(cast(v)) for v in text.split(",") if v.strip())
     except ValueError:
         raise typer.BadParameter(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _run_script(name: str, args: list[str]) -> int:
+    """Run ``python -m benchmarks.<name> args`` from ``ROOT``'s checkout (outputs relative to the current
+    directory), echoing its output line by line; returns its exit code."""
+    script = ROOT / "benchmarks" / f"{name}.py"
+    if not script.is_file():
+        typer.echo(f"error: {script} not found: `dsf bench` runs the scripts of benchmarks/, which ship with the "
+                   "source checkout (git clone the project and pip install -e . there)", err=True)
+        raise typer.Exit(2)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p))
+    with subprocess.Popen([sys.executable, "-m", f"benchmarks.{name}", *args], env=env, text=True, bufsize=1,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as proc:
+        for line in proc.stdout:
+            typer.echo(line, nl=False)
+    return proc.returncode
 
 
 @bench.command("e2e")
@@ -39,32 +65,27 @@ def e2e(
 ) -> None:
     """Decode tokens/s (batch 1 and 8, static cache, CUDA graphs), prefill time, peak memory and weight bytes of
     dense vs DSF models (benchmarks/bench_e2e.py)."""
-    import torch
+    args = ["--out", str(out), "--models", models, "--densities", _csv(densities, float), "--batches", _csv(batches),
+            "--prompt-tokens", str(prompt_tokens), "--new-tokens", str(new_tokens), "--prefill-tokens",
+            str(prefill_tokens), "--runs", str(runs)]
+    args += [flag for flag, on in (("--no-cuda-graphs", not cuda_graphs), ("--real-smollm2", real_smollm2),
+                                   ("--dry-run", dry_run), ("--plot", plot)) if on]
+    if not dry_run:
+        import torch
 
-    from benchmarks.bench_e2e import bench_e2e
-
-    if not dry_run and not torch.cuda.is_available():
-        typer.echo("error: dsf bench e2e needs a CUDA GPU (torch sees none); --dry-run checks it on the CPU", err=True)
-        raise typer.Exit(2)
-    bench_e2e(out=out, models=tuple(m for m in models.split(",") if m), densities=_csv(densities, float),
-              batches=_csv(batches), prompt_tokens=prompt_tokens, new_tokens=new_tokens,
-              prefill_tokens=prefill_tokens, runs=runs, cuda_graphs=cuda_graphs, real_smollm2=real_smollm2,
-              dry_run=dry_run, log=typer.echo)
-    if plot:
-        from benchmarks.plot import plot as draw
-
-        typer.echo(f"plot: {draw(out)}")
-    typer.echo(out.with_suffix(".md").read_text())
+        if not torch.cuda.is_available():
+            typer.echo("error: dsf bench e2e needs a CUDA GPU (torch sees none); --dry-run checks it on the CPU",
+                       err=True)
+            raise typer.Exit(2)
+    raise typer.Exit(_run_script("bench_e2e", args))
 
 
-@bench.command("layer", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@bench.command("layer", context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+               add_help_option=False)
 def layer(ctx: typer.Context) -> None:
-    """One layer (DSF / single sparse) against cuBLAS, CSR and 2:4 by batch size: benchmarks/bench_layer.py; every
-    option is passed through (dsf bench layer --help-layer lists them)."""
-    from benchmarks import bench_layer
-
-    args = ["--help" if a == "--help-layer" else a for a in ctx.args]
-    raise typer.Exit(bench_layer.main(args))
+    """One layer (DSF / single sparse) against cuBLAS, CSR and 2:4 by batch size, and the kernels' tuning
+    (--tune): benchmarks/bench_layer.py; every option is passed through (--help lists them)."""
+    raise typer.Exit(_run_script("bench_layer", list(ctx.args)))
 
 
 def register(app: typer.Typer) -> None:

@@ -9,15 +9,13 @@ from pathlib import Path
 import typer
 
 from dsf_cli.common import DType, fail
+from dsf_runtime.formats import LAYOUTS
 
 __all__ = ["register"]
 
 
-class Layout(str, Enum):
-    csr = "csr"
-    bitmask = "bitmask"
-    bsr = "bsr"
-    dense = "dense"
+# One choice per layout of dsf_runtime.formats: the stored ones and the GPU kernels' (nibble, delta).
+Layout = Enum("Layout", {name: name for name in LAYOUTS}, type=str)
 
 
 class BlockSize(str, Enum):
@@ -40,7 +38,8 @@ def export(
     onnx: Path | None = typer.Option(
         None, "--onnx", help="Write an ONNX model (input_ids -> logits) to this .onnx file plus its .onnx.data."
     ),
-    layout: Layout = typer.Option(Layout.csr, "--layout", help="Layout of every factor (ONNX: csr, bitmask or bsr)."),
+    layout: Layout = typer.Option(Layout.csr, "--layout", help="Layout of every factor: csr, bitmask, bsr, dense, or the GPU kernels' nibble (balanced "
+        "factors) / delta (any mask), loaded on CUDA as stored (ONNX: csr, bitmask or bsr)."),
     dtype: DType | None = typer.Option(
         None, "--dtype", help="Cast factor values and floating tensors (ONNX: float16 or float32); default: keep."
     ),

@@ -1,7 +1,7 @@
 """Runtime: packed sparse formats, the compressed-model directory, modules, kernels and the loader.
 
-``from_pretrained`` and ``load_tokenizer`` import ``transformers`` on first use; the rest needs only torch and
-safetensors.
+``from_pretrained`` and ``load_tokenizer`` import ``transformers`` on first use, the Triton kernels are imported
+when a kernel layout first computes on a device where they run; the rest needs only torch and safetensors.
 """
 
 from __future__ import annotations
@@ -9,10 +9,9 @@ from __future__ import annotations
 from typing import Any
 
 from dsf_runtime.checkpoint import CheckpointError, CompressedCheckpoint, open_compressed, save_compressed
-from dsf_runtime.formats import LAYOUTS, FormatError, PackedMatrix, pack, pack_factors
+from dsf_runtime.formats import LAYOUTS, FormatError, PackedMatrix, kernel_layout, pack, pack_factors
 from dsf_runtime.layer import CompressedLayer
-from dsf_runtime.modules import FactorizedLinear, SparseLinear, replace_linear
-from dsf_runtime.ops import packed_matmul, register_kernel
+from dsf_runtime.modules import FactorizedLinear, SparseLinear, linear, replace_linear
 
 __all__ = [
     "LAYOUTS",
@@ -24,17 +23,19 @@ __all__ = [
     "PackedMatrix",
     "SparseLinear",
     "from_pretrained",
+    "kernel_layout",
+    "linear",
     "load_tokenizer",
     "open_compressed",
     "pack",
     "pack_factors",
-    "packed_matmul",
-    "register_kernel",
     "replace_linear",
     "save_compressed",
+    "use_kernels",
+    "warmup",
 ]
 
-_LAZY = {"from_pretrained", "load_tokenizer"}
+_LAZY = {"from_pretrained", "load_tokenizer", "use_kernels", "warmup"}
 
 
 def __getattr__(name: str) -> Any:

@@ -12,6 +12,12 @@ Writing (what ``dsf compress`` does with its fp32 factors)::
 
 Reading: ``ckpt = open_compressed(dir)`` checks the manifest, every file's version and the tensor names;
 ``ckpt.load_layer(fqn, device)`` and ``ckpt.load_tensors(device)`` then read straight to the device and validate.
+
+Only generic entries are known here: the linear kinds (``dsf``, ``single``) are checked fully, any other kind
+(the convolutions of docs/format.md, "Convolution layers") only generically (factors, shapes, bias), and it loads
+as a ``CompressedLayer`` whose ``extra`` holds the entry's kind-specific fields. The reader of such a kind checks
+the rest and builds its own layer (``dsf_runtime.conv.open_conv_checkpoint``, ``load_conv_layer``), reporting
+through ``CompressedCheckpoint.layer_error``.
 """
 
 from __future__ import annotations
@@ -29,7 +35,6 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from dsf_runtime.conv_layer import CONV_FACTORS, CompressedConv, conv_entry_problem
 from dsf_runtime.formats import LAYOUTS, VALUE_DTYPES, FormatError, dtype_name, from_meta
 from dsf_runtime.layer import CompressedLayer, factor_problem
 
@@ -63,6 +68,9 @@ _COPIED = re.compile(r"generation_config\.json|tokenizer.*|special_tokens_map\.j
 _SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 _INFO_KEYS = ("base_model", "architecture", "compression")
 _FIX = "re-export the checkpoint"
+# The manifest fields every layer entry has; the others are the entry's kind-specific ``extra``.
+_GENERIC_FIELDS = ("kind", "method", "shape", "inner_dim", "nnz", "density", "bias", "error", "relative_error",
+                   "factors")
 
 
 class CheckpointError(ValueError):
@@ -95,10 +103,8 @@ def _check_entry(fqn: str, entry: Any) -> str | None:
             return f"factor {key!r} has shape {fshape!r}, expected [rows, cols]"
     if not isinstance(entry.get("bias"), bool):
         return f"has bias {entry.get('bias')!r}, expected true or false"
-    if entry.get("kind") in CONV_FACTORS:  # convolution kinds (docs/format.md, "Convolution layers")
-        return conv_entry_problem(entry)
     factor_shapes = {k: tuple(m["shape"]) for k, m in entry["factors"].items()}
-    return factor_problem(entry.get("kind"), tuple(shape), factor_shapes)
+    return factor_problem(entry.get("kind"), tuple(shape), factor_shapes, entry.get("inner_dim"))
 
 
 @dataclass
@@ -126,6 +132,10 @@ class CompressedCheckpoint:
         owned = {n for fqn, entry in self.layers.items() for n in _part_names(fqn, entry)}
         return [n for n in self.weight_map if n not in owned]
 
+    def layer_error(self, fqn: str, problem: str) -> CheckpointError:
+        """The error for a malformed manifest entry: ``"<manifest>: layer '<fqn>' <problem>; re-export ..."``."""
+        return CheckpointError(f"{self.directory / MANIFEST_NAME}: layer '{fqn}' {problem}; {_FIX}")
+
     def file_of(self, name: str) -> Path:
         """The file that holds tensor ``name`` (or should: the single file, else the index)."""
         if name in self.weight_map:
@@ -151,7 +161,8 @@ class CompressedCheckpoint:
         return out
 
     def load_layer(self, fqn: str, device: torch.device | str = "cpu", *, validate: bool = True) -> CompressedLayer:
-        """Read and validate compressed layer ``fqn`` on ``device``.
+        """Read and validate compressed layer ``fqn`` on ``device``: a ``CompressedLayer`` of the entry's kind, its
+        kind-specific manifest fields (e.g. ``conv``) in ``extra``.
 
         Raises:
             CheckpointError: naming the file and tensor when a dtype, shape or index is wrong, or a tensor
@@ -173,11 +184,10 @@ class CompressedCheckpoint:
                 f"{self.file_of(fqn + '.bias')}: '{fqn}.bias' is {dtype_name(bias.dtype)} {list(bias.shape)}, "
                 f"expected a float [{entry['shape'][0]}]; {_FIX}"
             )
-        if entry["kind"] in CONV_FACTORS:
-            return CompressedConv.from_entry(entry, factors, bias)
         return CompressedLayer(
             entry["kind"], tuple(entry["shape"]), factors, entry.get("method", "unknown"), bias,
-            entry.get("error"), entry.get("relative_error"),
+            entry.get("error"), entry.get("relative_error"), entry.get("inner_dim"),
+            {k: v for k, v in entry.items() if k not in _GENERIC_FIELDS},
         )
 
     def load_tensors(

@@ -1,9 +1,10 @@
-"""``CompressedLayer``: one compressed linear layer in memory, as the solvers produce it and the directory stores it."""
+"""``CompressedLayer``: one compressed layer in memory, as the solvers produce it and the directory stores it."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -12,21 +13,28 @@ from dsf_runtime.formats import PackedMatrix, pack, pack_factors
 
 __all__ = ["FACTOR_NAMES", "CompressedLayer", "factor_problem"]
 
-# Factor names of each layer kind.
+# Factor names of the linear layer kinds. Other kinds (the convolutions of ``dsf_runtime.conv``) are checked here
+# only generically; their own reader checks the rest.
 FACTOR_NAMES = {"dsf": ("A", "B"), "single": ("W",)}
 
 
 @dataclass
 class CompressedLayer:
-    """One compressed linear layer: ``W ≈ A·B`` (kind ``dsf``) or one sparse ``W`` (kind ``single``).
+    """One compressed layer as the directory stores it: a linear ``W ≈ A·B`` (kind ``dsf``) or one sparse ``W``
+    (kind ``single``), or a layer of another kind (e.g. ``dsf_conv``) whose kind-specific fields are in ``extra``.
 
     Attributes:
-        kind: ``"dsf"`` (factors ``A`` [out, r], ``B`` [r, in]) or ``"single"`` (factor ``W`` [out, in]).
-        shape: ``(out, in)`` of the layer.
-        factors: packed matrices keyed ``A``/``B`` or ``W``.
+        kind: ``"dsf"`` (factors ``A`` [out, r], ``B`` [r, in]), ``"single"`` (factor ``W`` [out, in]) or another
+            kind (checked by its own reader, e.g. ``dsf_runtime.conv.CompressedConv.from_layer``).
+        shape: ``(out, in)`` of the (flattened) weight.
+        factors: packed matrices keyed by factor name (``A``/``B`` or ``W`` for the linear kinds).
         method: the solver that produced it (``"dsf"``, ``"sparsegpt"``, ``"wanda"``, ...).
         bias: ``[out]`` or None; stored with its own dtype.
         error: ``tr(ΔW·H·ΔWᵀ)`` or None; relative_error: ``error / tr(W·H·Wᵀ)`` or None.
+        inner_dim: the manifest's ``inner_dim``: for ``dsf`` ``r`` (``A``'s columns; filled in when None), None for
+            ``single``, what the producer of another kind sets.
+        extra: the manifest entry's kind-specific fields (e.g. a convolution's ``conv`` object), written after
+            the generic ones; empty for the linear kinds.
     """
 
     kind: str
@@ -36,6 +44,8 @@ class CompressedLayer:
     bias: torch.Tensor | None = None
     error: float | None = None
     relative_error: float | None = None
+    inner_dim: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.shape = (int(self.shape[0]), int(self.shape[1]))
@@ -43,7 +53,10 @@ class CompressedLayer:
         self.relative_error = None if self.relative_error is None else float(self.relative_error)
         if self.bias is not None:
             self.bias = self.bias.detach()
-        problem = factor_problem(self.kind, self.shape, {k: tuple(f.shape) for k, f in self.factors.items()})
+        if self.kind == "dsf" and self.inner_dim is None and "A" in self.factors:
+            self.inner_dim = self.factors["A"].shape[1]
+        shapes = {k: tuple(f.shape) for k, f in self.factors.items()}
+        problem = factor_problem(self.kind, self.shape, shapes, self.inner_dim)
         if problem:
             raise ValueError(problem)
         if self.bias is not None and tuple(self.bias.shape) != (self.shape[0],):
@@ -83,11 +96,6 @@ class CompressedLayer:
         return cls(kind, shape, packed, method, bias, error, relative_error)
 
     @property
-    def inner_dim(self) -> int | None:
-        """``r`` for kind ``dsf``, None for ``single``."""
-        return self.factors["A"].shape[1] if self.kind == "dsf" else None
-
-    @property
     def nnz(self) -> int:
         return sum(f.nnz for f in self.factors.values())
 
@@ -98,7 +106,10 @@ class CompressedLayer:
         return sum(f.nbytes for f in self.factors.values()) + bias
 
     def weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The dense weight the factors represent, ``[out, in]`` (computed in fp32, then cast to ``dtype``)."""
+        """The dense weight of a linear kind's factors, ``[out, in]`` (computed in fp32, then cast to ``dtype``)."""
+        if self.kind not in FACTOR_NAMES:
+            raise ValueError(f"kind {self.kind!r} is not a linear kind; rebuild the layer with its own class "
+                             "(e.g. dsf_runtime.conv.CompressedConv.from_layer)")
         if self.kind == "dsf":
             return (self.factors["A"].to_dense(torch.float32) @ self.factors["B"].to_dense(torch.float32)).to(dtype)
         return self.factors["W"].to_dense(dtype)
@@ -107,10 +118,10 @@ class CompressedLayer:
         """A copy on ``device`` with factor values and bias cast to ``dtype``."""
         factors = {k: f.to(device, dtype) for k, f in self.factors.items()}
         bias = None if self.bias is None else self.bias.to(device=device, dtype=dtype or self.bias.dtype)
-        return CompressedLayer(self.kind, self.shape, factors, self.method, bias, self.error, self.relative_error)
+        return dataclasses.replace(self, factors=factors, bias=bias)
 
     def meta(self) -> dict[str, Any]:
-        """The manifest entry of this layer."""
+        """The manifest entry of this layer: the generic fields, then ``extra``."""
         out, inp = self.shape
         return {
             "kind": self.kind,
@@ -123,13 +134,27 @@ class CompressedLayer:
             "error": self.error,
             "relative_error": self.relative_error,
             "factors": {k: f.meta() for k, f in self.factors.items()},
+            **self.extra,
         }
 
 
-def factor_problem(kind: str, shape: tuple[int, int], factors: Mapping[str, tuple[int, ...]]) -> str | None:
-    """Why factor shapes do not form a layer of ``shape``, or None."""
+def factor_problem(
+    kind: Any, shape: tuple[int, int], factors: Mapping[str, tuple[int, ...]], inner_dim: Any = None
+) -> str | None:
+    """Why a layer's kind, factor shapes and ``inner_dim`` disagree with ``shape`` (``(out, in)``), or None.
+
+    The linear kinds (``FACTOR_NAMES``) are checked fully (an ``inner_dim`` of None is accepted for ``dsf``: it is
+    filled in); another kind only generically: a non-empty name, at least one factor, ``inner_dim`` None or an
+    integer >= 0.
+    """
+    if not isinstance(kind, str) or not kind:
+        return f"kind is {kind!r}, expected a layer kind such as 'dsf' or 'single'"
+    if not factors:
+        return f"kind {kind!r} has no factors"
+    if inner_dim is not None and (isinstance(inner_dim, bool) or not isinstance(inner_dim, int) or inner_dim < 0):
+        return f"has inner_dim {inner_dim!r}, expected an integer >= 0 or null"
     if kind not in FACTOR_NAMES:
-        return f"kind is {kind!r}, expected 'dsf' or 'single'"
+        return None
     if tuple(sorted(factors)) != FACTOR_NAMES[kind]:
         return f"kind {kind!r} needs factors {list(FACTOR_NAMES[kind])}, got {sorted(factors)}"
     out, inp = shape
@@ -141,4 +166,7 @@ def factor_problem(kind: str, shape: tuple[int, int], factors: Mapping[str, tupl
     if not ok:
         found = ", ".join(f"{k} {list(v)}" for k, v in sorted(factors.items()))
         return f"factors {found} do not form a [{out}, {inp}] layer"
+    expected = factors["A"][1] if kind == "dsf" else None
+    if inner_dim is not None and inner_dim != expected:
+        return f"has inner_dim {inner_dim}, but its factors give {expected}"
     return None

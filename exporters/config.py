@@ -20,7 +20,8 @@ class ExportConfig:
     """Settings of ``dsf export``; every field maps to the flag of the same name.
 
     Attributes:
-        layout: ``dense``, ``csr``, ``bitmask`` or ``bsr`` for every factor.
+        layout: a key of ``dsf_runtime.formats.LAYOUTS`` for every factor (``nibble`` needs at most 16 non-zeros
+            per group of 16 columns: any matrix fits, balanced DSF factors fit tightly).
         dtype: ``float16``, ``bfloat16`` or ``float32`` for factor values and floating tensors; None keeps them.
         block_size: ``b`` of ``bsr`` blocks (16, 32 or 64); ignored by the other layouts.
         max_shard_size: safetensors shard limit, e.g. ``"2GiB"``, ``"500MB"`` or bytes.

@@ -21,10 +21,9 @@ import onnx
 import torch
 from torch import nn
 
-from dsf_runtime import ops
 from dsf_runtime.checkpoint import CompressedLayer
 from dsf_runtime.loader import from_pretrained
-from dsf_runtime.modules import FactorizedLinear, PackedFactor, SparseLinear
+from dsf_runtime.modules import FactorizedLinear, PackedFactor, SparseLinear, linear
 from exporters._files import atomic_files, check_destination
 from exporters.config import ExportConfig
 from exporters.layouts import convert_layer
@@ -92,9 +91,8 @@ class OnnxLinear(nn.Module):
                 shape=(*x.shape[:-1], self.out_features), version=DOMAIN_VERSION,
             )
             return y if self.bias is None else y + self.bias
-        if self.kind == "dsf":
-            return ops.dsf_linear(x, self.A.packed(), self.B.packed(), self.bias)
-        return ops.sparse_linear(x, self.W.packed(), self.bias)
+        factors = [self.A.packed(), self.B.packed()] if self.kind == "dsf" else [self.W.packed()]
+        return linear(x, factors, self.bias)
 
 
 def layer_model(

@@ -34,7 +34,7 @@ import onnx
 import torch
 
 from dsf_runtime.formats import BitmaskMatrix, BSRMatrix, CSRMatrix
-from dsf_runtime.ops import dsf_linear, sparse_linear
+from dsf_runtime.modules import linear
 
 __all__ = [
     "DOMAIN",
@@ -84,13 +84,13 @@ def _dsf_linear_kernel(x, a_values, a_index, a_row_ptr, b_values, b_index, b_row
     out, inner, cols = attrs["out_features"], attrs["inner_dim"], attrs["in_features"]
     a = _packed(attrs["layout"], a_values, a_index, a_row_ptr, (out, inner))
     b = _packed(attrs["layout"], b_values, b_index, b_row_ptr, (inner, cols))
-    return dsf_linear(_tensor(x), a, b).numpy()
+    return linear(_tensor(x), [a, b]).numpy()
 
 
 def _sparse_linear_kernel(x, w_values, w_index, w_row_ptr, **attrs) -> np.ndarray:
     """``Y = X·Wᵀ``; X [..., in_features] float32 -> Y [..., out_features] float32."""
     w = _packed(attrs["layout"], w_values, w_index, w_row_ptr, (attrs["out_features"], attrs["in_features"]))
-    return sparse_linear(_tensor(x), w).numpy()
+    return linear(_tensor(x), [w]).numpy()
 
 
 def _import_extensions():

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from compress.solvers.base import layer_error
-from dsf_runtime.conv_layer import CompressedConv, ConvGeometry, geometry_of
+from dsf_runtime.conv import CompressedConv, ConvGeometry, geometry_of
 
 __all__ = ["SELECTIONS", "basis_conv", "basis_params", "basis_size_for_params", "fit_coefficients", "select_basis"]
 

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from compress.hessian import HessianAccumulator
-from dsf_runtime.conv_layer import ConvGeometry, geometry_of
+from dsf_runtime.conv import ConvGeometry, geometry_of
 
 __all__ = ["collect_hessians", "unfold_input"]
 

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from compress.solvers import DSFConfig, SolverConfig, solve
-from dsf_runtime.conv_layer import CompressedConv, geometry_of
+from dsf_runtime.conv import CompressedConv, geometry_of
 
 __all__ = ["CNN_DSF_OPTIONS", "cnn_dsf_config", "compress_conv"]
 

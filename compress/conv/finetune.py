@@ -18,8 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dsf_runtime.conv import conv_module_from_layer, from_standard, to_standard
-from dsf_runtime.conv_layer import CompressedConv
+from dsf_runtime.conv import CompressedConv, conv_module_from_layer, from_standard, to_standard
 
 __all__ = ["finetune"]
 
@@ -65,7 +64,7 @@ def finetune(
         _swap(model, name, standard[name])
     trained = {id(p) for module in standard.values() for p in module.parameters()}
     frozen = [p for p in model.parameters() if id(p) not in trained and p.requires_grad]
-    masks = [(conv.weight, conv.weight != 0) for name, module in standard.items() if layers[name].kind != "basis_conv"
+    masks = [(conv.weight, conv.weight != 0) for name, module in standard.items() if layers[name].layer.kind != "basis_conv"
              for conv in module.modules() if isinstance(conv, nn.Conv2d)]
     optimizer = torch.optim.Adam([p for module in standard.values() for p in module.parameters()], lr=lr)
     was_training = model.training

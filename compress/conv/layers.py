@@ -1,6 +1,6 @@
 """Which convolutions of a CNN get compressed.
 
-By default every ``Conv2d`` that ``dsf_runtime.conv_layer.unsupported_reason`` accepts and that has more than 3
+By default every ``Conv2d`` that ``dsf_runtime.conv.unsupported_reason`` accepts and that has more than 3
 input channels (the DSF CNN experiments keep the first, RGB/grayscale conv dense: ``docs/dsf-algorithm.md`` §1.6);
 the others are skipped with a logged reason. Layers named explicitly must all be supported, or a ``ValueError``
 names each offender and why.
@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from dsf_runtime.conv_layer import unsupported_reason
+from dsf_runtime.conv import unsupported_reason
 
 __all__ = ["MIN_IN_CHANNELS", "conv_candidates"]
 

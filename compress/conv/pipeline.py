@@ -35,8 +35,7 @@ from compress.solvers import METHODS as SOLVER_METHODS
 from compress.solvers import make_config
 from compress.solvers.base import check_density, layer_error
 from dsf_runtime.checkpoint import save_compressed
-from dsf_runtime.conv import replace_conv
-from dsf_runtime.conv_layer import CompressedConv, geometry_of
+from dsf_runtime.conv import CompressedConv, geometry_of, replace_conv
 
 __all__ = ["CNN_METHODS", "CNNCompressConfig", "CNNCompressResult", "compress_cnn", "density_for_budget", "save_cnn"]
 
@@ -149,8 +148,9 @@ def _dense_costs(model: nn.Module, positions: Mapping[str, int], metric: str) ->
     return costs
 
 
-def _label(layer: CompressedConv) -> str:
+def _label(conv: CompressedConv) -> str:
     """``"basis 13/64"`` (basis filters of output channels) or ``"dsf density 0.25"``."""
+    layer = conv.layer
     if layer.kind == "basis_conv":
         return f"basis {layer.inner_dim}/{layer.shape[0]}"
     return f"{layer.method} density {layer.nnz / (layer.shape[0] * layer.shape[1]):.3g}"
@@ -173,7 +173,7 @@ def _select(model: nn.Module, candidates: Mapping[str, nn.Conv2d], hessians: Map
     increases = measure_sensitivity(model, options, lambda m: kl_divergence(reference, logits(m, images)))
     choices = {
         name: [Choice("dense", dense[name], 0.0)]
-        + [Choice(_label(form), form.nnz * scale[name], inc, form)
+        + [Choice(_label(form), form.layer.nnz * scale[name], inc, form)
            for form, inc in zip(options[name], increases[name], strict=True)]
         for name in candidates
     }
@@ -213,9 +213,9 @@ def compress_cnn(model: nn.Module, config: CNNCompressConfig, calibration: Seque
         for name, module in candidates.items():
             start = time.perf_counter()
             layers[name] = _compress_layer(module, hessians[name], config, config.density, name)
+            done = layers[name].layer
             logger.info("compressed %r (%s, %d weights kept, relative error %.4g) in %.1f s", name,
-                        layers[name].kind, layers[name].nnz, layers[name].relative_error or 0.0,
-                        time.perf_counter() - start)
+                        done.kind, done.nnz, done.relative_error or 0.0, time.perf_counter() - start)
     else:
         images = torch.cat(list(calibration))[: config.sensitivity_images]
         layers, labels = _select(work, candidates, hessians, config, images)
@@ -223,18 +223,18 @@ def compress_cnn(model: nn.Module, config: CNNCompressConfig, calibration: Seque
     replace_conv(work, layers)
     if config.finetune_steps and layers:
         layers = finetune(work, dense, layers, calibration, steps=config.finetune_steps, lr=config.finetune_lr)
-        for name, layer in layers.items():
-            layer.error, layer.relative_error = layer_error(originals[name], layer.weight(), hessians[name])
+        for name, conv in layers.items():
+            conv.layer.error, conv.layer.relative_error = layer_error(originals[name], conv.weight(), hessians[name])
     if config.bn_reestimate:
         reestimate_bn(work, calibration)
-    report = {
-        name: {
+    report = {}
+    for name, conv in layers.items():
+        layer = conv.layer
+        report[name] = {
             "kind": layer.kind, "method": layer.method, "shape": list(layer.shape), "nnz": layer.nnz,
             "density": layer.nnz / (layer.shape[0] * layer.shape[1]), "error": layer.error,
             "relative_error": layer.relative_error, "choice": labels.get(name),
         }
-        for name, layer in layers.items()
-    }
     return CNNCompressResult(work.eval(), layers, config, report)
 
 
@@ -278,7 +278,7 @@ def save_cnn(directory: str | os.PathLike[str], result: CNNCompressResult, *, ba
     tensors = {k: v for k, v in result.model.state_dict().items() if not owned(k)}
     architecture = type(result.model).__name__
     return save_compressed(
-        directory, tensors=tensors, layers=result.layers,
+        directory, tensors=tensors, layers={name: conv.to_layer() for name, conv in result.layers.items()},
         config_source={"architectures": [architecture], "dsf_base_model": base_model},
         info={"base_model": base_model, "architecture": architecture, "compression": result.config.to_json()},
     )

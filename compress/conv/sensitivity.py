@@ -20,8 +20,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from dsf_runtime.conv import conv_module_from_layer
-from dsf_runtime.conv_layer import CompressedConv
+from dsf_runtime.conv import CompressedConv, conv_module_from_layer
 
 __all__ = ["Choice", "measure_sensitivity", "select_under_budget"]
 

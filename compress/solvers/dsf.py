@@ -57,8 +57,6 @@ from typing import Literal
 
 import torch
 
-from dsf_runtime.formats.balanced import propose_balanced_split
-
 from compress.solvers.base import (
     SolveResult,
     SolverConfig,
@@ -71,6 +69,7 @@ from compress.solvers.base import (
     topk_mask,
     validate_layer,
 )
+from compress.solvers.split import propose_balanced_split, square_factor_density
 
 __all__ = ["DSFConfig", "solve_dsf", "solve_dsf_group"]
 
@@ -214,7 +213,7 @@ def _plan(shape: torch.Size, config: DSFConfig, device: torch.device, layer_name
     if config.square_density == "cnn":
         square_density = max(0.16, config.density / 2)
     else:
-        square_density = config.square_density or (0.16 if m == n else 0.25)
+        square_density = config.square_density or square_factor_density(m, n)
     fixmask = None
     if config.fixmask:
         fixmask_density = 0.1 if m == n else 0.2

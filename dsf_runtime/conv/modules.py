@@ -1,5 +1,4 @@
-"""Compressed convolutions at run time: modules over packed buffers, their plain-``nn.Conv2d`` equivalents, and
-``load_compressed_into`` for models that are not Hugging Face models (the CNNs of ``compress.conv``).
+"""Compressed convolutions at run time: modules over packed buffers, and ``replace_conv`` to swap them into a model.
 
 Runtime modules (buffers named like the directory's tensors, e.g. ``features.3.A.values``):
 
@@ -10,43 +9,30 @@ Runtime modules (buffers named like the directory's tensors, e.g. ``features.3.A
   with ``coeff``, concatenation and a channel permutation.
 
 Each forward unpacks its factors to dense conv weights (``to_dense``) and calls ``F.conv2d``; there is no sparse
-convolution kernel. ``to_standard`` turns a runtime module into the same computation built from ``nn.Conv2d``
-(and ``ZeroPad2d`` for asymmetric padding), which trains (``compress.conv`` fine-tuning) and exports to ONNX as
-ordinary ``Conv`` nodes (``exporters.onnx_cnn``).
+convolution kernel. ``dsf_runtime.conv.standard`` turns them into plain ``nn.Conv2d`` modules.
 """
 
 from __future__ import annotations
 
-import logging
-import os
 from collections.abc import Mapping
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dsf_runtime.checkpoint import CheckpointError, open_compressed
-from dsf_runtime.conv_layer import CompressedConv, ConvGeometry, geometry_of
+from dsf_runtime.conv.geometry import ConvGeometry, geometry_of
+from dsf_runtime.conv.layer import CompressedConv
 from dsf_runtime.formats import PackedMatrix
-from dsf_runtime.modules import PackedFactor, replace_linear
+from dsf_runtime.modules import PackedFactor
 
 __all__ = [
     "BasisConv2d",
     "FactorizedConv2d",
     "SparseConv2d",
-    "StandardBasisConv",
     "conv2d",
     "conv_module_from_layer",
-    "from_standard",
-    "load_compressed_into",
     "replace_conv",
-    "to_standard",
 ]
-
-logger = logging.getLogger(__name__)
-
-_FIX = "the checkpoint does not fit this model; build the model it was compressed from"
 
 
 def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, geometry: ConvGeometry) -> torch.Tensor:
@@ -74,6 +60,7 @@ class _PackedConv(nn.Module):
         self.register_buffer("bias", bias)
 
     def dense(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        """Factor ``name`` unpacked to a dense ``[rows, cols]`` matrix of ``dtype``."""
         return self.get_submodule(name).packed().to_dense(dtype)
 
     def _bias(self, dtype: torch.dtype) -> torch.Tensor | None:
@@ -142,13 +129,13 @@ def conv_module_from_layer(
     layer: CompressedConv, device: torch.device | str | None = None, dtype: torch.dtype | None = None
 ) -> FactorizedConv2d | SparseConv2d | BasisConv2d:
     """The runtime module of a compressed convolution, tensors moved to ``device`` and cast to ``dtype``."""
-    layer = layer.to(device, dtype)
-    assert layer.geometry is not None
-    if layer.kind == "dsf_conv":
-        return FactorizedConv2d(layer.geometry, layer.factors, layer.bias)
-    if layer.kind == "single_conv":
-        return SparseConv2d(layer.geometry, layer.factors, layer.bias)
-    return BasisConv2d(layer.geometry, layer.factors, layer.bias, layer.basis_channels or ())
+    conv = layer.to(device, dtype)
+    factors, bias = conv.layer.factors, conv.layer.bias
+    if conv.layer.kind == "dsf_conv":
+        return FactorizedConv2d(conv.geometry, factors, bias)
+    if conv.layer.kind == "single_conv":
+        return SparseConv2d(conv.geometry, factors, bias)
+    return BasisConv2d(conv.geometry, factors, bias, conv.basis_channels or ())
 
 
 def replace_conv(
@@ -173,171 +160,3 @@ def replace_conv(
         parent, _, child = fqn.rpartition(".")
         setattr(model.get_submodule(parent), child, conv_module_from_layer(layer, device, dtype))
     return model
-
-
-class StandardBasisConv(nn.Module):
-    """``BasisConv2d`` from plain modules: ``pad`` (ZeroPad2d or Identity), ``basis`` (Conv2d in → p, bias
-    ``b_basis``), ``coeff`` (1×1 Conv2d p → out − p, bias ``b_rest − coeff·b_basis``), then concatenation and the
-    ``order`` permutation (ONNX: ``Conv``, ``Conv``, ``Concat``, ``Gather``). ``coeff`` is None when every filter is
-    a basis filter."""
-
-    def __init__(self, pad: nn.Module, basis: nn.Conv2d, coeff: nn.Conv2d | None, order: torch.Tensor) -> None:
-        super().__init__()
-        self.pad, self.basis, self.coeff = pad, basis, coeff
-        self.register_buffer("order", order)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.basis(self.pad(x))
-        if self.coeff is not None:
-            y = torch.cat([y, self.coeff(y)], dim=1)
-        return y.index_select(1, self.order)
-
-
-def _plain_conv(weight: torch.Tensor, bias: torch.Tensor | None, geometry: ConvGeometry | None) -> nn.Conv2d:
-    """An ``nn.Conv2d`` holding ``weight`` [out, in, kh, kw] (1×1 when ``geometry`` is None)."""
-    out, inp, kh, kw = weight.shape
-    g = geometry
-    conv = nn.Conv2d(inp, out, (kh, kw), stride=g.stride if g else 1, padding=(g.symmetric_padding or 0) if g else 0,
-                     dilation=g.dilation if g else 1, bias=bias is not None, device=weight.device, dtype=weight.dtype)
-    with torch.no_grad():
-        conv.weight.copy_(weight)
-        if bias is not None:
-            conv.bias.copy_(bias)
-    return conv
-
-
-def _padding_module(geometry: ConvGeometry) -> nn.Module:
-    if geometry.symmetric_padding is not None:
-        return nn.Identity()
-    top, left, bottom, right = geometry.padding
-    return nn.ZeroPad2d((left, right, top, bottom))
-
-
-@torch.no_grad()
-def to_standard(module: FactorizedConv2d | SparseConv2d | BasisConv2d) -> nn.Module:
-    """The same computation from ``nn.Conv2d`` modules with dense fp32 (or the values') weights.
-
-    ``dsf_conv`` -> ``Sequential(pad, Conv2d(in → r, kh×kw), Conv2d(r → out, 1×1))``; ``single_conv`` ->
-    ``Sequential(pad, Conv2d)``; ``basis_conv`` -> ``StandardBasisConv``. ``pad`` is ``Identity`` unless the padding
-    is asymmetric.
-    """
-    g = module.geometry
-    dtype = next(b for b in module.buffers() if b.is_floating_point()).dtype
-    kernel = (g.in_channels, *g.kernel)
-    if isinstance(module, FactorizedConv2d):
-        inner = module.dense("B", dtype)
-        outer = module.dense("A", dtype)
-        return nn.Sequential(_padding_module(g), _plain_conv(inner.view(-1, *kernel), None, g),
-                             _plain_conv(outer[:, :, None, None], module.bias, None))
-    if isinstance(module, SparseConv2d):
-        weight = module.dense("W", dtype).view(-1, *kernel)
-        return nn.Sequential(_padding_module(g), _plain_conv(weight, module.bias, g))
-    basis, coeff = module.dense("basis", dtype), module.dense("coeff", dtype)
-    bias_basis = bias_rest = None
-    if module.bias is not None:
-        bias = module.bias.to(dtype)
-        bias_basis = bias[list(module.basis_channels)]
-        rest = [c for c in range(g.out_channels) if c not in set(module.basis_channels)]
-        bias_rest = bias[rest] - coeff @ bias_basis
-    coeff_conv = _plain_conv(coeff[:, :, None, None], bias_rest, None) if len(coeff) else None
-    return StandardBasisConv(_padding_module(g), _plain_conv(basis.view(-1, *kernel), bias_basis, g), coeff_conv,
-                             module.order.clone())
-
-
-@torch.no_grad()
-def from_standard(module: nn.Module, template: CompressedConv) -> CompressedConv:
-    """Inverse of ``to_standard`` (after e.g. fine-tuning): the layer with ``template``'s kind, geometry, method,
-    basis channels and factor layout, weights taken from ``module``; ``error`` is cleared (it is stale).
-
-    Raises:
-        TypeError: ``module`` is not what ``to_standard`` builds for ``template.kind``.
-    """
-    layout = next(iter(template.factors.values())).layout
-    kind = template.kind
-    if kind == "basis_conv" and isinstance(module, StandardBasisConv):
-        basis = module.basis.weight.flatten(1).float()
-        coeff = basis.new_zeros(0, len(basis)) if module.coeff is None else module.coeff.weight.flatten(1).float()
-        bias = None
-        if module.basis.bias is not None:
-            bias = module.basis.bias.new_zeros(template.shape[0]).float()
-            bias[list(template.basis_channels or ())] = module.basis.bias.float()
-            if module.coeff is not None:
-                bias[template.rest_channels()] = module.coeff.bias.float() + coeff @ module.basis.bias.float()
-        factors = {"basis": basis, "coeff": coeff}
-    elif kind == "dsf_conv" and isinstance(module, nn.Sequential) and len(module) == 3:
-        factors = {"A": module[2].weight.flatten(1).float(), "B": module[1].weight.flatten(1).float()}
-        bias = None if module[2].bias is None else module[2].bias.float()
-    elif kind == "single_conv" and isinstance(module, nn.Sequential) and len(module) == 2:
-        factors = {"W": module[1].weight.flatten(1).float()}
-        bias = None if module[1].bias is None else module[1].bias.float()
-    else:
-        raise TypeError(f"a {type(module).__name__} is not the standard form of a {kind} layer; use to_standard")
-    assert template.geometry is not None
-    return CompressedConv.from_dense(kind, factors, geometry=template.geometry, method=template.method, bias=bias,
-                                     basis_channels=template.basis_channels, layout=layout)
-
-
-def _owner(name: str, compressed: set[str]) -> str | None:
-    """The compressed layer that owns state-dict entry ``name``, or None."""
-    prefix = name
-    while "." in prefix:
-        prefix = prefix.rpartition(".")[0]
-        if prefix in compressed:
-            return prefix
-    return None
-
-
-def load_compressed_into(
-    model: nn.Module,
-    directory: str | os.PathLike[str],
-    device: torch.device | str = "cpu",
-    dtype: torch.dtype | None = None,
-) -> nn.Module:
-    """Load a compressed directory into a freshly built model of the same architecture (any ``nn.Module``).
-
-    Compressed convolutions become ``FactorizedConv2d``/``SparseConv2d``/``BasisConv2d``, compressed linears
-    ``FactorizedLinear``/``SparseLinear``; every other parameter and buffer is read from the directory and checked
-    against the model (missing, unexpected, shape).
-
-    Args:
-        model: e.g. ``MNISTNet(28)``; its weights are overwritten.
-        directory: written by ``save_compressed`` (``compress.conv.save_cnn``).
-        device: where everything is loaded. dtype: cast floating tensors and factor values (None keeps them).
-
-    Returns:
-        ``model`` in eval mode.
-
-    Raises:
-        CheckpointError: naming the file and tensor that is missing, unexpected or of the wrong shape.
-        ValueError: a compressed layer's module is missing from the model or has another geometry.
-    """
-    ckpt = open_compressed(directory)
-    for fqn in ckpt.layers:
-        layer = ckpt.load_layer(fqn, device)
-        if isinstance(layer, CompressedConv):
-            replace_conv(model, {fqn: layer}, dtype=dtype)
-        else:
-            replace_linear(model, {fqn: layer}, dtype=dtype)
-    compressed = set(ckpt.layers)
-    expected = {k: v for k, v in model.state_dict().items() if _owner(k, compressed) is None}
-    tensors = ckpt.load_tensors(device, dtype)
-    for name, tensor in tensors.items():
-        if name not in expected:
-            raise CheckpointError(
-                f"{ckpt.file_of(name)}: unexpected tensor '{name}' ({type(model).__name__} has no such uncompressed "
-                f"parameter or buffer); {_FIX}"
-            )
-        if tuple(tensor.shape) != tuple(expected[name].shape):
-            raise CheckpointError(
-                f"{ckpt.file_of(name)}: '{name}' has shape {list(tensor.shape)}, {type(model).__name__} expects "
-                f"{list(expected[name].shape)}; {_FIX}"
-            )
-    missing = [n for n in expected if n not in tensors]
-    if missing:
-        raise CheckpointError(f"{ckpt.file_of(missing[0])}: tensor '{missing[0]}' is missing; {_FIX}")
-    model.load_state_dict(tensors, strict=False)
-    model.to(device)
-    if dtype is not None:
-        model.to(dtype)
-    logger.info("loaded %s into %s (%d compressed layers)", Path(directory), type(model).__name__, len(compressed))
-    return model.eval()

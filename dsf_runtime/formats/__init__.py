@@ -1,8 +1,11 @@
-"""Packed matrix formats: ``dense``, ``csr``, ``bitmask`` and ``bsr`` (docs/format.md, "Tensor names").
+"""Matrix layouts (docs/format.md, "Tensor names"): the stored ones ``dense``, ``csr``, ``bitmask``, ``bsr``, and
+the GPU kernels' ``nibble`` and ``delta``, which are stored the same way.
 
-Each format is a frozen dataclass of named tensors plus its ``shape`` with ``from_dense``, ``to_dense``,
-``dense_rows``, ``to_tensors(prefix)``, ``from_tensors(tensors, prefix, shape)``, ``validate(prefix)``, ``nnz``,
-``nbytes`` and ``meta()``. Everything is pure torch and runs on any device.
+Each layout is a frozen dataclass of named tensors plus its ``shape`` (and the scalars named in ``options``) with
+``from_dense``, ``from_packed``, ``to_dense``, ``dense_rows``, ``matmul(x, out_dtype)``, ``to_tensors(prefix)``,
+``from_tensors(tensors, prefix, shape, **options)``, ``validate(prefix)``, ``nnz``, ``nbytes`` and ``meta()``. All
+of it is pure torch and runs on any device, except that ``nibble``/``delta`` ``matmul`` calls the Triton kernels of
+``dsf_runtime.kernels`` where they run (``kernel_ready``).
 
 Example:
     >>> import torch
@@ -26,7 +29,9 @@ from dsf_runtime.formats.balanced import balanced_per_group
 from dsf_runtime.formats.bitmask import BitmaskMatrix
 from dsf_runtime.formats.bsr import BLOCK_SIZES, BSRMatrix
 from dsf_runtime.formats.csr import INT16_MAX_COLS, CSRMatrix
+from dsf_runtime.formats.delta import DeltaMatrix, delta_entries
 from dsf_runtime.formats.dense import DenseMatrix
+from dsf_runtime.formats.nibble import NibbleMatrix, group_counts, nibble_bytes
 
 __all__ = [
     "BLOCK_SIZES",
@@ -36,11 +41,14 @@ __all__ = [
     "BSRMatrix",
     "BitmaskMatrix",
     "CSRMatrix",
+    "DeltaMatrix",
     "DenseMatrix",
     "FormatError",
+    "NibbleMatrix",
     "PackedMatrix",
     "dtype_name",
     "from_meta",
+    "kernel_layout",
     "pack",
     "pack_factors",
 ]
@@ -50,6 +58,8 @@ LAYOUTS: dict[str, type] = {
     "csr": CSRMatrix,
     "bitmask": BitmaskMatrix,
     "bsr": BSRMatrix,
+    "nibble": NibbleMatrix,
+    "delta": DeltaMatrix,
 }
 
 
@@ -114,7 +124,7 @@ def from_meta(
         tensors: at least ``<prefix>.<part>`` for every part of the layout.
         prefix: e.g. ``"model.layers.0.mlp.down_proj.A"``.
         meta: the manifest's per-factor dict (``shape``, ``layout``, ``dtype``, ``nnz``, ``index_dtype``,
-            ``block_size``, ``bit_order``).
+            ``block_size``, ``bit_order``, and the layout's ``options`` such as ``group``/``per_group``).
         validate: run the full index validation (``validate(prefix)``).
 
     Raises:
@@ -122,8 +132,8 @@ def from_meta(
     """
     cls = _layout_class(meta["layout"])
     shape = (int(meta["shape"][0]), int(meta["shape"][1]))
-    extra = {"block_size": meta.get("block_size")} if cls is BSRMatrix else {}
-    packed = cls.from_tensors(tensors, prefix, shape, validate=validate, **extra)
+    options = {k: meta.get(k) for k in cls.options}
+    packed = cls.from_tensors(tensors, prefix, shape, validate=validate, **options)
     found = packed.meta()
     for key, part in (("dtype", "values"), ("index_dtype", "col_idx"), ("bit_order", "bitmask"), ("nnz", "values")):
         if meta.get(key) != found[key]:
@@ -133,3 +143,26 @@ def from_meta(
                 "re-export the checkpoint; the manifest and the tensors come from different writes",
             )
     return packed
+
+
+def kernel_layout(matrix: PackedMatrix, dtype: torch.dtype | None = None) -> PackedMatrix:
+    """The GPU kernels' layout with the fewest bytes for ``matrix`` (any layout), values in ``dtype``.
+
+    ``nibble`` (preferred within 10% of ``delta``: its decode is faster), ``delta``, or ``dense`` when neither saves
+    10% over the dense matrix. A ``nibble``/``delta`` matrix, or a ``dense`` one that stays dense, is returned as it
+    is (cast only). Otherwise one dense temporary of the matrix is made on its device.
+    """
+    if isinstance(matrix, (NibbleMatrix, DeltaMatrix)):
+        return matrix if dtype in (None, matrix.dtype) else matrix.to(dtype=dtype)
+    dense = matrix.to_dense(dtype or matrix.dtype)
+    rows, cols = dense.shape
+    vb = dense.element_size()
+    counts = group_counts(dense, 16)
+    per_group = max(int(counts.max()) if counts.numel() else 1, 1)
+    b_nibble = nibble_bytes(rows, cols, per_group, 16, vb)
+    b_delta = int(delta_entries(dense)[4].sum()) * (vb + 0.5) + 4 * (rows + 1)
+    if min(b_nibble, b_delta) > 0.9 * rows * cols * vb:
+        return matrix if isinstance(matrix, DenseMatrix) and dense.dtype == matrix.dtype else DenseMatrix.from_dense(dense)
+    if b_nibble <= 1.1 * b_delta:
+        return NibbleMatrix.from_dense(dense, per_group=per_group)
+    return DeltaMatrix.from_dense(dense)

@@ -12,7 +12,7 @@ from typing import Any, ClassVar, Protocol
 
 import torch
 
-__all__ = ["VALUE_DTYPES", "FormatError", "PackedMatrix", "dtype_name"]
+__all__ = ["CHUNK_BYTES", "VALUE_DTYPES", "FormatError", "PackedMatrix", "PackedMixin", "dtype_name"]
 
 # Value dtypes a packed matrix may hold, with the names the manifest uses.
 VALUE_DTYPES: dict[torch.dtype, str] = {
@@ -38,7 +38,8 @@ class FormatError(ValueError):
 
 
 class PackedMatrix(Protocol):
-    """What every packed format provides (see ``DenseMatrix``, ``CSRMatrix``, ``BitmaskMatrix``, ``BSRMatrix``)."""
+    """What every layout provides: the stored ones (``DenseMatrix``, ``CSRMatrix``, ``BitmaskMatrix``,
+    ``BSRMatrix``) and the GPU kernels' (``NibbleMatrix``, ``DeltaMatrix``), which are stored the same way."""
 
     layout: ClassVar[str]
     parts: ClassVar[tuple[str, ...]]
@@ -60,6 +61,8 @@ class PackedMatrix(Protocol):
     def validate(self, prefix: str = "") -> None: ...
     def meta(self) -> dict[str, Any]: ...
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> PackedMatrix: ...
+    def matmul(self, x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor: ...
+    def kernel_ready(self, device: torch.device) -> bool: ...
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -82,12 +85,62 @@ def check_matrix(matrix: torch.Tensor, dtype: torch.dtype | None) -> torch.Tenso
     return matrix.detach().to(target).contiguous()
 
 
+# Upper bound on the temporary that one decompressed row chunk of a weight occupies in ``PackedMixin.matmul``.
+CHUNK_BYTES = 64 * 1024 * 1024
+
+
 class PackedMixin:
-    """Methods shared by the packed dataclasses; each subclass names its tensors in ``parts``."""
+    """Methods shared by the layout dataclasses; each subclass names its tensors in ``parts`` and the manifest
+    fields its constructor needs besides the tensors in ``options``."""
 
     parts: ClassVar[tuple[str, ...]]
+    options: ClassVar[tuple[str, ...]] = ()
     shape: tuple[int, int]
     values: torch.Tensor
+
+    @classmethod
+    def from_packed(cls, other: Any, *, dtype: torch.dtype | None = None, **opts: Any):
+        """This layout of another layout's matrix (values cast to ``dtype``, default ``other.dtype``), decoded
+        through one dense temporary of the matrix on its device. A matrix already in this layout is only cast."""
+        if type(other) is cls and not opts:
+            return other if dtype in (None, other.dtype) else other.to(dtype=dtype)
+        return cls.from_dense(other.to_dense(), dtype=dtype or other.dtype, **opts)
+
+    def kernel_ready(self, device: torch.device) -> bool:
+        """True when the Triton kernels compute with this layout on ``device`` (``dsf_runtime.kernels``); the
+        layouts stored for the CPU say False and compute with ``matmul``'s pure-torch path."""
+        return False
+
+    def matmul(self, x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+        """``y = x·Wᵀ`` in pure torch, never holding more than ``CHUNK_BYTES`` of decompressed rows.
+
+        Args:
+            x: ``[..., cols]`` float16/bfloat16/float32 on the matrix's device.
+            out_dtype: dtype of ``y`` (default ``x.dtype``). Computes in fp32 on the CPU and whenever fp32 is in
+                or out, else in ``x.dtype``.
+
+        Returns:
+            ``[..., rows]`` in ``out_dtype``.
+        """
+        out_dtype = out_dtype or x.dtype
+        rows, cols = self.shape
+        if x.shape[-1] != cols:
+            raise ValueError(f"input has {x.shape[-1]} features, the {rows}x{cols} weight expects {cols}")
+        compute = torch.float32 if x.device.type == "cpu" or torch.float32 in (x.dtype, out_dtype) else x.dtype
+        x2 = x.reshape(-1, cols).to(compute)
+        step = self._row_step(max(1, CHUNK_BYTES // (4 * max(cols, 1))))
+        if step >= rows:
+            y = x2 @ self.to_dense(compute).T
+        else:
+            y = torch.empty(x2.shape[0], rows, dtype=compute, device=x.device)
+            for start in range(0, rows, step):
+                stop = min(rows, start + step)
+                y[:, start:stop] = x2 @ self.dense_rows(start, stop, compute).T
+        return y.to(out_dtype).reshape(*x.shape[:-1], rows)
+
+    def _row_step(self, step: int) -> int:
+        """Rows per decompressed chunk of ``matmul``, rounded to what ``dense_rows`` reads whole."""
+        return step
 
     @property
     def dtype(self) -> torch.dtype:
@@ -122,14 +175,16 @@ class PackedMixin:
 
     @classmethod
     def from_tensors(
-        cls, tensors: Mapping[str, torch.Tensor], prefix: str, shape: tuple[int, int], *, validate: bool = True
+        cls, tensors: Mapping[str, torch.Tensor], prefix: str, shape: tuple[int, int], *, validate: bool = True,
+        **options: Any,
     ):
-        """Rebuild from the tensors ``<prefix>.<part>`` (one per name in ``parts``) of a matrix of ``shape``.
+        """Rebuild from the tensors ``<prefix>.<part>`` (one per name in ``parts``) of a matrix of ``shape`` and the
+        layout's ``options`` (manifest fields).
 
         Raises:
             FormatError: a part is missing, or (with ``validate``) ``validate(prefix)`` fails.
         """
-        packed = cls(**cls._take_parts(tensors, prefix), shape=(int(shape[0]), int(shape[1])))
+        packed = cls(**cls._take_parts(tensors, prefix), shape=(int(shape[0]), int(shape[1])), **options)
         if validate:
             packed.validate(prefix)
         return packed

@@ -55,6 +55,7 @@ class BSRMatrix(PackedMixin):
 
     layout: ClassVar[str] = "bsr"
     parts: ClassVar[tuple[str, ...]] = ("values", "col_idx", "row_ptr")
+    options: ClassVar[tuple[str, ...]] = ("block_size",)
 
     @classmethod
     def from_dense(cls, matrix: torch.Tensor, *, dtype: torch.dtype | None = None, block_size: int = 32) -> BSRMatrix:
@@ -98,6 +99,9 @@ class BSRMatrix(PackedMixin):
     @property
     def block_size(self) -> int:
         return self.values.shape[-1]
+
+    def _row_step(self, step: int) -> int:
+        return max(self.block_size, step // self.block_size * self.block_size)
 
     @property
     def index_dtype(self) -> torch.dtype:

@@ -54,6 +54,13 @@ class DenseMatrix(PackedMixin):
         """Rows ``start:stop`` as a dense ``[stop - start, cols]`` tensor in ``dtype`` (default: values' dtype)."""
         return self.values[start:stop].to(dtype or self.dtype)
 
+    def kernel_ready(self, device: torch.device) -> bool:
+        """True on CUDA devices where the Triton kernels run: a dense factor then joins their chain (cuBLAS, the
+        "prefill" path). On the CPU its pure-torch ``matmul`` is the same product."""
+        from dsf_runtime.kernels import unavailable_reason
+
+        return torch.device(device).type == "cuda" and unavailable_reason(device) is None
+
     def validate(self, prefix: str = "") -> None:
         """Check dtype and shape; raises FormatError naming ``<prefix>.values``."""
         check_tensor(part_name(prefix, "values"), self.values, tuple(VALUE_DTYPES), self.shape)

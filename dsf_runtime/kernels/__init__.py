@@ -1,63 +1,53 @@
-"""Triton kernels for DSF (``y = A·(B·x)``) and single sparse layers, with their pure-torch references.
+"""Triton kernels for the GPU layouts ``nibble`` and ``delta`` of ``dsf_runtime.formats``, with pure-torch
+references. The kernels take the layouts' named tensors (``values``, ``index``, ``row_ptr``) and scalars; nothing
+here imports the formats.
 
-Public API (what the runtime modules call):
-
-- ``prepare_factor(factor, ...) -> KernelMatrix``: convert a factor once at load time (layouts ``nibble``:
-  balanced groups, 4-bit in-group columns; ``delta``: unstructured, 4-bit column deltas; ``dense``).
-- ``factorized_matmul(x, kA, kB, bias=None)`` / ``sparse_matmul(x, kW, bias=None)``: choose the decode
-  (streaming) or prefill (decompress + cuBLAS) path by token count; CUDA-graph capturable after ``warmup``.
-- ``balance_mask`` / ``pack_nibble`` / ``is_balanced``: balanced masks and packing for the compression side;
-  ``propose_balanced_split(shape, density)``: ``(N_A, N_B)`` per group of 16 within the DSF budget.
-
-Importing this package registers the kernels with ``dsf_runtime.ops.register_kernel`` (``_ops_hook``): packed
-matrices are converted on first use and cached per object.
-
-Each op lives in its own module with ``_<op>_kernel``, ``<op>(...)`` and ``<op>_reference(...)``:
-``nibble_matmul``, ``delta_matmul``, ``nibble_unpack``, ``delta_unpack``, ``pack_activations``.
+- ``dispatch.linear(x, factors, bias)``: ``y = F₀·(F₁·(…·x)) + b`` for a chain of ``nibble``/``delta``/``dense``
+  matrices, choosing the decode (streaming) or prefill (decompress + cuBLAS) path by token count; CUDA-graph
+  capturable once each token count ran once.
+- ``unavailable_reason(device)``: why the kernels cannot run on ``device`` (None when they can). Importing this
+  package does not import Triton; the kernel modules are imported on first use.
+- ``configs``: launch configurations (a tuning file per GPU, a heuristic otherwise).
 """
 
-from dsf_runtime.kernels import _interpreter_compat
-from dsf_runtime.formats.balanced import balanced_nnz, propose_balanced_split
-from dsf_runtime.kernels.dispatch import (
-    choose_layout,
-    factorized_matmul,
-    kernels_available,
-    prepare_factor,
-    sparse_matmul,
-    warmup,
-)
-from dsf_runtime.kernels.layouts import (
-    KernelMatrix,
-    balance_mask,
-    group_counts,
-    is_balanced,
-    pack_delta,
-    pack_dense,
-    pack_nibble,
-    unpack,
-)
+from __future__ import annotations
 
-_interpreter_compat.apply()
+import importlib.util
+import os
 
-from dsf_runtime.kernels import _ops_hook  # noqa: E402  (after the imports it needs)
+import torch
 
-_ops_hook.register()  # dsf_runtime.ops uses the kernels for CUDA inputs from now on
+__all__ = ["unavailable_reason"]
 
-__all__ = [
-    "KernelMatrix",
-    "balance_mask",
-    "balanced_nnz",
-    "choose_layout",
-    "factorized_matmul",
-    "group_counts",
-    "is_balanced",
-    "kernels_available",
-    "pack_delta",
-    "pack_dense",
-    "pack_nibble",
-    "prepare_factor",
-    "propose_balanced_split",
-    "sparse_matmul",
-    "unpack",
-    "warmup",
-]
+_REASONS: dict[str, str | None] = {}
+
+
+def unavailable_reason(device: torch.device | str) -> str | None:
+    """Why the Triton kernels cannot run on ``device``, or None when they can (cached per device type).
+
+    They run on CUDA devices when Triton is installed. On the CPU they run only in Triton's interpreter, which is
+    for tests: the kernels must have been imported under ``TRITON_INTERPRET=1`` and ``DSF_INTERPRET_KERNELS=1`` must
+    be set (the kernel tests set both), so that other CPU work keeps the fast pure-torch path.
+    """
+    kind = torch.device(device).type
+    if kind not in _REASONS:
+        _REASONS[kind] = _reason(kind)
+    if kind == "cpu" and _REASONS[kind] is None and os.environ.get("DSF_INTERPRET_KERNELS") != "1":
+        return "on the CPU the kernels run only in Triton's interpreter, for tests (DSF_INTERPRET_KERNELS=1)"
+    return _REASONS[kind]
+
+
+def _reason(kind: str) -> str | None:
+    if kind not in ("cuda", "cpu"):
+        return f"the kernels run on CUDA devices, not on {kind}"
+    if kind == "cuda" and not torch.cuda.is_available():
+        return "torch sees no CUDA device"
+    if importlib.util.find_spec("triton") is None:
+        return "Triton is not installed (pip install 'dsf-toolkit[gpu]')"
+    try:
+        from dsf_runtime.kernels.dispatch import interpreted
+    except Exception as exc:  # noqa: BLE001 - any import failure means: no kernels, say why
+        return f"importing dsf_runtime.kernels failed: {type(exc).__name__}: {exc}"
+    if kind == "cpu" and not interpreted():
+        return "the kernels run on CUDA devices (on the CPU only under TRITON_INTERPRET=1)"
+    return None

@@ -3,22 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import triton
 
-from dsf_runtime.kernels.layouts import KernelMatrix
+from dsf_runtime.kernels.configs import lookup
+from dsf_runtime.kernels.pack_activations import pack_activations
 
-__all__ = ["Launch", "pdl_options", "plan_launch", "token_block"]
-
-
-def pdl_options(x: torch.Tensor) -> dict:
-    """Launch options for programmatic dependent launch (CUDA, ``configs.USE_PDL``): ``GDC`` (the kernel's
-    griddepcontrol constexpr) and Triton's ``launch_pdl``; plain ``GDC=False`` elsewhere (the interpreter)."""
-    from dsf_runtime.kernels import configs
-
-    on = bool(configs.USE_PDL and x.is_cuda)
-    return {"GDC": True, "launch_pdl": True} if on else {"GDC": False}
+__all__ = ["Launch", "plan_launch", "token_block"]
 
 
 def token_block(n_tokens: int) -> int:
@@ -37,12 +30,11 @@ class Launch:
     store_tokens: int  # lanes c*BN + b < store_tokens are written (all lanes of a packed output)
 
 
-def plan_launch(op: str, x: torch.Tensor, w: KernelMatrix, bias: torch.Tensor | None, *, n_tokens: int | None,
+def plan_launch(op: str, x: torch.Tensor, w: Any, bias: torch.Tensor | None, *, n_tokens: int | None,
                 out_dtype: torch.dtype | None, packed_out: int, config: dict | None,
                 out: torch.Tensor | None = None) -> Launch:
-    """Check the arguments of a matmul wrapper, pack ``x`` if needed and allocate the output."""
-    from dsf_runtime.kernels.configs import lookup
-
+    """Check the arguments of a matmul wrapper (``w``: a ``nibble``/``delta`` matrix of ``dsf_runtime.formats``),
+    pack ``x`` if needed and allocate the output."""
     if w.layout != op:
         raise ValueError(f"{op}_matmul needs a {op!r} matrix, got layout {w.layout!r}")
     rows, cols = w.shape
@@ -76,8 +68,6 @@ def plan_launch(op: str, x: torch.Tensor, w: KernelMatrix, bias: torch.Tensor | 
     if packed_out and packed_out != bn:
         raise ValueError(f"packed_out={packed_out} must equal the kernel's BN={bn}")
     if x.dim() == 2 and bn > 1:
-        from dsf_runtime.kernels.pack_activations import pack_activations
-
         x = pack_activations(x, bn, dtype=torch.float32 if cfg.get("XF32") else None)
     shape = (chunks, rows, bn) if packed_out else (T, rows)
     if out is not None:

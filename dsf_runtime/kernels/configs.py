@@ -1,71 +1,38 @@
-"""Launch configurations of the decode kernels: a table measured on an H100, and a heuristic for other shapes.
+"""Launch configurations of the decode kernels: tuning files measured per GPU, and a heuristic for the rest.
 
-``lookup(op, rows, per_row, BN)`` returns ``{"BN", "BLOCK_R", "BLOCK_S", "num_warps", "num_stages"}`` for a
-matrix with ``rows`` rows and ``per_row`` stored slots per row (``nibble``: ``S``; ``delta``: average entries).
-``TUNED`` holds what benchmarks/bench_layer.py measured (see docs/kernels-notes.md); keys are
-``(op, rows, per_row, BN)``. Everything else falls back to ``heuristic``.
+``lookup(op, rows, per_row, BN)`` returns ``{"BN", "BLOCK_R", "BLOCK_S", "num_warps", "num_stages"}`` (plus the
+optional ``PREFETCH``/``XF32``/``CG`` flags) for a matrix with ``rows`` rows and ``per_row`` stored slots per row
+(``slots_per_row(matrix)``: ``nibble``: ``S``; ``delta``: average entries), and ``unpack_config(rows, per_row)`` the
+tiles of ``nibble_unpack``. Both read the tables of the current CUDA device (``torch.cuda.get_device_name()``) from
+the tuning files, else fall back to ``heuristic`` / ``UNPACK_DEFAULT``.
+
+Tuning files (JSON, written by ``dsf_runtime.kernels.tuning``)::
+
+    {"format": "dsf-kernel-tuning", "version": 1,
+     "devices": {"<device name>": {
+         "matmul": [{"layout": "nibble", "rows": 4096, "per_row": 1024, "BN": 1, "config": {...}, "us": 9.1}, ...],
+         "unpack": [{"rows": 4096, "per_row": 1024, "config": {"block_r": 4, "block_g": 64, "num_warps": 8}}, ...]}}}
+
+Read in order, later entries replacing earlier ones: the files shipped in ``dsf_runtime/kernels/tuned/``, then
+the user's file (``use_tuning_file(path)``, else the ``DSF_TUNING_FILE`` environment variable).
 """
 
 from __future__ import annotations
 
-__all__ = ["DECODE_MAX_TOKENS", "TUNED", "candidates", "decode_max_tokens", "heuristic", "lookup"]
+import functools
+import json
+import os
+from pathlib import Path
+from typing import Any
 
-# Measured on an NVIDIA H100 80GB HBM3 (benchmarks/bench_layer.py --tune, results/layer-h100.json 'tuned'):
-# the fastest of configs.candidates per factor; keys (layout, rows, slots per row, BN).
-TUNED: dict[tuple[str, int, int, int], dict] = {
-    ("nibble", 4096, 1024, 1): {"BN": 1, "BLOCK_R": 8, "BLOCK_S": 256, "num_warps": 8, "num_stages": 2, "PREFETCH": True},
-    ("nibble", 4096, 4128, 1): {"BN": 1, "BLOCK_R": 4, "BLOCK_S": 512, "num_warps": 8, "num_stages": 2},
-    ("nibble", 4096, 1024, 16): {"BN": 16, "BLOCK_R": 1, "BLOCK_S": 128, "num_warps": 4, "num_stages": 2, "XF32": True},
-    ("nibble", 4096, 4128, 16): {"BN": 16, "BLOCK_R": 1, "BLOCK_S": 128, "num_warps": 4, "num_stages": 2},
-    ("nibble", 4096, 2080, 1): {"BN": 1, "BLOCK_R": 8, "BLOCK_S": 256, "num_warps": 8, "num_stages": 2, "PREFETCH": True},
-    ("nibble", 4096, 2080, 16): {"BN": 16, "BLOCK_R": 1, "BLOCK_S": 128, "num_warps": 4, "num_stages": 2},
-    ("delta", 4096, 1049, 1): {"BN": 1, "BLOCK_R": 4, "BLOCK_S": 256, "num_warps": 4, "num_stages": 2},
-    ("delta", 4096, 4496, 1): {"BN": 1, "BLOCK_R": 4, "BLOCK_S": 512, "num_warps": 4, "num_stages": 2},
-    ("delta", 4096, 1049, 16): {"BN": 16, "BLOCK_R": 1, "BLOCK_S": 256, "num_warps": 4, "num_stages": 2},
-    ("delta", 4096, 4496, 16): {"BN": 16, "BLOCK_R": 2, "BLOCK_S": 256, "num_warps": 4, "num_stages": 2},
-    ("nibble", 4096, 5504, 1): {"BN": 1, "BLOCK_R": 4, "BLOCK_S": 512, "num_warps": 8, "num_stages": 2},
-    ("nibble", 4096, 5504, 16): {"BN": 16, "BLOCK_R": 1, "BLOCK_S": 128, "num_warps": 4, "num_stages": 2},
-    ("nibble", 4096, 3328, 1): {"BN": 1, "BLOCK_R": 8, "BLOCK_S": 256, "num_warps": 8, "num_stages": 2, "PREFETCH": True},
-    ("nibble", 4096, 3328, 16): {"BN": 16, "BLOCK_R": 1, "BLOCK_S": 128, "num_warps": 4, "num_stages": 2},
-    ("delta", 4096, 5519, 1): {"BN": 1, "BLOCK_R": 4, "BLOCK_S": 512, "num_warps": 4, "num_stages": 2},
-    ("delta", 4096, 5519, 16): {"BN": 16, "BLOCK_R": 2, "BLOCK_S": 256, "num_warps": 4, "num_stages": 2},
-    ("nibble", 11008, 1536, 1): {"BN": 1, "BLOCK_R": 8, "BLOCK_S": 256, "num_warps": 8, "num_stages": 2, "PREFETCH": True},
-    ("nibble", 11008, 1536, 16): {"BN": 16, "BLOCK_R": 1, "BLOCK_S": 128, "num_warps": 4, "num_stages": 2},
-    ("nibble", 11008, 768, 1): {"BN": 1, "BLOCK_R": 16, "BLOCK_S": 256, "num_warps": 4, "num_stages": 2},
-    ("nibble", 11008, 768, 16): {"BN": 16, "BLOCK_R": 2, "BLOCK_S": 128, "num_warps": 4, "num_stages": 2},
-    ("delta", 11008, 1682, 1): {"BN": 1, "BLOCK_R": 4, "BLOCK_S": 256, "num_warps": 4, "num_stages": 2},
-    ("delta", 11008, 1682, 16): {"BN": 16, "BLOCK_R": 1, "BLOCK_S": 256, "num_warps": 4, "num_stages": 2},
-    ("nibble", 11008, 2048, 1): {"BN": 1, "BLOCK_R": 8, "BLOCK_S": 256, "num_warps": 8, "num_stages": 2, "PREFETCH": True},
-    ("nibble", 11008, 2048, 16): {"BN": 16, "BLOCK_R": 1, "BLOCK_S": 256, "num_warps": 4, "num_stages": 2},
-    ("nibble", 11008, 1248, 1): {"BN": 1, "BLOCK_R": 8, "BLOCK_S": 256, "num_warps": 8, "num_stages": 2, "PREFETCH": True},
-    ("nibble", 11008, 1248, 16): {"BN": 16, "BLOCK_R": 1, "BLOCK_S": 128, "num_warps": 4, "num_stages": 2},
-    ("delta", 11008, 2063, 1): {"BN": 1, "BLOCK_R": 4, "BLOCK_S": 512, "num_warps": 4, "num_stages": 2},
-    ("delta", 11008, 2063, 16): {"BN": 16, "BLOCK_R": 2, "BLOCK_S": 256, "num_warps": 4, "num_stages": 2},
-    ("nibble", 4096, 1280, 1): {"BN": 1, "BLOCK_R": 8, "BLOCK_S": 256, "num_warps": 8, "num_stages": 2, "PREFETCH": True},
-    ("nibble", 4096, 768, 1): {"BN": 1, "BLOCK_R": 8, "BLOCK_S": 256, "num_warps": 8, "num_stages": 2, "PREFETCH": True},
-    ("nibble", 4096, 1280, 16): {"BN": 16, "BLOCK_R": 1, "BLOCK_S": 128, "num_warps": 4, "num_stages": 2},
-    ("nibble", 4096, 768, 16): {"BN": 16, "BLOCK_R": 1, "BLOCK_S": 128, "num_warps": 4, "num_stages": 2},
-    ("nibble", 4096, 512, 1): {"BN": 1, "BLOCK_R": 16, "BLOCK_S": 256, "num_warps": 4, "num_stages": 2, "PREFETCH": True},
-    ("nibble", 4096, 512, 16): {"BN": 16, "BLOCK_R": 1, "BLOCK_S": 128, "num_warps": 4, "num_stages": 2},
-    ("delta", 4096, 1409, 1): {"BN": 1, "BLOCK_R": 4, "BLOCK_S": 512, "num_warps": 4, "num_stages": 2},
-    ("delta", 4096, 713, 1): {"BN": 1, "BLOCK_R": 4, "BLOCK_S": 256, "num_warps": 4, "num_stages": 2},
-    ("delta", 4096, 1409, 16): {"BN": 16, "BLOCK_R": 1, "BLOCK_S": 256, "num_warps": 4, "num_stages": 2},
-    ("delta", 4096, 713, 16): {"BN": 16, "BLOCK_R": 2, "BLOCK_S": 256, "num_warps": 4, "num_stages": 2},
-    ("nibble", 4096, 2048, 1): {"BN": 1, "BLOCK_R": 2, "BLOCK_S": 512, "num_warps": 4, "num_stages": 2},
-    ("nibble", 4096, 2048, 16): {"BN": 16, "BLOCK_R": 1, "BLOCK_S": 256, "num_warps": 4, "num_stages": 2},
-    ("nibble", 4096, 1248, 1): {"BN": 1, "BLOCK_R": 8, "BLOCK_S": 256, "num_warps": 8, "num_stages": 2, "PREFETCH": True},
-    ("nibble", 4096, 1248, 16): {"BN": 16, "BLOCK_R": 1, "BLOCK_S": 128, "num_warps": 4, "num_stages": 2},
-    ("delta", 4096, 2063, 1): {"BN": 1, "BLOCK_R": 4, "BLOCK_S": 512, "num_warps": 4, "num_stages": 2},
-    ("delta", 4096, 2063, 16): {"BN": 16, "BLOCK_R": 2, "BLOCK_S": 256, "num_warps": 4, "num_stages": 2},
-}
+import torch
 
-# Largest token count for which the streaming (decode) kernels beat decompress + cuBLAS; per layer shape
-# ``(kind, out, in)`` when measured, else the default.
+__all__ = ["DECODE_BN1_MAX_TOKENS", "DECODE_MAX_TOKENS", "TUNED_DIR", "TUNING_ENV", "UNPACK_DEFAULT", "USE_PDL",
+           "TuningFileError", "candidates", "device_name", "heuristic", "lookup", "pdl_options", "slots_per_row",
+           "read_tuning", "tables", "unpack_candidates", "unpack_config", "use_tuning_file"]
+
+# Largest token count for which the streaming (decode) kernels beat decompress + cuBLAS.
 DECODE_MAX_TOKENS = 16
-
-# DSF decode of two nibble factors in one launch (dsf_fused_matmul) instead of two. Measured slower on an H100
-# (the spinning second-factor programs take SM slots from the first factor's tail): off.
-FUSED_DSF = False
 
 # Launch the decode kernels with programmatic dependent launch (Hopper+): each kernel prefetches its first weights
 # and waits (griddepcontrol.wait) only before reading its input, so it overlaps the previous kernel's tail.
@@ -75,49 +42,158 @@ USE_PDL = True
 # instead of packing the tokens (BN > 1).
 DECODE_BN1_MAX_TOKENS = 2  # measured: BN = 1 wins at 2 tokens on most shapes, loses from 4
 
-# Prefill: decompress factors in this many row chunks ("prefill": 1). "prefill_overlap" uses
-# PREFILL_OVERLAP_CHUNKS for factors of at least PREFILL_CHUNK_MIN_BYTES (dense), decompressing chunk i + 1 on a
-# side stream while the GEMM of chunk i runs; measured slower on an H100 (cuBLAS leaves no SMs to overlap).
-PREFILL_CHUNKS = 1
-PREFILL_OVERLAP_CHUNKS = 4
-PREFILL_CHUNK_MIN_BYTES = 16 << 20
-
-# nibble_unpack tiles, measured per (rows, slots per row); default otherwise.
-UNPACK_TUNED: dict[tuple[int, int], dict] = {  # measured on an H100 (results/layer-h100.json 'unpack_table')
-    (4096, 1024): {"block_r": 4, "block_g": 64, "num_warps": 8},
-    (4096, 4128): {"block_r": 8, "block_g": 16, "num_warps": 4},
-    (4096, 2080): {"block_r": 8, "block_g": 16, "num_warps": 4},
-    (4096, 5504): {"block_r": 4, "block_g": 16, "num_warps": 4},
-    (4096, 3328): {"block_r": 8, "block_g": 16, "num_warps": 4},
-    (11008, 1536): {"block_r": 4, "block_g": 64, "num_warps": 8},
-    (11008, 768): {"block_r": 4, "block_g": 64, "num_warps": 8},
-    (11008, 2048): {"block_r": 4, "block_g": 16, "num_warps": 4},
-    (11008, 1248): {"block_r": 8, "block_g": 32, "num_warps": 8},
-    (4096, 1280): {"block_r": 8, "block_g": 16, "num_warps": 4},
-    (4096, 768): {"block_r": 8, "block_g": 16, "num_warps": 4},
-    (4096, 512): {"block_r": 4, "block_g": 64, "num_warps": 8},
-    (4096, 2048): {"block_r": 4, "block_g": 16, "num_warps": 4},
-    (4096, 1248): {"block_r": 8, "block_g": 16, "num_warps": 4},
-}
 UNPACK_DEFAULT = {"block_r": 8, "block_g": 16, "num_warps": 4}
 
-
-def unpack_config(rows: int, per_row: int) -> dict:
-    """Tiles of ``nibble_unpack`` for a matrix with ``rows`` rows and ``per_row`` slots per row."""
-    return dict(UNPACK_TUNED.get((rows, per_row), UNPACK_DEFAULT))
-
-
-def unpack_candidates() -> list[dict]:
-    """Tiles an autotuning sweep times for ``nibble_unpack``."""
-    return [{"block_r": r, "block_g": g, "num_warps": w} for r, g, w in
-            [(4, 16, 4), (8, 16, 4), (8, 32, 8), (16, 16, 8), (4, 64, 8), (16, 32, 8)]]
-DECODE_MAX_TOKENS_BY_SHAPE: dict[tuple[str, int, int], int] = {}
+TUNED_DIR = Path(__file__).resolve().parent / "tuned"  # the tuning files shipped with the package
+TUNING_ENV = "DSF_TUNING_FILE"
+FORMAT = "dsf-kernel-tuning"
+VERSION = 1
+_MATMUL_KEYS = ("BLOCK_R", "BLOCK_S", "num_warps", "num_stages")
+_UNPACK_KEYS = ("block_r", "block_g", "num_warps")
 
 
-def decode_max_tokens(out_features: int, in_features: int, n_factors: int) -> int:
-    """Token count up to which ``factorized_matmul`` / ``sparse_matmul`` take the decode path."""
-    kind = "dsf" if n_factors == 2 else "single"
-    return DECODE_MAX_TOKENS_BY_SHAPE.get((kind, out_features, in_features), DECODE_MAX_TOKENS)
+class TuningFileError(ValueError):
+    """A tuning file that cannot be read; the message names the file and the entry."""
+
+
+# ---------------------------------------------------------------------------------------------- tuning files
+def _int(entry: dict, name: str, where: str) -> int:
+    value = entry.get(name)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise TuningFileError(f"{where}: '{name}' must be a non-negative integer, got {value!r}")
+    return value
+
+
+def _config(entry: dict, required: tuple[str, ...], where: str) -> dict:
+    config = entry.get("config")
+    if not isinstance(config, dict) or any(k not in config for k in required):
+        raise TuningFileError(f"{where}: 'config' must be an object with {list(required)}, got {config!r}")
+    return dict(config)
+
+
+def read_tuning(path: str | Path) -> dict[str, dict[str, dict]]:
+    """Parse and check one tuning file.
+
+    Returns:
+        ``{device name: {"matmul": {(layout, rows, per_row, BN): config}, "unpack": {(rows, per_row): config}}}``.
+
+    Raises:
+        TuningFileError: the file is missing, not JSON, or an entry lacks a field; the message names the file.
+    """
+    path = Path(path)
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise TuningFileError(f"{path}: tuning file not found") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise TuningFileError(f"{path}: not a readable JSON tuning file: {exc}") from None
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT or doc.get("version") != VERSION:
+        raise TuningFileError(f"{path}: not a tuning file (expected an object with \"format\": \"{FORMAT}\", "
+                              f"\"version\": {VERSION}); write it with dsf_runtime.kernels.tuning")
+    devices = doc.get("devices")
+    if not isinstance(devices, dict):
+        raise TuningFileError(f"{path}: 'devices' must be an object keyed by device name")
+    out: dict[str, dict[str, dict]] = {}
+    for name, table in devices.items():
+        if not isinstance(table, dict):
+            raise TuningFileError(f"{path}: devices[{name!r}] must be an object")
+        matmul, unpack = {}, {}
+        for i, e in enumerate(table.get("matmul", [])):
+            where = f"{path}: devices[{name!r}].matmul[{i}]"
+            if not isinstance(e, dict) or e.get("layout") not in ("nibble", "delta"):
+                raise TuningFileError(f"{where}: needs 'layout' 'nibble' or 'delta', got {e!r}")
+            key = (e["layout"], _int(e, "rows", where), _int(e, "per_row", where), _int(e, "BN", where))
+            matmul[key] = _config(e, _MATMUL_KEYS, where)
+        for i, e in enumerate(table.get("unpack", [])):
+            where = f"{path}: devices[{name!r}].unpack[{i}]"
+            if not isinstance(e, dict):
+                raise TuningFileError(f"{where}: must be an object, got {e!r}")
+            unpack[(_int(e, "rows", where), _int(e, "per_row", where))] = _config(e, _UNPACK_KEYS, where)
+        out[name] = {"matmul": matmul, "unpack": unpack}
+    return out
+
+
+_user_file: Path | None = None
+
+
+def use_tuning_file(path: str | Path | None) -> None:
+    """Read ``path`` after the shipped tuning files (None: back to ``DSF_TUNING_FILE``), checked now."""
+    global _user_file
+    if path is not None:
+        read_tuning(path)
+    _user_file = None if path is None else Path(path)
+    tables.cache_clear()
+
+
+@functools.cache
+def tables() -> dict[str, dict[str, dict]]:
+    """The merged tables of every tuning file (see the module docstring), read once."""
+    files = sorted(TUNED_DIR.glob("*.json"))
+    user = _user_file or os.environ.get(TUNING_ENV)
+    if user:
+        files.append(Path(user))
+    merged: dict[str, dict[str, dict]] = {}
+    for path in files:
+        for name, table in read_tuning(path).items():
+            mine = merged.setdefault(name, {"matmul": {}, "unpack": {}})
+            mine["matmul"].update(table["matmul"])
+            mine["unpack"].update(table["unpack"])
+    return merged
+
+
+@functools.cache
+def _cuda_name(index: int) -> str:
+    return torch.cuda.get_device_name(index)
+
+
+def device_name(device: torch.device | str | None = None) -> str | None:
+    """The tuning tables' key of ``device`` (default: the current CUDA device): ``torch.cuda.get_device_name``;
+    None for non-CUDA devices or without CUDA."""
+    device = torch.device("cuda" if device is None else device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    return _cuda_name(torch.cuda.current_device() if device.index is None else device.index)
+
+
+def _table(device: str | None, kind: str) -> dict:
+    name = device_name() if device is None else device
+    return tables().get(name, {}).get(kind, {}) if name else {}
+
+
+# ---------------------------------------------------------------------------------------------- lookups
+def slots_per_row(matrix: Any) -> int:
+    """The tuning key's slots per row of a ``nibble`` (``S``) or ``delta`` (average entries per row) matrix."""
+    return matrix.slots if matrix.layout == "nibble" else matrix.slots // max(matrix.shape[0], 1)
+
+
+def lookup(op: str, rows: int, per_row: int, BN: int, *, device: str | None = None) -> dict:
+    """Launch configuration of ``op`` (``"nibble"``/``"delta"``) for this matrix and token block ``BN``.
+
+    The tuned one of ``device`` (a device name; default the current CUDA device) for this key; else the tuned one of
+    the nearest measured ``BN`` of the same matrix on the same side of ``BN = 1`` (with ``BN`` replaced); else
+    ``heuristic``.
+    """
+    table = _table(device, "matmul")
+    hit = table.get((op, rows, per_row, BN))
+    if hit is None:
+        near = sorted((abs(k[3].bit_length() - BN.bit_length()), k[3]) for k in table
+                      if k[:3] == (op, rows, per_row) and (k[3] == 1) == (BN == 1))
+        if near:
+            hit = table[(op, rows, per_row, near[0][1])]
+    return dict(hit, BN=BN) if hit else dict(heuristic(op, rows, per_row, BN))
+
+
+def unpack_config(rows: int, per_row: int, *, device: str | None = None) -> dict:
+    """Tiles of ``nibble_unpack`` (``block_r``, ``block_g``, ``num_warps``) for a matrix with ``rows`` rows and
+    ``per_row`` slots per row: tuned for ``device`` (default the current CUDA device), else ``UNPACK_DEFAULT``."""
+    return dict(_table(device, "unpack").get((rows, per_row), UNPACK_DEFAULT))
+
+
+def pdl_options(x: torch.Tensor) -> dict:
+    """Launch options for programmatic dependent launch (CUDA, ``USE_PDL``): ``GDC`` (the kernels' griddepcontrol
+    constexpr) and Triton's ``launch_pdl``; plain ``GDC=False`` elsewhere (the interpreter)."""
+    on = bool(USE_PDL and x.is_cuda)
+    return {"GDC": True, "launch_pdl": True} if on else {"GDC": False}
 
 
 def _pow2_floor(v: int) -> int:
@@ -140,20 +216,8 @@ def heuristic(op: str, rows: int, per_row: int, BN: int) -> dict:
     return {"BN": BN, "BLOCK_R": block_r, "BLOCK_S": block_s, "num_warps": 4, "num_stages": 2}
 
 
-def lookup(op: str, rows: int, per_row: int, BN: int) -> dict:
-    """Tuned configuration for this key; else the tuned one of the nearest measured ``BN`` of the same matrix
-    (with ``BN`` replaced); else ``heuristic``."""
-    hit = TUNED.get((op, rows, per_row, BN))
-    if hit is None:
-        near = sorted((abs(k[3].bit_length() - BN.bit_length()), k[3]) for k in TUNED
-                      if k[:3] == (op, rows, per_row) and (k[3] == 1) == (BN == 1))
-        if near:
-            hit = dict(TUNED[(op, rows, per_row, near[0][1])], BN=BN)
-    return dict(hit or heuristic(op, rows, per_row, BN))
-
-
 def candidates(op: str, BN: int) -> list[dict]:
-    """The small search space an autotuning sweep times (benchmarks/bench_layer.py --tune)."""
+    """The small search space a tuning sweep times (``dsf_runtime.kernels.tuning``)."""
     out = []
     if op == "delta":
         shapes = [(4, 256), (4, 512), (8, 256), (2, 512)] if BN == 1 else [(1, 128), (2, 128), (1, 256), (2, 256)]
@@ -173,3 +237,9 @@ def candidates(op: str, BN: int) -> list[dict]:
             out.append({"BN": BN, "BLOCK_R": block_r, "BLOCK_S": block_s, "num_warps": 4, "num_stages": 2,
                         "XF32": xf32})
     return out
+
+
+def unpack_candidates() -> list[dict]:
+    """The tiles a tuning sweep times for ``nibble_unpack``."""
+    return [{"block_r": r, "block_g": g, "num_warps": w} for r, g, w in
+            [(4, 16, 4), (8, 16, 4), (8, 32, 8), (16, 16, 8), (4, 64, 8), (16, 32, 8)]]

@@ -8,13 +8,15 @@ packed ``[T_chunks, cols, BN]``).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from dsf_runtime.kernels._io import pdl_options, plan_launch
-from dsf_runtime.kernels.layouts import KernelMatrix, unpack
+from dsf_runtime.kernels._io import plan_launch
+from dsf_runtime.kernels.configs import pdl_options
 
 __all__ = ["delta_matmul", "delta_matmul_reference"]
 
@@ -99,7 +101,7 @@ def _delta_matmul_kernel(
 
 def delta_matmul(
     x: torch.Tensor,
-    w: KernelMatrix,
+    w: Any,
     bias: torch.Tensor | None = None,
     *,
     n_tokens: int | None = None,
@@ -125,8 +127,8 @@ def delta_matmul(
     return L.y
 
 
-def delta_matmul_reference(x: torch.Tensor, w: KernelMatrix, bias: torch.Tensor | None = None,
+def delta_matmul_reference(x: torch.Tensor, w: Any, bias: torch.Tensor | None = None,
                            *, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """Plain-torch ``x · Wᵀ + bias`` computed in ``dtype``."""
-    y = x.to(dtype) @ unpack(w, dtype).t()
+    y = x.to(dtype) @ w.to_dense(dtype).t()
     return y if bias is None else y + bias.to(dtype)

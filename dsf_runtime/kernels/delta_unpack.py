@@ -3,11 +3,12 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import triton
 import triton.language as tl
 
-from dsf_runtime.kernels.layouts import KernelMatrix, unpack
 
 __all__ = ["delta_unpack", "delta_unpack_reference"]
 
@@ -55,7 +56,7 @@ def _delta_unpack_kernel(
         tl.store(o_row + col_lo, v_lo.to(out_ptr.dtype.element_ty), mask=ok & (v_lo != 0) & (col_lo < cols))
         tl.store(o_row + col_hi, v_hi.to(out_ptr.dtype.element_ty), mask=ok & (v_hi != 0) & (col_hi < cols))
 
-def delta_unpack(w: KernelMatrix, out: torch.Tensor | None = None, *, dtype: torch.dtype | None = None,
+def delta_unpack(w: Any, out: torch.Tensor | None = None, *, dtype: torch.dtype | None = None,
                  row_start: int = 0, row_stop: int | None = None, block_r: int = 4, block_e: int = 128,
                  num_warps: int = 4) -> torch.Tensor:
     """Dense copy of rows ``row_start:row_stop`` of a ``delta`` matrix (arguments as ``nibble_unpack``; ``out``
@@ -82,6 +83,6 @@ def delta_unpack(w: KernelMatrix, out: torch.Tensor | None = None, *, dtype: tor
     return out
 
 
-def delta_unpack_reference(w: KernelMatrix, dtype: torch.dtype | None = None) -> torch.Tensor:
+def delta_unpack_reference(w: Any, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Plain-torch ``delta_unpack``."""
-    return unpack(w, dtype)
+    return w.to_dense(dtype)

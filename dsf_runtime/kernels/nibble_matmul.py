@@ -14,13 +14,15 @@ normal ``[T, rows]`` layout or the packed ``[T_chunks, rows, BN]`` fp32 layout t
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from dsf_runtime.kernels._io import pdl_options, plan_launch
-from dsf_runtime.kernels.layouts import KernelMatrix, unpack
+from dsf_runtime.kernels._io import plan_launch
+from dsf_runtime.kernels.configs import pdl_options
 
 __all__ = ["nibble_matmul", "nibble_matmul_reference"]
 
@@ -159,7 +161,7 @@ def _nibble_matmul_kernel(
 
 def nibble_matmul(
     x: torch.Tensor,
-    w: KernelMatrix,
+    w: Any,
     bias: torch.Tensor | None = None,
     *,
     n_tokens: int | None = None,
@@ -210,8 +212,8 @@ def nibble_matmul(
     return L.y
 
 
-def nibble_matmul_reference(x: torch.Tensor, w: KernelMatrix, bias: torch.Tensor | None = None,
+def nibble_matmul_reference(x: torch.Tensor, w: Any, bias: torch.Tensor | None = None,
                             *, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """Plain-torch ``x · Wᵀ + bias`` computed in ``dtype`` (float64 for tests, float32 as a fallback)."""
-    y = x.to(dtype) @ unpack(w, dtype).t()
+    y = x.to(dtype) @ w.to_dense(dtype).t()
     return y if bias is None else y + bias.to(dtype)

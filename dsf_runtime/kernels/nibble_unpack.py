@@ -7,11 +7,12 @@ nibble names. Zero-valued (padding) slots never overwrite.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import triton
 import triton.language as tl
 
-from dsf_runtime.kernels.layouts import KernelMatrix, unpack
 
 __all__ = ["nibble_unpack", "nibble_unpack_reference"]
 
@@ -55,7 +56,7 @@ def _nibble_unpack_kernel(
     tl.store(out_ptr + r.to(tl.int64)[:, None, None] * stride_o + col, dense, mask=keep)
 
 
-def nibble_unpack(w: KernelMatrix, out: torch.Tensor | None = None, *, dtype: torch.dtype | None = None,
+def nibble_unpack(w: Any, out: torch.Tensor | None = None, *, dtype: torch.dtype | None = None,
                   row_start: int = 0, row_stop: int | None = None, block_r: int = 4, block_g: int = 16,
                   num_warps: int = 4) -> torch.Tensor:
     """Dense copy of rows ``row_start:row_stop`` (default all) of a ``nibble`` matrix.
@@ -92,6 +93,6 @@ def nibble_unpack(w: KernelMatrix, out: torch.Tensor | None = None, *, dtype: to
     return out
 
 
-def nibble_unpack_reference(w: KernelMatrix, dtype: torch.dtype | None = None) -> torch.Tensor:
+def nibble_unpack_reference(w: Any, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Plain-torch ``nibble_unpack`` (all rows)."""
-    return unpack(w, dtype)
+    return w.to_dense(dtype)

@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from dsf_runtime.kernels._io import pdl_options  # noqa: E402
+from dsf_runtime.kernels.configs import pdl_options
 
 __all__ = ["pack_activations", "pack_activations_reference"]
 

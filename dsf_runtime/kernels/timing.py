@@ -2,7 +2,7 @@
 
 ``graph_time(fns)`` captures ``calls`` invocations (round-robin over ``fns``, e.g. one per weight copy so that
 the copies together exceed the L2 cache) in one CUDA graph, replays it ``repeats`` times and returns per-call
-microseconds (median, p20, p80). Used by ``autotune`` and by benchmarks/bench_layer.py.
+microseconds (median, p20, p80). Used by ``tuning`` and by the benchmarks.
 """
 
 from __future__ import annotations

@@ -16,8 +16,7 @@ from compress.conv.data import mnist_digits
 from compress.conv.finetune import finetune
 from compress.conv.metrics import kl_divergence, logits
 from compress.conv.models import mnist_cnn
-from dsf_runtime.conv import conv_module_from_layer, replace_conv, to_standard
-from dsf_runtime.conv_layer import geometry_of
+from dsf_runtime.conv import conv_module_from_layer, geometry_of, replace_conv, to_standard
 from tests.dsf_runtime.helpers import single_thread  # noqa: F401 (autouse fixture)
 
 
@@ -45,8 +44,8 @@ def _low_rank_conv(rank: int, bias: bool) -> nn.Conv2d:
 def test_basis_spanning_the_filters_is_exact(selection: str, bias: bool) -> None:
     conv = _low_rank_conv(6, bias)
     layer = basis_conv(conv, 6, selection=selection, name="c")
-    assert layer.kind == "basis_conv" and layer.inner_dim == 6 and len(set(layer.basis_channels)) == 6
-    assert layer.relative_error < 1e-9
+    assert layer.layer.kind == "basis_conv" and layer.layer.inner_dim == 6 and len(set(layer.basis_channels)) == 6
+    assert layer.layer.relative_error < 1e-9
     x = torch.randn(2, 12, 9, 9)
     with torch.no_grad():
         expected = conv(x)
@@ -58,7 +57,7 @@ def test_all_filters_kept_reproduces_the_real_layer(real) -> None:
     model, hessian, digits = real
     conv = model.features[3]
     layer = basis_conv(conv, 64, hessian, name="features.3")
-    assert layer.error == 0 and layer.factors["coeff"].shape == (0, 64)
+    assert layer.layer.error == 0 and layer.layer.factors["coeff"].shape == (0, 64)
     assert sorted(layer.basis_channels) == list(range(64))
     assert torch.equal(layer.conv_weight(), conv.weight.detach())  # the very filters, permuted back
     x = model.features[:3](digits[:8])
@@ -96,9 +95,9 @@ def test_data_aware_fit_beats_data_free_on_the_real_layer(real) -> None:
         delta = layer.weight(torch.float64) - weight
         return float(((delta @ h) * delta).sum())
 
-    assert h_error(aware) == pytest.approx(aware.error, rel=1e-4)
+    assert h_error(aware) == pytest.approx(aware.layer.error, rel=1e-4)
     assert h_error(aware) < 0.8 * h_error(free)
-    assert aware.nnz == basis_params(geometry_of(conv), 16) == 16 * 288 + 48 * 16
+    assert aware.layer.nnz == basis_params(geometry_of(conv), 16) == 16 * 288 + 48 * 16
 
 
 def test_basis_size_for_params() -> None:
@@ -146,8 +145,9 @@ def test_finetune_lowers_the_kl_and_keeps_the_structure(real) -> None:
     after = kl_divergence(reference, logits(student, digits))
     assert after < 0.7 * before
     new = tuned["features.3"]
-    assert new.kind == "basis_conv" and new.basis_channels == layer.basis_channels and new.error is None
-    assert new.factors["coeff"].shape == layer.factors["coeff"].shape
+    assert new.layer.kind == "basis_conv" and new.basis_channels == layer.basis_channels and new.layer.error is None
+    assert new.layer.factors["coeff"].shape == layer.layer.factors["coeff"].shape
     with torch.no_grad():
         x = model.features[:3](digits[:4])
-        assert torch.allclose(student.features[3](x), F.conv2d(x, new.conv_weight(), new.bias, padding=1), atol=1e-4)
+        expected = F.conv2d(x, new.conv_weight(), new.layer.bias, padding=1)
+        assert torch.allclose(student.features[3](x), expected, atol=1e-4)

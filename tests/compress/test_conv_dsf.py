@@ -13,8 +13,7 @@ from compress.conv.data import mnist_digits
 from compress.conv.dsf_conv import CNN_DSF_OPTIONS, cnn_dsf_config, compress_conv
 from compress.conv.models import mnist_cnn
 from compress.solvers import DSFConfig, MagnitudeConfig, SparseGPTConfig, make_config, solve
-from dsf_runtime.conv import conv2d, conv_module_from_layer
-from dsf_runtime.conv_layer import CompressedConv, ConvGeometry, geometry_of
+from dsf_runtime.conv import CompressedConv, ConvGeometry, conv2d, conv_module_from_layer, geometry_of
 from tests.dsf_runtime.helpers import single_thread  # noqa: F401 (autouse fixture)
 
 
@@ -43,8 +42,8 @@ def test_cnn_options_are_the_notebook_setting() -> None:
 def test_cnn_square_density_rule(real_layer, density: float, square: float) -> None:
     conv, hessian, _ = real_layer
     result = compress_conv(conv, hessian, cnn_dsf_config(density, iters=3, finalize_iters=3), name="features.3")
-    assert result.nnz == int(64 * 288 * density)
-    assert result.factors["A"].nnz == int(64 * 64 * square)  # the square factor [64, 64] is A (out < in·kh·kw)
+    assert result.layer.nnz == int(64 * 288 * density)
+    assert result.layer.factors["A"].nnz == int(64 * 64 * square)  # the square factor [64, 64] is A (out < in·kh·kw)
 
 
 def test_dsf_conv_beats_magnitude_and_sparsegpt_at_equal_nnz(real_layer) -> None:
@@ -52,6 +51,7 @@ def test_dsf_conv_beats_magnitude_and_sparsegpt_at_equal_nnz(real_layer) -> None
     dsf = compress_conv(conv, hessian, cnn_dsf_config(0.25), name="features.3")
     magnitude = compress_conv(conv, hessian, MagnitudeConfig(0.25), name="features.3")
     sparsegpt = compress_conv(conv, hessian, SparseGPTConfig(0.25), name="features.3")
+    dsf, magnitude, sparsegpt = dsf.layer, magnitude.layer, sparsegpt.layer
     assert dsf.kind == "dsf_conv" and magnitude.kind == sparsegpt.kind == "single_conv"
     assert dsf.nnz == magnitude.nnz == sparsegpt.nnz == int(64 * 288 * 0.25)
     assert dsf.relative_error < sparsegpt.relative_error < 0.5 * magnitude.relative_error

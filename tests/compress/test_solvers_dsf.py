@@ -172,11 +172,48 @@ def test_zero_weight_raises_clearly() -> None:
     )
 
 
-def test_tf32_flags_restored() -> None:
-    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+def _tf32_flags() -> tuple[bool, bool]:
+    return torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+
+
+@pytest.fixture
+def _restore_tf32():
+    """Put the process-wide TF32 flags back after the test, whatever it set them to."""
+    saved = _tf32_flags()
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+@pytest.mark.usefixtures("_restore_tf32")
+@pytest.mark.parametrize("raises", [False, True], ids=["returns", "raises"])
+@pytest.mark.parametrize("flags", [(True, True), (True, False)], ids=["both-on", "cudnn-off"])
+def test_tf32_off_inside_the_solve_and_restored(
+    monkeypatch: pytest.MonkeyPatch, flags: tuple[bool, bool], raises: bool
+) -> None:
+    """With the caller's TF32 flags at non-default values, the solve runs with both off and the caller's exact
+    values come back afterwards, also when the solve raises (a failed factorization)."""
+    from compress.solvers import dsf
+
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+    seen = []
+    solve_stack = dsf._solve_stack
+
+    def observed(*args, **kwargs):
+        seen.append(_tf32_flags())
+        if raises:
+            raise torch.linalg.LinAlgError("linalg.cholesky: The factorization could not be completed")
+        return solve_stack(*args, **kwargs)
+
+    monkeypatch.setattr(dsf, "_solve_stack", observed)
     weight, hessian = synthetic_layer(16, 24)
-    solve(weight.float(), hessian.float(), DSFConfig(density=0.5, iters=2))
-    assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == before
+    if raises:
+        with pytest.raises(RuntimeError, match="not positive definite"):
+            solve(weight.float(), hessian.float(), DSFConfig(density=0.5, iters=2))
+    else:
+        result = solve(weight.float(), hessian.float(), DSFConfig(density=0.5, iters=2))
+        assert result.nnz == nnz_budget((16, 24), 0.5)
+    assert seen == [(False, False)]
+    assert _tf32_flags() == flags
 
 
 def test_matches_reference_port_large_factors() -> None:
@@ -197,7 +234,7 @@ def _group_counts(matrix: torch.Tensor, group: int) -> torch.Tensor:
 @pytest.mark.parametrize("shape", [(64, 96), (96, 64), (48, 48), (40, 70)])
 @pytest.mark.parametrize("group", [16, 8])
 def test_balanced_factors_keep_n_per_group(shape: tuple[int, int], group: int) -> None:
-    from dsf_runtime.formats.balanced import propose_balanced_split
+    from compress.solvers.split import propose_balanced_split
 
     weight, hessian = synthetic_layer(*shape, dtype=torch.float32)
     result = solve(weight, hessian, DSFConfig(density=0.5, iters=6, group_size=group))

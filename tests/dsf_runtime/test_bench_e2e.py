@@ -6,13 +6,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
 import typer
 from typer.testing import CliRunner
 
+from benchmarks import bench_e2e as bench
 from tests.dsf_runtime.helpers import single_thread  # noqa: F401 (autouse fixture)
-
-bench = pytest.importorskip("benchmarks.bench_e2e")
 
 KEYS = {"model", "variant", "density", "nnz_density", "phase", "batch", "tokens", "decode_tok_s", "decode_step_ms",
         "prefill_ms", "peak_mem_bytes", "weight_bytes", "linear_bytes", "cuda_graphs", "speedup_vs_dense",
@@ -37,7 +35,7 @@ def test_dry_run_rows(tmp_path: Path) -> None:
             assert r["speedup_vs_dense"] == 1.0 and r["weight_ratio_vs_dense"] == 1.0
         else:
             assert 0.4 < r["nnz_density"] <= 0.5 and r["weight_ratio_vs_dense"] < 1.0
-            assert r["layouts"] == {"bitmask (packed)": 28}  # 14 layers × 2 factors; CPU: pure torch
+            assert r["layouts"] == {"bitmask": 28}  # 14 layers × 2 factors; CPU: pure torch
     loaded = [r for r in rows if r["model"] == "tiny-loader" and r["variant"] == "dsf-0.5"]
     assert all(r["via"] == "from_pretrained" for r in loaded)
     assert {"device", "driver", "torch", "triton", "transformers", "date", "git_sha"} <= set(res["meta"])
@@ -63,3 +61,18 @@ def test_cli_dry_run(tmp_path: Path) -> None:
     assert "| tiny-llama | dsf-0.3 |" in result.output and out.is_file()
     result = CliRunner().invoke(app, ["bench", "e2e", "--batches", "1,x", "--dry-run", "--out", str(out)])
     assert result.exit_code != 0 and "expected comma-separated numbers" in result.output
+
+
+def test_cli_layer_passes_through_and_needs_the_scripts(tmp_path: Path, monkeypatch) -> None:
+    """`dsf bench layer --help` shows bench_layer.py's own options (run as a subprocess, not imported); without
+    benchmarks/ beside the packages the command says so."""
+    from dsf_cli import commands_bench
+
+    app = typer.Typer()
+    app.callback()(lambda: None)
+    commands_bench.register(app)
+    result = CliRunner().invoke(app, ["bench", "layer", "--help"])
+    assert result.exit_code == 0 and "--tuning-file" in result.output and "--cpu-dry-run" in result.output
+    monkeypatch.setattr(commands_bench, "ROOT", tmp_path)
+    result = CliRunner().invoke(app, ["bench", "layer", "--help"])
+    assert result.exit_code == 2 and "bench_layer.py not found" in result.output

@@ -33,7 +33,8 @@ def _compressed(tmp_path: Path, layout: str = "dense", dtype=None, **kwargs):
 
 
 @pytest.mark.parametrize(("layout", "dtype"), [("dense", None), ("bitmask", torch.float16), ("csr", torch.bfloat16),
-                                               ("bsr", torch.float16)])
+                                               ("bsr", torch.float16), ("nibble", torch.float16),
+                                               ("delta", torch.float32)])
 def test_logits_match_dense_product(tmp_path: Path, layout: str, dtype) -> None:
     reference, layers, directory = _compressed(tmp_path, layout, dtype, attention_bias=True)
     model = from_pretrained(directory)
@@ -90,6 +91,19 @@ def test_missing_and_unexpected_uncompressed_tensors(tmp_path: Path) -> None:
     tensors = {**uncompressed(model, layers), "model.norm.weight": torch.ones(3)}
     directory = save_compressed(tmp_path / "c", tensors=tensors, layers=layers, config_source=model.config.to_dict())
     with pytest.raises(CheckpointError, match=r"'model.norm.weight' has shape \[3\], the model expects \[64\]"):
+        from_pretrained(directory)
+
+
+def test_checkpoint_code_is_never_run(tmp_path: Path) -> None:
+    """An ``auto_map`` (Python shipped with the checkpoint) is refused before anything is imported or built."""
+    import json
+
+    _, _, directory = _compressed(tmp_path)
+    config = json.loads((directory / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForCausalLM": "evil.Model"}
+    (directory / "config.json").write_text(json.dumps(config))
+    (directory / "evil.py").write_text("raise SystemExit('imported the checkpoint code')\n")
+    with pytest.raises(CheckpointError, match=r"config\.json: has an 'auto_map'.*remove 'auto_map'"):
         from_pretrained(directory)
 
 

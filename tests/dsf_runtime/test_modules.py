@@ -1,4 +1,4 @@
-"""ops.packed_matmul / dsf_linear against dense products; FactorizedLinear, SparseLinear and replace_linear."""
+"""Every layout's matmul and modules.linear against float64 products; FactorizedLinear, SparseLinear, replace_linear."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from dsf_runtime import CompressedLayer, FactorizedLinear, SparseLinear, ops, pack, pack_factors, replace_linear
-from dsf_runtime.formats import LAYOUTS
+from dsf_runtime import CompressedLayer, FactorizedLinear, SparseLinear, linear, pack, pack_factors, replace_linear
+from dsf_runtime.formats import LAYOUTS, _common
 from tests.dsf_runtime.helpers import random_sparse, single_thread  # noqa: F401 (autouse fixture)
 
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
@@ -24,20 +24,27 @@ def _close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> 
 
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-def test_packed_matmul_matches_dense(layout: str, dtype: torch.dtype, monkeypatch) -> None:
-    monkeypatch.setattr(ops, "CHUNK_BYTES", 4 * 50 * 16)  # several row chunks (BSR: aligned to blocks)
+def test_matmul_matches_dense(layout: str, dtype: torch.dtype, monkeypatch) -> None:
+    monkeypatch.setattr(_common, "CHUNK_BYTES", 4 * 50 * 16)  # several row chunks (BSR: aligned to blocks)
     weight = random_sparse(70, 50, 0.3).to(dtype)
     x = torch.randn(2, 3, 50).to(dtype)
-    y = ops.packed_matmul(x, pack(weight, layout, **_opts(layout)))
+    y = pack(weight, layout, **_opts(layout)).matmul(x)
     assert y.shape == (2, 3, 70) and y.dtype == dtype
     _close(y, x.double() @ weight.double().T, dtype)
 
 
-def test_packed_matmul_out_dtype_and_shape_error() -> None:
+def test_matmul_out_dtype_and_shape_error() -> None:
     packed = pack(random_sparse(8, 6, 0.5), "csr", dtype=torch.float16)
-    assert ops.packed_matmul(torch.randn(4, 6, dtype=torch.float16), packed, torch.float32).dtype == torch.float32
+    assert packed.matmul(torch.randn(4, 6, dtype=torch.float16), torch.float32).dtype == torch.float32
     with pytest.raises(ValueError, match="input has 5 features, the 8x6 weight expects 6"):
-        ops.packed_matmul(torch.randn(4, 5), packed)
+        packed.matmul(torch.randn(4, 5))
+
+
+def test_linear_chains_mixed_layouts() -> None:
+    A, B = random_sparse(30, 20, 0.4, seed=3), random_sparse(20, 44, 0.4, seed=4)
+    x = torch.randn(6, 44)
+    y = linear(x, [pack(A, "bitmask"), pack(B, "delta")], torch.ones(30))
+    torch.testing.assert_close(y.double(), x.double() @ (A.double() @ B.double()).T + 1, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
@@ -91,19 +98,6 @@ def test_replace_linear_errors() -> None:
         replace_linear(model, {"0": layer})
     with pytest.raises(ValueError, match="the model has no module '1.x' to replace"):
         replace_linear(model, {"1.x": layer})
-
-
-def test_kernel_registry() -> None:
-    with pytest.raises(ValueError, match="op must be 'matmul' or 'dsf'"):
-        ops.register_kernel("conv", "csr", lambda *a: None)
-    calls = []
-    ops.register_kernel("matmul", "csr", lambda *a: calls.append(a))
-    try:
-        packed = pack(torch.ones(3, 2), "csr")
-        ops.packed_matmul(torch.ones(1, 2), packed)  # CPU input: the reference path, not the kernel
-        assert calls == []
-    finally:
-        ops._KERNELS.pop(("matmul", "csr"))
 
 
 def test_packed_object_is_stable_until_buffers_change() -> None:

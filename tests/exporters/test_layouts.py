@@ -55,6 +55,26 @@ def test_packed_to_dense_and_back_is_bit_exact(compressed_dir: Path, tmp_path: P
     assert json.loads((packed / "dsf_manifest.json").read_text())["base_model"] == "smollm2-135m-2blocks"
 
 
+@pytest.mark.parametrize("layout", ["nibble", "delta"])
+def test_kernel_layout_export_round_trips_and_runs(compressed_dir: Path, tmp_path: Path, layout: str) -> None:
+    """The GPU kernels' layouts are written as files: their tensors reload bit for bit, decode to the source's
+    matrices, and the model runs on the CPU (pure-torch path) like the csr export."""
+    kernel = convert_layout(compressed_dir, tmp_path / layout, ExportConfig(layout=layout, dtype="float16"))
+    csr = convert_layout(compressed_dir, tmp_path / "csr", ExportConfig(layout="csr", dtype="float16"))
+    again = convert_layout(convert_layout(kernel, tmp_path / "dense", ExportConfig(layout="dense")),
+                           tmp_path / "again", ExportConfig(layout=layout))
+    _assert_same_tensors(kernel, again)
+    ck, cc = open_compressed(kernel), open_compressed(csr)
+    for fqn, entry in ck.layers.items():
+        assert {f["layout"] for f in entry["factors"].values()} == {layout}
+        if layout == "nibble":
+            assert all(f["group"] == 16 and 1 <= f["per_group"] <= 16 for f in entry["factors"].values())
+        k, c = ck.load_layer(fqn), cc.load_layer(fqn)
+        for name, factor in k.factors.items():
+            assert torch.equal(factor.to_dense(), c.factors[name].to_dense()), (fqn, name)
+    torch.testing.assert_close(_logits(kernel), _logits(csr), rtol=2e-3, atol=2e-3)
+
+
 def test_packed_export_runs_like_the_source(compressed_dir: Path, tmp_path: Path) -> None:
     packed = convert_layout(compressed_dir, tmp_path / "csr", ExportConfig(layout="csr"))
     torch.testing.assert_close(_logits(packed), _logits(compressed_dir), rtol=1e-4, atol=1e-4)
@@ -122,7 +142,7 @@ def test_broken_source_gives_the_checkpoint_error(compressed_dir: Path, tmp_path
 @pytest.mark.parametrize(
     ("fields", "message"),
     [
-        ({"layout": "coo"}, "--layout 'coo' is not a layout; expected one of bitmask, bsr, csr, dense"),
+        ({"layout": "coo"}, "--layout 'coo' is not a layout; expected one of bitmask, bsr, csr, delta, dense, nibble"),
         ({"block_size": 8}, "--block-size 8 is not a bsr block size; expected one of 16, 32, 64"),
         ({"dtype": "int8"}, "--dtype 'int8' is not a value dtype; expected one of bfloat16, float16, float32"),
         ({"max_shard_size": "lots"}, "--max-shard-size 'lots' is not a size; use e.g. 2GiB, 500MB or a number of bytes"),

@@ -16,24 +16,33 @@ if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 _KERNEL_MODULES = [
-    "dsf_runtime.kernels._interpreter_compat", "dsf_runtime.kernels.configs", "dsf_runtime.kernels.layouts",
-    "dsf_runtime.kernels.pack_activations", "dsf_runtime.kernels._io", "dsf_runtime.kernels.nibble_matmul",
-    "dsf_runtime.kernels.delta_matmul", "dsf_runtime.kernels.nibble_unpack", "dsf_runtime.kernels.delta_unpack",
-    "dsf_runtime.kernels.budget", "dsf_runtime.kernels.dispatch", "dsf_runtime.kernels",
+    "dsf_runtime.kernels._interpreter_compat", "dsf_runtime.kernels.configs", "dsf_runtime.kernels.pack_activations",
+    "dsf_runtime.kernels._io", "dsf_runtime.kernels.nibble_matmul", "dsf_runtime.kernels.delta_matmul",
+    "dsf_runtime.kernels.nibble_unpack", "dsf_runtime.kernels.delta_unpack", "dsf_runtime.kernels.dispatch",
+    "dsf_runtime.kernels",
 ]
 
 
 def _ensure_interpreted() -> None:
     if HAS_CUDA or os.environ.get("TRITON_INTERPRET") != "1" or "dsf_runtime.kernels.dispatch" not in sys.modules:
         return
-    from dsf_runtime.kernels.dispatch import kernels_available
+    from dsf_runtime.kernels.dispatch import interpreted
 
-    if not kernels_available(torch.device("cpu")):
+    if not interpreted():
         for name in _KERNEL_MODULES:
             importlib.reload(sys.modules[name]) if name in sys.modules else importlib.import_module(name)
 
 
 _ensure_interpreted()
+from dsf_runtime.kernels import _interpreter_compat  # noqa: E402
+
+_interpreter_compat.apply()
+
+
+@pytest.fixture(autouse=True)
+def interpret_kernels_on_cpu(monkeypatch) -> None:
+    """Kernel layouts on the CPU compute through the interpreted kernels in these tests only."""
+    monkeypatch.setenv("DSF_INTERPRET_KERNELS", "1")
 
 
 @pytest.fixture
@@ -57,7 +66,7 @@ def sparse_random(rows: int, cols: int, density: float, dtype=torch.float16, dev
 
 def balanced_random(rows: int, cols: int, per_group: int, group: int = 16, dtype=torch.float16, device="cpu",
                     gen=None) -> torch.Tensor:
-    from dsf_runtime.kernels import balance_mask
+    from dsf_runtime.formats.nibble import balance_mask
 
     w = torch.randn(rows, cols, generator=gen) + 0.1
     mask = balance_mask(torch.rand(rows, cols, generator=gen), per_group, group)

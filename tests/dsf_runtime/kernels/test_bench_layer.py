@@ -1,12 +1,13 @@
-"""benchmarks/bench_layer.py end to end on a tiny shape (CPU interpreter: checks code paths and the row schema)."""
+"""benchmarks/bench_layer.py end to end on a tiny shape (CPU interpreter: checks code paths and the row schema), and
+its ``--tune`` step writing a tuning file through ``dsf_runtime.kernels.tuning`` (fake timer)."""
 
 import json
 
-import pytest
+from benchmarks import bench_layer as bench
+from dsf_runtime.kernels import configs
 
-bench = pytest.importorskip("benchmarks.bench_layer")
-
-KEYS = {"shape", "kind", "density", "batch", "dtype", "dense_us", "ours_us", "csr_us", "semi24_us"}
+KEYS = {"shape", "kind", "density", "batch", "dtype", "dense_us", "ours_us", "csr_us", "semi24_us", "paths_us",
+        "auto_us", "path"}
 
 
 def test_rows_schema(tmp_path):
@@ -18,6 +19,33 @@ def test_rows_schema(tmp_path):
     for r in rows:
         assert KEYS <= set(r) and r["shape"] == [32, 48] and r["batch"] == 1 and r["dtype"] == "float16"
         assert isinstance(r["dense_us"], float) and isinstance(r["ours_us"], float)
+        assert set(r["paths_us"]) == {"auto", "decode"} and r["ours_us"] == min(r["paths_us"].values())
         assert r["rel_err"] <= 1e-2
-    assert {"device", "driver", "torch", "triton", "date", "git_sha"} <= set(res["meta"])
+    assert {"device", "driver", "torch", "triton", "date", "git_sha", "tuning"} <= set(res["meta"])
     assert out.with_suffix(".md").read_text().startswith("# Layer benchmark")
+
+
+def test_paths_exist():
+    from dsf_runtime.kernels.dispatch import PATHS
+
+    for kind in ("dsf", "single"):
+        for batch in bench.BATCHES:
+            paths = bench._paths_for(kind, batch)
+            assert paths[0] == "auto" and set(paths) <= set(PATHS)
+    assert "materialize" in bench._paths_for("dsf", 2048) and "materialize" not in bench._paths_for("single", 2048)
+
+
+def test_tune_writes_a_tuning_file(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench, "_tune_cases", lambda shapes: [((32, 48), "single", 0.5, "nibble")])
+    out = tmp_path / "tuned.json"
+    try:
+        found = bench.tune_all([(32, 48)], out, bns=(1,), timer=lambda fns: 1.0, device="Fake GPU",
+                               log=lambda *_: None)
+        W = bench._prepare(bench.make_case((32, 48), "single", 0.5, "nibble", bench.torch.float16, "cpu"), "nibble")[0]
+        entry = {"layout": "nibble", "rows": 32, "per_row": W.slots, "BN": 1}
+        assert configs.lookup("nibble", 32, W.slots, 1, device="Fake GPU") == configs.candidates("nibble", 1)[0]
+        assert found["file"] == str(out) and [{k: e[k] for k in entry} for e in found["matmul"]] == [entry]
+        doc = json.loads(out.read_text())
+        assert doc["devices"]["Fake GPU"]["source"] == "benchmarks/bench_layer.py --tune"
+    finally:
+        configs.use_tuning_file(None)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from dsf_runtime.kernels import pack_delta
+from dsf_runtime.formats import DeltaMatrix
 from dsf_runtime.kernels.delta_matmul import delta_matmul, delta_matmul_reference
 from tests.dsf_runtime.kernels.conftest import rel_err, sparse_random
 
@@ -18,7 +18,7 @@ def test_matches_reference(device, tokens, dtype):
     w[7] = 0
     w[7, 320] = 2.0  # long gap bridged by fillers
     w[9, :200] = 0  # long leading gap
-    k = pack_delta(w).to(device)
+    k = DeltaMatrix.from_dense(w).to(device)
     x = torch.randn(tokens, cols, generator=gen).to(dtype).to(device)
     bias = torch.randn(rows, generator=gen).to(dtype).to(device)
     out = torch.full((tokens, rows), float("nan"), dtype=dtype, device=device)
@@ -29,14 +29,14 @@ def test_matches_reference(device, tokens, dtype):
 def test_block_config(device):
     gen = torch.Generator().manual_seed(2)
     w = sparse_random(13, 70, 0.6, gen=gen)
-    k = pack_delta(w).to(device)
+    k = DeltaMatrix.from_dense(w).to(device)
     x = torch.randn(2, 70, generator=gen).half().to(device)
     cfg = {"BN": 1, "BLOCK_R": 8, "BLOCK_S": 64, "num_warps": 4, "num_stages": 1}
     assert rel_err(delta_matmul(x, k, config=cfg), delta_matmul_reference(x.cpu(), k.to("cpu"))) <= 1e-2
 
 
 def test_wrong_layout():
-    from dsf_runtime.kernels import pack_nibble
+    from dsf_runtime.formats import NibbleMatrix
 
     with pytest.raises(ValueError, match="delta_matmul needs a 'delta' matrix, got layout 'nibble'"):
-        delta_matmul(torch.zeros(1, 4, dtype=torch.float16), pack_nibble(torch.eye(4, dtype=torch.float16), 1))
+        delta_matmul(torch.zeros(1, 4, dtype=torch.float16), NibbleMatrix.from_dense(torch.eye(4, dtype=torch.float16), per_group=1))

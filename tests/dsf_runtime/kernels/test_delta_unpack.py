@@ -2,7 +2,7 @@
 
 import torch
 
-from dsf_runtime.kernels import pack_delta
+from dsf_runtime.formats import DeltaMatrix
 from dsf_runtime.kernels.delta_unpack import delta_unpack, delta_unpack_reference
 from tests.dsf_runtime.kernels.conftest import sparse_random
 
@@ -12,7 +12,7 @@ def test_exact(device):
     w[0] = 0
     w[1, :] = 0
     w[1, 139] = 1.0
-    k = pack_delta(w).to(device)
+    k = DeltaMatrix.from_dense(w).to(device)
     out = torch.full((23, 140), float("nan"), dtype=torch.float16, device=device)
     delta_unpack(k, out=out)
     assert torch.equal(out.cpu(), w) and torch.equal(delta_unpack_reference(k.to("cpu")), w)
@@ -20,5 +20,5 @@ def test_exact(device):
 
 def test_row_range(device):
     w = sparse_random(19, 70, 0.4, gen=torch.Generator().manual_seed(5))
-    k = pack_delta(w).to(device)
+    k = DeltaMatrix.from_dense(w).to(device)
     assert torch.equal(delta_unpack(k, row_start=3, row_stop=11).cpu(), w[3:11])

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from dsf_runtime.kernels import pack_nibble
+from dsf_runtime.formats import NibbleMatrix
 from dsf_runtime.kernels.nibble_matmul import nibble_matmul, nibble_matmul_reference
 from dsf_runtime.kernels.pack_activations import pack_activations
 from tests.dsf_runtime.kernels.conftest import balanced_random, rel_err
@@ -18,7 +18,7 @@ def test_matches_reference(device, tokens, dtype):
     rows, cols, n = 37, 83, 5  # odd shapes: not multiples of any block
     w = balanced_random(rows, cols, n, gen=gen, dtype=dtype)
     w[4] = 0  # empty row
-    k = pack_nibble(w, n).to(device)
+    k = NibbleMatrix.from_dense(w, per_group=n).to(device)
     x = torch.randn(tokens, cols, generator=gen).to(dtype).to(device)
     bias = torch.randn(rows, generator=gen).to(dtype).to(device)
     out = torch.full((tokens, rows), float("nan"), dtype=dtype, device=device)
@@ -36,7 +36,7 @@ def test_configs_and_group_widths(device, cfg):
     gen = torch.Generator().manual_seed(3)
     rows, cols, n, g = 20, 101, 4, 10  # G = 10: non-power-of-two groups
     w = balanced_random(rows, cols, n, g, gen=gen)
-    k = pack_nibble(w, n, g).to(device)
+    k = NibbleMatrix.from_dense(w, per_group=n, group=g).to(device)
     x = torch.randn(3, cols, generator=gen).half().to(device)
     y = nibble_matmul(x, k, config=cfg)
     assert rel_err(y, nibble_matmul_reference(x.cpu(), k.to("cpu"))) <= 1e-2
@@ -47,7 +47,7 @@ def test_packed_chain_fp32(device):
     gen = torch.Generator().manual_seed(5)
     B = balanced_random(24, 40, 6, gen=gen)
     A = balanced_random(18, 24, 3, gen=gen)
-    kB, kA = pack_nibble(B, 6).to(device), pack_nibble(A, 3).to(device)
+    kB, kA = NibbleMatrix.from_dense(B, per_group=6).to(device), NibbleMatrix.from_dense(A, per_group=3).to(device)
     x = torch.randn(6, 40, generator=gen).half().to(device)
     xp = pack_activations(x, 4)
     z = nibble_matmul(xp, kB, n_tokens=6, out_dtype=torch.float32, packed_out=4)
@@ -58,7 +58,7 @@ def test_packed_chain_fp32(device):
 
 
 def test_errors():
-    k = pack_nibble(torch.eye(4, dtype=torch.float16), 1)
+    k = NibbleMatrix.from_dense(torch.eye(4, dtype=torch.float16), per_group=1)
     with pytest.raises(ValueError, match=r"x must be \[T, 4\] with unit column stride"):
         nibble_matmul(torch.zeros(2, 5, dtype=torch.float16), k)
     with pytest.raises(TypeError, match="x has dtype torch.int32"):

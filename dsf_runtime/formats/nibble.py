@@ -1,0 +1,237 @@
+"""Layout ``nibble``: balanced groups with 4-bit in-group columns, the GPU decode kernels' layout for DSF factors
+solved with ``group_size`` (docs/format.md, "Kernel layouts").
+
+Every row is cut into groups of ``G`` (``group``, 1..16) consecutive columns; each group stores exactly ``N``
+(``per_group``) slots, so every row has the same length ``S`` and needs no row pointer. A slot is a value plus its
+4-bit column inside the group; a group with fewer than ``N`` non-zeros stores its non-zeros first (ascending
+column) and zero-valued slots after them.
+
+- ``values``: ``[rows_pad, S]``; slot ``s`` of row ``i`` belongs to group ``s // N``. ``rows_pad`` is ``rows``
+  rounded up to ``ROW_PAD``; ``S = ceil(ngroups·N / 32)·32`` (``ngroups = ceil(cols / G)``); pad rows and pad slots
+  hold zeros.
+- ``index``: ``[rows_pad, S // 2]`` uint8, "split halves" per chunk of 32 slots: byte ``j`` (0..15) of chunk ``c``
+  holds slot ``32c + j`` in its low nibble and slot ``32c + 16 + j`` in its high nibble, so a kernel unpacks runs
+  of 16 consecutive slots from each half of a byte vector. Column of slot ``s`` = ``(s // N)·G + nibble(s)``;
+  zero-valued slots may point anywhere.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import cached_property, partial
+from typing import Any, ClassVar
+
+import torch
+
+from dsf_runtime.formats._common import (
+    VALUE_DTYPES,
+    FormatError,
+    PackedMixin,
+    check_matrix,
+    check_tensor,
+    count_nonzero,
+    dtype_name,
+    part_name,
+)
+
+__all__ = ["CHUNK", "ROW_PAD", "NibbleMatrix", "balance_mask", "group_counts", "nibble_bytes"]
+
+CHUNK = 32  # slots per split-halves chunk
+ROW_PAD = 16  # rows are padded to a multiple of this (kernels read whole row blocks unmasked)
+
+
+def group_counts(mask: torch.Tensor, group: int = 16) -> torch.Tensor:
+    """Non-zeros per group of ``group`` consecutive columns: ``[rows, ceil(cols / group)]`` int32."""
+    rows, cols = mask.shape
+    ngroups = -(-cols // group)
+    m = torch.zeros(rows, ngroups * group, dtype=torch.int32, device=mask.device)
+    m[:, :cols] = (mask != 0).to(torch.int32)
+    return m.view(rows, ngroups, group).sum(-1, dtype=torch.int32)
+
+
+def balance_mask(scores: torch.Tensor, per_group: int, group: int = 16) -> torch.Tensor:
+    """Top-``per_group`` mask per group of ``group`` consecutive columns of every row (ties: lower column first);
+    a last partial group keeps ``min(per_group, its width)``.
+
+    Args:
+        scores: ``[rows, cols]`` saliency, any float dtype and device.
+
+    Returns:
+        bool ``[rows, cols]``.
+    """
+    _check_group(group, per_group)
+    rows, cols = scores.shape
+    ngroups = -(-cols // group)
+    s = torch.full((rows, ngroups * group), float("-inf"), dtype=torch.float32, device=scores.device)
+    s[:, :cols] = scores.float().abs()
+    top = s.view(rows, ngroups, group).topk(per_group, dim=-1, sorted=False).indices
+    mask = torch.zeros(rows, ngroups, group, dtype=torch.bool, device=scores.device)
+    mask.scatter_(-1, top, True)
+    return mask.view(rows, ngroups * group)[:, :cols].contiguous()
+
+
+def nibble_bytes(rows: int, cols: int, per_group: int, group: int = 16, value_bytes: int = 2) -> float:
+    """Bytes of a ``nibble`` matrix (padding included), for choosing layouts and budgets."""
+    S = math.ceil(math.ceil(cols / group) * per_group / CHUNK) * CHUNK
+    return math.ceil(max(rows, 1) / ROW_PAD) * ROW_PAD * S * (value_bytes + 0.5)
+
+
+def _check_group(group: Any, per_group: Any = None) -> None:
+    if not (isinstance(group, int) and not isinstance(group, bool) and 1 <= group <= 16):
+        raise ValueError(f"group must be an integer in 1..16 (4-bit in-group index), got {group!r}")
+    if per_group is not None and not (
+        isinstance(per_group, int) and not isinstance(per_group, bool) and 1 <= per_group <= group
+    ):
+        raise ValueError(f"per_group must be an integer in 1..group={group}, got {per_group!r}")
+
+
+def _padded_dims(rows: int, cols: int, group: int, per_group: int) -> tuple[int, int, int]:
+    """``(rows_pad, S, ngroups)`` of a ``rows × cols`` matrix."""
+    ngroups = -(-cols // group)
+    return -(-max(rows, 1) // ROW_PAD) * ROW_PAD, -(-(ngroups * per_group) // CHUNK) * CHUNK, ngroups
+
+
+@dataclass(frozen=True, eq=False)
+class NibbleMatrix(PackedMixin):
+    """Balanced groups of ``group`` columns with ``per_group`` slots each (module docstring).
+
+    Tensors:
+        values: ``[rows_pad, S]`` float16, bfloat16 or float32.
+        index: ``[rows_pad, S // 2]`` uint8, two 4-bit in-group columns per byte (split halves).
+
+    Scalars:
+        shape: ``(rows, cols)``; group: ``G`` (1..16); per_group: ``N`` (1..G).
+    """
+
+    values: torch.Tensor
+    index: torch.Tensor
+    shape: tuple[int, int]
+    group: int
+    per_group: int
+
+    layout: ClassVar[str] = "nibble"
+    parts: ClassVar[tuple[str, ...]] = ("values", "index")
+    options: ClassVar[tuple[str, ...]] = ("group", "per_group")
+
+    @classmethod
+    def from_dense(cls, matrix: torch.Tensor, *, dtype: torch.dtype | None = None, group: int = 16,
+                   per_group: int | None = None) -> NibbleMatrix:
+        """Pack ``matrix`` ([rows, cols]) whose groups hold at most ``per_group`` non-zeros (default: the largest
+        group count, at least 1), values cast to ``dtype``.
+
+        Raises:
+            ValueError: a group holds more than ``per_group`` non-zeros (balance the mask with ``balance_mask``,
+                or store the matrix as ``delta``).
+        """
+        w = check_matrix(matrix, dtype)
+        _check_group(group)
+        rows, cols = w.shape
+        counts = group_counts(w, group)
+        top = int(counts.max()) if counts.numel() else 0
+        n = max(top, 1) if per_group is None else per_group
+        _check_group(group, n)
+        if top > n:
+            r, g = (counts > n).nonzero()[0].tolist()
+            raise ValueError(f"row {r} group {g} (columns {g * group}..{g * group + group - 1}) holds "
+                             f"{int(counts[r, g])} non-zeros > per_group={n}; balance the mask with "
+                             "balance_mask(...) or use the 'delta' layout")
+        rows_pad, S, ngroups = _padded_dims(rows, cols, group, n)
+        padded = torch.zeros(rows, ngroups * group, dtype=w.dtype, device=w.device)
+        padded[:, :cols] = w
+        g = padded.view(rows, ngroups, group)
+        # non-zeros first, ascending column inside each group (stable sort of the "is zero" key)
+        order = torch.sort((g == 0).to(torch.int8), dim=-1, stable=True).indices[..., :n]
+        values = torch.zeros(rows_pad, S, dtype=w.dtype, device=w.device)
+        values[:rows, : ngroups * n] = torch.gather(g, -1, order).reshape(rows, ngroups * n)
+        nib = torch.zeros(rows_pad, S, dtype=torch.uint8, device=w.device)
+        nib[:rows, : ngroups * n] = order.reshape(rows, ngroups * n).to(torch.uint8)
+        nib = nib.view(rows_pad, S // CHUNK, 2, CHUNK // 2)
+        index = (nib[:, :, 0] | (nib[:, :, 1] << 4)).reshape(rows_pad, S // 2).contiguous()
+        return cls(values=values, index=index, shape=(rows, cols), group=group, per_group=n)
+
+    @cached_property
+    def nnz(self) -> int:
+        """Number of non-zero stored values (zero-valued padding slots excluded)."""
+        return count_nonzero(self.values)
+
+    @property
+    def slots(self) -> int:
+        """Stored slots per row, ``S``."""
+        return self.values.shape[-1]
+
+    def columns(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Column of every slot of rows ``start:stop``: ``[stop - start, S]`` int64 (zero slots included)."""
+        stop = self.shape[0] if stop is None else stop
+        b = self.index[start:stop].view(stop - start, self.slots // CHUNK, 1, CHUNK // 2)
+        nib = torch.cat([b & 15, b >> 4], dim=2).reshape(stop - start, self.slots).long()
+        s = torch.arange(self.slots, device=self.index.device)
+        return (s // self.per_group) * self.group + nib
+
+    def dense_rows(self, start: int, stop: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Rows ``start:stop`` as a dense ``[stop - start, cols]`` tensor in ``dtype`` (default: values' dtype)."""
+        col = self.columns(start, stop)
+        v = self.values[start:stop]
+        keep = v != 0
+        out = torch.zeros(stop - start, self.shape[1], dtype=dtype or self.dtype, device=self.device)
+        rr = torch.arange(stop - start, device=self.device)[:, None].expand_as(col)
+        out[rr[keep], col[keep]] = v[keep].to(out.dtype)
+        return out
+
+    def kernel_ready(self, device: torch.device) -> bool:
+        from dsf_runtime.kernels import unavailable_reason
+
+        return unavailable_reason(device) is None
+
+    def matmul(self, x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+        """``y = x·Wᵀ``: the Triton kernels where they run (``kernel_ready``), else the pure-torch path."""
+        if self.kernel_ready(x.device):
+            from dsf_runtime.kernels.dispatch import linear
+
+            return linear(x, [self], None, out_dtype)
+        return super().matmul(x, out_dtype)
+
+    def validate(self, prefix: str = "") -> None:
+        """Check ``group``/``per_group``, dtypes, the padded shapes, zero padding, and that every non-zero slot's
+        column lies inside its group and the matrix with non-zeros first and strictly ascending inside each group;
+        raises FormatError naming the tensor."""
+        name = partial(part_name, prefix)
+        rows, cols = self.shape
+        try:
+            _check_group(self.group, self.per_group)
+        except ValueError as exc:
+            raise FormatError(name("index"), f"cannot be read: {exc}") from None
+        G, N = self.group, self.per_group
+        rows_pad, S, ngroups = _padded_dims(rows, cols, G, N)
+        check_tensor(name("values"), self.values, tuple(VALUE_DTYPES), (rows_pad, S))
+        check_tensor(name("index"), self.index, (torch.uint8,), (rows_pad, S // 2))
+        v = self.values
+        if bool((v[rows:] != 0).any()) or bool((v[:, ngroups * N:] != 0).any()):
+            raise FormatError(name("values"), "holds non-zeros in its padding (rows >= shape[0] or slots >= "
+                                              f"ceil(cols / group)·per_group = {ngroups * N})")
+        nz = (v[:rows, : ngroups * N] != 0).view(rows, ngroups, N)
+        col = self.columns(0, rows)[:, : ngroups * N].view(rows, ngroups, N)
+        nib = col - (torch.arange(ngroups, device=col.device) * G)[None, :, None]
+        bad = nz & ((nib >= G) | (col >= cols))
+        if bad.any():
+            r, g, _ = (int(i) for i in bad.nonzero()[0])
+            raise FormatError(name("index"), f"row {r} group {g} points a non-zero past its group or column {cols - 1}")
+        order = (nz[..., 1:] & ~nz[..., :-1]) | (nz[..., 1:] & (nib[..., 1:] <= nib[..., :-1]))
+        if order.any():
+            r, g, _ = (int(i) for i in order.nonzero()[0])
+            raise FormatError(name("index"), f"row {r} group {g} does not hold its non-zeros first with strictly "
+                                             "ascending columns")
+
+    def meta(self) -> dict[str, Any]:
+        """The manifest's per-factor entry."""
+        return {
+            "shape": list(self.shape),
+            "layout": self.layout,
+            "dtype": dtype_name(self.dtype),
+            "nnz": self.nnz,
+            "index_dtype": None,
+            "block_size": None,
+            "bit_order": None,
+            "group": self.group,
+            "per_group": self.per_group,
+        }
