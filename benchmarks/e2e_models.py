@@ -104,9 +104,9 @@ def compress_in_place(model: nn.Module, density: float, *, seed: int = 0, kernel
 
 
 def compress_to_directory(model: nn.Module, density: float, directory: Path, config_source, *,
-                          seed: int = 0) -> dict:
-    """Write ``model`` with every decoder linear replaced by random balanced DSF factors (``bitmask`` layout) as
-    a compressed directory that ``from_pretrained`` loads. ``model`` is not modified.
+                          seed: int = 0, layout: str = "bitmask") -> dict:
+    """Write ``model`` with every decoder linear replaced by random balanced DSF factors (in ``layout``) as a
+    compressed directory that ``from_pretrained`` loads. ``model`` is not modified.
 
     Returns:
         ``{"nnz", "elements", "nnz_density", "directory"}``.
@@ -122,7 +122,7 @@ def compress_to_directory(model: nn.Module, density: float, directory: Path, con
         A, B, split = random_dsf_factors(shape, density, dtype, device, gen)
         bias = None if lin.bias is None else lin.bias.detach()
         layers[name] = CompressedLayer.from_dense("dsf", {"A": A, "B": B}, method="random-balanced", bias=bias,
-                                                  layout="bitmask", dtype=dtype)
+                                                  layout=layout, dtype=dtype)
         nnz += split["nnz"]
         elements += shape[0] * shape[1]
     skip = {f"{n}.weight" for n in names} | {f"{n}.bias" for n in names}
