@@ -57,6 +57,10 @@ def export(
     ),
     opset: int = typer.Option(18, "--opset", help="ONNX default-domain opset (>= 18)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --output or an existing --onnx file."),
+    verify: bool = typer.Option(
+        True, "--verify/--no-verify", help="ONNX: check the written model (onnx.checker, and one ONNX Runtime run "
+        "on a few tokens against torch) before it is moved into place."
+    ),
 ) -> None:
     """Export a compressed model: to another layout or dtype, to a dense fallback, or to ONNX.
 
@@ -77,7 +81,8 @@ def export(
         if onnx is not None:
             from exporters.onnx_export import export_onnx
 
-            written = export_onnx(src, onnx, config, lowering=lowering.value, opset=opset, overwrite=overwrite)
+            written = export_onnx(src, onnx, config, lowering=lowering.value, opset=opset, overwrite=overwrite,
+                                  verify=verify)
         elif dense_fallback:
             from exporters.dense_fallback import export_dense_fallback
 

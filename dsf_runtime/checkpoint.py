@@ -24,8 +24,10 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
+import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +51,7 @@ __all__ = [
     "CompressedCheckpoint",
     "CompressedLayer",
     "open_compressed",
+    "read_json",
     "save_compressed",
 ]
 
@@ -71,11 +74,99 @@ _FIX = "re-export the checkpoint"
 # The manifest fields every layer entry has; the others are the entry's kind-specific ``extra``.
 _GENERIC_FIELDS = ("kind", "method", "shape", "inner_dim", "nnz", "density", "bias", "error", "relative_error",
                    "factors")
+# Limits on what a reader parses before it trusts a file (docs/format.md, "Readers must check").
+MAX_JSON_BYTES = 64 * 1024**2
+MAX_JSON_DEPTH = 64
+MAX_HEADER_BYTES = 64 * 1024**2
+MAX_HEADER_TENSORS = 100_000
+_DENSITY_RTOL = 1e-6
+_MAX_NNZ = 2**53  # counts stay exact as floats (density = nnz / (out * in))
 
 
 class CheckpointError(ValueError):
     """A compressed directory is incomplete, of an unknown version, or holds a tensor that fails validation.
     The message names the file and, where one is at fault, the tensor."""
+
+
+def _json_depth_exceeds(value: Any, limit: int) -> bool:
+    """Whether parsed JSON ``value`` nests containers deeper than ``limit`` (iterative: no recursion)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            if depth > limit:
+                return True
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((child, depth + 1) for child in children)
+    return False
+
+
+def _parse_json(path: Path, data: bytes, fix: str = _FIX) -> Any:
+    """Parse JSON ``data`` read from ``path``, refusing nesting deeper than ``MAX_JSON_DEPTH``.
+
+    Raises:
+        CheckpointError: naming ``path`` when ``data`` is not UTF-8 JSON or nests too deep.
+    """
+    try:
+        value = json.loads(data.decode("utf-8"))
+        too_deep = _json_depth_exceeds(value, MAX_JSON_DEPTH)
+    except RecursionError:
+        too_deep = True
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path}: not valid JSON ({exc}); {fix}") from exc
+    if too_deep:
+        raise CheckpointError(f"{path}: JSON nested deeper than {MAX_JSON_DEPTH} levels; {fix}")
+    return value
+
+
+def read_json(path: str | os.PathLike[str], max_bytes: int | None = None, fix: str = _FIX) -> Any:
+    """Read and parse a JSON file of the directory (manifest, index, ``config.json``) within ``max_bytes``
+    (default ``MAX_JSON_BYTES``) and ``MAX_JSON_DEPTH``; ``fix`` ends the error messages.
+
+    Raises:
+        CheckpointError: naming ``path`` when it cannot be read, is too large, not JSON or nested too deep.
+    """
+    path, max_bytes = Path(path), max_bytes or MAX_JSON_BYTES
+    try:
+        size = path.stat().st_size
+        if size > max_bytes:
+            raise CheckpointError(f"{path}: {size} bytes, more than the {max_bytes} a reader accepts; {fix}")
+        data = path.read_bytes()
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot be read ({exc}); {fix}") from exc
+    return _parse_json(path, data, fix)
+
+
+def _is_int(value: Any) -> bool:
+    """An integer and not a bool (JSON ``true`` parses as ``True == 1``)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_finite_number(value: Any) -> bool:
+    """A finite int or float and not a bool."""
+    return _is_int(value) or (isinstance(value, float) and math.isfinite(value))
+
+
+def _count_problem(entry: dict[str, Any]) -> str | None:
+    """Why a layer entry's ``nnz``, ``density``, ``error`` or ``relative_error`` disagree with its factors, or None.
+    ``entry`` has passed the shape and factor checks of ``_check_entry``."""
+    nnz = entry.get("nnz")
+    total = sum(meta["nnz"] for meta in entry["factors"].values())
+    if not _is_int(nnz) or not 0 <= nnz <= _MAX_NNZ:
+        return f"has nnz {nnz!r}, expected an integer in [0, 2**53]"
+    if nnz != total:
+        return f"has nnz {nnz}, but its factors hold {total}"
+    out, inp = entry["shape"]
+    density = entry.get("density")
+    expected = nnz / (out * inp) if out * inp else 0.0
+    if not _is_finite_number(density) or not 0 <= density <= 1:
+        return f"has density {density!r}, expected a number in [0, 1]"
+    if not math.isclose(density, expected, rel_tol=_DENSITY_RTOL, abs_tol=1e-12):
+        return f"has density {density!r}, but nnz / (out * in) = {expected!r}"
+    for key in ("error", "relative_error"):
+        if entry.get(key) is not None and not _is_finite_number(entry[key]):
+            return f"has {key} {entry[key]!r}, expected a finite number or null"
+    return None
 
 
 def _part_names(fqn: str, entry: Mapping[str, Any]) -> list[str]:
@@ -89,42 +180,79 @@ def _check_entry(fqn: str, entry: Any) -> str | None:
     if not isinstance(entry, dict) or not isinstance(entry.get("factors"), dict):
         return "is not an object with 'factors'"
     shape = entry.get("shape")
-    if not (isinstance(shape, list) and len(shape) == 2 and all(isinstance(s, int) and s >= 0 for s in shape)):
+    if not (isinstance(shape, list) and len(shape) == 2 and all(_is_int(s) and s >= 0 for s in shape)):
         return f"has shape {shape!r}, expected [out, in]"
     for key, meta in entry["factors"].items():
         if not isinstance(meta, dict):
             return f"factor {key!r} is not an object"
-        if meta.get("layout") not in LAYOUTS:
+        if not isinstance(meta.get("layout"), str) or meta["layout"] not in LAYOUTS:
             return f"factor {key!r} has layout {meta.get('layout')!r}, expected one of {sorted(LAYOUTS)}"
         if meta.get("dtype") not in VALUE_DTYPES.values():
             return f"factor {key!r} has dtype {meta.get('dtype')!r}, expected one of {sorted(VALUE_DTYPES.values())}"
         fshape = meta.get("shape")
-        if not (isinstance(fshape, list) and len(fshape) == 2 and all(isinstance(s, int) and s >= 0 for s in fshape)):
+        if not (isinstance(fshape, list) and len(fshape) == 2 and all(_is_int(s) and s >= 0 for s in fshape)):
             return f"factor {key!r} has shape {fshape!r}, expected [rows, cols]"
+        if not _is_int(meta.get("nnz")) or not 0 <= meta["nnz"] <= _MAX_NNZ:
+            return f"factor {key!r} has nnz {meta.get('nnz')!r}, expected an integer in [0, 2**53]"
     if not isinstance(entry.get("bias"), bool):
         return f"has bias {entry.get('bias')!r}, expected true or false"
     factor_shapes = {k: tuple(m["shape"]) for k, m in entry["factors"].items()}
-    return factor_problem(entry.get("kind"), tuple(shape), factor_shapes, entry.get("inner_dim"))
+    return (factor_problem(entry.get("kind"), tuple(shape), factor_shapes, entry.get("inner_dim"))
+            or _count_problem(entry))
 
 
 @dataclass
 class CompressedCheckpoint:
     """An opened compressed directory (``open_compressed``); tensors are read on demand.
 
+    Each file is mapped once (one ``safe_open`` handle per file and device, kept until ``close()``); use it as a
+    context manager (``with open_compressed(d) as ckpt: ...``) to release the mappings at the end of a load.
+
     Attributes:
         directory: the directory.
         manifest: the parsed ``dsf_manifest.json``.
         layers: the manifest's layer entries, keyed by module name.
         weight_map: file name (in ``directory``) of every tensor.
+        allow_nonfinite: accept NaN/Inf values in factors, biases and floating tensors (else a CheckpointError).
     """
 
     directory: Path
     manifest: dict[str, Any]
     weight_map: dict[str, str]
+    allow_nonfinite: bool = False
     layers: dict[str, dict[str, Any]] = field(init=False)
+    _handles: dict[tuple[str, str], Any] = field(init=False, repr=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         self.layers = self.manifest["layers"]
+
+    def __enter__(self) -> CompressedCheckpoint:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Release every file mapping; a later ``read`` maps the file again."""
+        handles, self._handles = self._handles, {}
+        for handle in handles.values():
+            handle.__exit__(None, None, None)
+
+    def _handle(self, file: str, device: str) -> Any:
+        """The ``safe_open`` handle of ``file`` for ``device``, opened on first use."""
+        if (file, device) not in self._handles:
+            self._handles[(file, device)] = safe_open(self.directory / file, framework="pt", device=device)
+        return self._handles[(file, device)]
+
+    def check_finite(self, name: str, tensor: torch.Tensor) -> None:
+        """Raise a CheckpointError naming the file and ``name`` when floating ``tensor`` holds NaN or Inf (unless
+        ``allow_nonfinite``)."""
+        if self.allow_nonfinite or not tensor.is_floating_point() or bool(torch.isfinite(tensor).all()):
+            return
+        raise CheckpointError(
+            f"{self.file_of(name)}: '{name}' holds NaN or Inf values; {_FIX} from finite weights, or pass "
+            "allow_nonfinite=True to load it anyway"
+        )
 
     @property
     def uncompressed_names(self) -> list[str]:
@@ -151,9 +279,9 @@ class CompressedCheckpoint:
         for file, file_names in by_file.items():
             path = self.directory / file
             try:
-                with safe_open(path, framework="pt", device=str(device)) as handle:
-                    for name in file_names:
-                        out[name] = handle.get_tensor(name)
+                handle = self._handle(file, str(device))
+                for name in file_names:
+                    out[name] = handle.get_tensor(name)
             except (SafetensorError, OSError) as exc:
                 raise CheckpointError(
                     f"{path}: cannot read tensor data ({exc}); the file is corrupted, {_FIX}"
@@ -178,12 +306,15 @@ class CompressedCheckpoint:
                 factors[key] = from_meta(tensors, f"{fqn}.{key}", meta, validate=validate)
             except FormatError as exc:
                 raise CheckpointError(f"{self.file_of(exc.tensor)}: {exc}") from exc
+            self.check_finite(f"{fqn}.{key}.values", factors[key].values)
         bias = tensors.get(f"{fqn}.bias")
         if bias is not None and (bias.dtype not in VALUE_DTYPES or tuple(bias.shape) != (entry["shape"][0],)):
             raise CheckpointError(
                 f"{self.file_of(fqn + '.bias')}: '{fqn}.bias' is {dtype_name(bias.dtype)} {list(bias.shape)}, "
                 f"expected a float [{entry['shape'][0]}]; {_FIX}"
             )
+        if bias is not None:
+            self.check_finite(f"{fqn}.bias", bias)
         return CompressedLayer(
             entry["kind"], tuple(entry["shape"]), factors, entry.get("method", "unknown"), bias,
             entry.get("error"), entry.get("relative_error"), entry.get("inner_dim"),
@@ -193,8 +324,14 @@ class CompressedCheckpoint:
     def load_tensors(
         self, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
     ) -> dict[str, torch.Tensor]:
-        """The uncompressed tensors on ``device``; floating ones cast to ``dtype`` when given."""
+        """The uncompressed tensors on ``device``; floating ones cast to ``dtype`` when given.
+
+        Raises:
+            CheckpointError: a tensor cannot be read or holds NaN/Inf (unless ``allow_nonfinite``).
+        """
         tensors = self.read(self.uncompressed_names, device)
+        for name, tensor in tensors.items():
+            self.check_finite(name, tensor)
         if dtype is not None:
             tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
         return tensors
@@ -227,13 +364,13 @@ class CompressedCheckpoint:
         """Stored bytes of every tensor, from the file headers (no data is read)."""
         sizes = {}
         for file in dict.fromkeys(self.weight_map.values()):
-            with safe_open(self.directory / file, framework="pt") as handle:
-                for name in handle.keys():
-                    part = handle.get_slice(name)
-                    numel = 1
-                    for extent in part.get_shape():
-                        numel *= extent
-                    sizes[name] = numel * _ITEM_BYTES[part.get_dtype()]
+            handle = self._handle(file, "cpu")
+            for name in handle.keys():
+                part = handle.get_slice(name)
+                numel = 1
+                for extent in part.get_shape():
+                    numel *= extent
+                sizes[name] = numel * _ITEM_BYTES[part.get_dtype()]
         return sizes
 
 
@@ -252,13 +389,15 @@ def _load_manifest(directory: Path) -> dict[str, Any]:
             f"{path}: missing; the directory is incomplete (an interrupted write?) or not a compressed model; "
             "re-run `dsf compress` or `dsf export`"
         )
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path}: not valid JSON ({exc}); {_FIX}") from exc
+    manifest = read_json(path)
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
         found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
         raise CheckpointError(f"{path}: format is {found!r}, expected {FORMAT_NAME!r}")
+    if not _is_int(manifest.get("format_version")):
+        raise CheckpointError(
+            f"{path}: format_version is {json.dumps(manifest.get('format_version'))}, expected the integer "
+            f"{FORMAT_VERSION}; {_FIX}"
+        )
     if manifest.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(
             f"{path}: format_version is {manifest.get('format_version')!r}, this reader knows {FORMAT_VERSION}; "
@@ -274,14 +413,15 @@ def _load_manifest(directory: Path) -> dict[str, Any]:
     return manifest
 
 
-def _load_weight_map(directory: Path) -> dict[str, str]:
-    """Tensor -> file, from the index or the single file, after checking every file's header and version."""
+def _load_weight_map(directory: Path) -> tuple[dict[str, str], dict[str, Any]]:
+    """Tensor -> file, from the index or the single file, after checking every file's header and version; and
+    the open (CPU) ``safe_open`` handle of every file."""
     index = directory / INDEX_NAME
     if index.is_file():
         try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            weight_map = read_json(index)["weight_map"]
             files = list(dict.fromkeys(weight_map.values()))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+        except (KeyError, TypeError, AttributeError) as exc:
             raise CheckpointError(f"{index}: not a Hugging Face index with a 'weight_map' ({exc!r}); {_FIX}") from exc
         bad = [f for f in files if not isinstance(f, str) or Path(f).name != f]
         if bad:
@@ -289,8 +429,10 @@ def _load_weight_map(directory: Path) -> dict[str, str]:
     else:
         weight_map, files = None, [SINGLE_FILE]
     found: dict[str, str] = {}
+    handles: dict[str, Any] = {}
     for file in files:
-        for name in _file_keys(directory / file):
+        keys, handles[file] = _open_file(directory / file)
+        for name in keys:
             if name in found:
                 raise CheckpointError(f"{directory / file}: tensor '{name}' is also in {found[name]}; {_FIX}")
             found[name] = file
@@ -301,17 +443,47 @@ def _load_weight_map(directory: Path) -> dict[str, str]:
         extra = [n for n in found if n not in weight_map]
         if extra:
             raise CheckpointError(f"{directory / found[extra[0]]}: tensor '{extra[0]}' is not in {INDEX_NAME}; {_FIX}")
-    return found
+    return found, handles
 
 
-def _file_keys(path: Path) -> list[str]:
-    """Tensor names of one safetensors file, after checking its header and ``__metadata__`` version."""
+def _check_header_limits(path: Path) -> None:
+    """Refuse a safetensors header above ``MAX_HEADER_BYTES`` or with more than ``MAX_HEADER_TENSORS`` entries,
+    reading the 8-byte length and the JSON header directly, before ``safe_open`` parses it. A header too short or
+    malformed to count is left to ``safe_open``'s own message."""
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+        if len(head) < 8:
+            return
+        (length,) = struct.unpack("<Q", head)
+        if length > MAX_HEADER_BYTES:
+            raise CheckpointError(
+                f"{path}: safetensors header of {length} bytes, more than the {MAX_HEADER_BYTES} a reader accepts; "
+                f"the file is corrupted or hostile, {_FIX}"
+            )
+        data = handle.read(length)
+    try:
+        header = json.loads(data)
+    except RecursionError as exc:
+        raise CheckpointError(f"{path}: safetensors header nested too deep; {_FIX}") from exc
+    except ValueError:
+        return
+    if isinstance(header, dict) and len(header) > MAX_HEADER_TENSORS + 1:  # + __metadata__
+        raise CheckpointError(
+            f"{path}: safetensors header lists {len(header)} entries, more than the {MAX_HEADER_TENSORS} tensors a "
+            f"reader accepts; the file is corrupted or hostile, {_FIX}"
+        )
+
+
+def _open_file(path: Path) -> tuple[list[str], Any]:
+    """Tensor names and the open CPU ``safe_open`` handle of one safetensors file, after checking its header's
+    limits and its ``__metadata__`` version."""
     if not path.is_file():
         raise CheckpointError(f"{path}: missing; {_FIX}")
     try:
-        with safe_open(path, framework="pt") as handle:
-            metadata = handle.metadata() or {}
-            keys = list(handle.keys())
+        _check_header_limits(path)
+        handle = safe_open(path, framework="pt", device="cpu")
+        metadata = handle.metadata() or {}
+        keys = list(handle.keys())
     except (SafetensorError, OSError) as exc:
         raise CheckpointError(
             f"{path}: not a readable safetensors file ({exc}); it is truncated or corrupted, {_FIX}"
@@ -321,20 +493,27 @@ def _file_keys(path: Path) -> list[str]:
             f"{path}: __metadata__ has dsf_format {metadata.get('dsf_format')!r} version "
             f"{metadata.get('dsf_format_version')!r}, expected {FORMAT_NAME!r} version '{FORMAT_VERSION}'; {_FIX}"
         )
-    return keys
+    return keys, handle
 
 
-def open_compressed(directory: str | os.PathLike[str]) -> CompressedCheckpoint:
-    """Open a compressed directory: parse and version-check the manifest, check every file's header and version,
-    and check that the tensors are exactly those the manifest needs (plus the uncompressed ones).
+def open_compressed(directory: str | os.PathLike[str], *, allow_nonfinite: bool = False) -> CompressedCheckpoint:
+    """Open a compressed directory: parse the manifest within the JSON limits and check its schema (every layer's
+    shapes, kind, inner_dim, nnz, density and errors against its factors), check every file's header (size and
+    tensor count limits) and version, and check that the tensors are exactly those the manifest needs (plus the
+    uncompressed ones). Each file stays mapped once until ``close()`` (or the ``with`` block) ends.
+
+    Args:
+        directory: the compressed directory.
+        allow_nonfinite: let ``load_layer``/``load_tensors`` return NaN/Inf values instead of raising.
 
     Raises:
-        CheckpointError: naming the file (and tensor) at fault.
+        CheckpointError: naming the file (and tensor or layer) at fault.
     """
     directory = Path(directory)
     manifest = _load_manifest(directory)
-    weight_map = _load_weight_map(directory)
-    ckpt = CompressedCheckpoint(directory, manifest, weight_map)
+    weight_map, handles = _load_weight_map(directory)
+    ckpt = CompressedCheckpoint(directory, manifest, weight_map, allow_nonfinite)
+    ckpt._handles.update({(file, "cpu"): handle for file, handle in handles.items()})
     for fqn, entry in ckpt.layers.items():
         required = _part_names(fqn, entry)
         for name in required:

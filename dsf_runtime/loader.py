@@ -18,21 +18,32 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
+import re
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
-from dsf_runtime.checkpoint import CheckpointError, CompressedCheckpoint, open_compressed
+from dsf_runtime.checkpoint import CheckpointError, CompressedCheckpoint, open_compressed, read_json
 from dsf_runtime.formats import kernel_layout
 from dsf_runtime.kernels import unavailable_reason
-from dsf_runtime.layer import CompressedLayer
+from dsf_runtime.layer import FACTOR_NAMES, CompressedLayer
 from dsf_runtime.modules import FactorizedLinear, SparseLinear, replace_linear
 
-__all__ = ["from_pretrained", "load_tokenizer", "use_kernels", "warmup"]
+__all__ = ["check_config", "from_pretrained", "load_tokenizer", "use_kernels", "warmup"]
 
 logger = logging.getLogger(__name__)
+
+# config.json fields that must be positive integers when present.
+_POSITIVE_SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                   "num_key_value_heads", "max_position_embeddings", "head_dim")
+_MAX_SIZE = 2**31 - 1  # above any real model, below what a tensor extent overflows at
+_EPS_FIELDS = ("rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon")
+# The first numbered component of a tensor name is its decoder layer ("model.layers.3.mlp..." -> 3).
+_LAYER_INDEX = re.compile(r"\.(\d+)\.")
 
 
 def from_pretrained(
@@ -41,6 +52,7 @@ def from_pretrained(
     dtype: torch.dtype | None = None,
     *,
     kernels: bool | None = None,
+    allow_nonfinite: bool = False,
 ):
     """Load a compressed directory (any layout) as a ``transformers`` causal LM in eval mode.
 
@@ -52,30 +64,28 @@ def from_pretrained(
             kernel layout at load time. None (default): on CUDA when the kernels can run there, else keep the
             stored layouts (logging why on CUDA); True: always (raises when they cannot run, e.g. on the CPU
             outside ``TRITON_INTERPRET=1``); False: never convert.
+        allow_nonfinite: load NaN/Inf weights instead of raising (``open_compressed``).
 
     Returns:
         A ``PreTrainedModel``; ``generate()`` works.
 
     Raises:
-        CheckpointError: the directory is incomplete or a tensor is missing, unexpected or invalid.
+        CheckpointError: the directory is incomplete, config.json is not sane (naming the field) or disagrees
+            with the manifest, or a tensor is missing, unexpected, invalid or non-finite.
         RuntimeError: ``kernels=True`` but the kernels cannot run on ``device``.
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+    from transformers import GenerationConfig
 
     directory = Path(directory)
-    ckpt = open_compressed(directory)
-    config = AutoConfig.from_pretrained(directory, trust_remote_code=False)
-    if getattr(config, "auto_map", None):
-        raise CheckpointError(f"{directory / 'config.json'}: has an 'auto_map' (code shipped with the checkpoint); "
-                              "dsf never runs a checkpoint's own Python code: remove 'auto_map' from config.json")
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    use = _use_kernels(kernels, device)
-    for fqn in ckpt.layers:
-        layer = ckpt.load_layer(fqn, device).to(dtype=dtype)
-        replace_linear(model, {fqn: _kernel_layer(layer) if use else layer})
-    _load_uncompressed(model, ckpt, device, dtype)
+    with open_compressed(directory, allow_nonfinite=allow_nonfinite) as ckpt:
+        config = check_config(directory, ckpt)
+        model = _build_model(directory / "config.json", config, ckpt)
+        use = _use_kernels(kernels, device)
+        for fqn in ckpt.layers:
+            layer = ckpt.load_layer(fqn, device).to(dtype=dtype)
+            replace_linear(model, {fqn: _kernel_layer(layer) if use else layer})
+        _load_uncompressed(model, ckpt, device, dtype)
     _materialize_non_persistent_buffers(model, device)
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:
@@ -85,6 +95,117 @@ def from_pretrained(
     if dtype is not None:
         model.config.dtype = dtype
     return model.eval()
+
+
+def _config_error(path: Path, field: str, value: Any, expected: str) -> CheckpointError:
+    return CheckpointError(f"{path}: '{field}' is {value!r}, expected {expected}; fix config.json or re-export the "
+                           "checkpoint")
+
+
+def _check_sizes(path: Path, config: dict[str, Any]) -> None:
+    """Positive integer sizes up to ``_MAX_SIZE``, heads dividing ``hidden_size`` and each other, positive
+    epsilons, ``pad_token_id`` inside the vocabulary; fields absent from ``config`` (or None) are not checked."""
+    for name in _POSITIVE_SIZES:
+        value = config.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= _MAX_SIZE):
+            raise _config_error(path, name, value, f"a positive integer <= {_MAX_SIZE}")
+    hidden, heads, kv = config.get("hidden_size"), config.get("num_attention_heads"), config.get("num_key_value_heads")
+    if hidden and heads and config.get("head_dim") is None and hidden % heads:
+        raise _config_error(path, "num_attention_heads", heads, f"a divisor of hidden_size {hidden}")
+    if heads and kv and heads % kv:
+        raise _config_error(path, "num_key_value_heads", kv, f"a divisor of num_attention_heads {heads}")
+    for name in _EPS_FIELDS:
+        value = config.get(name)
+        if value is not None and not (isinstance(value, (int, float)) and not isinstance(value, bool)
+                                      and 0 < value < math.inf):
+            raise _config_error(path, name, value, "a finite number > 0")
+    pad, vocab = config.get("pad_token_id"), config.get("vocab_size")
+    if pad is not None and (isinstance(pad, bool) or not isinstance(pad, int) or not 0 <= pad < (vocab or 0)):
+        raise _config_error(path, "pad_token_id", pad, f"null or a token id in [0, vocab_size {vocab})")
+
+
+def _read_config(path: Path) -> None:
+    """Check the raw ``config.json``: parsed within the JSON limits, no ``auto_map``, a ``model_type`` that
+    transformers knows and sane values for the fields it has (``_check_sizes``)."""
+    from transformers import CONFIG_MAPPING
+
+    config = read_json(path, fix="fix config.json or re-export the checkpoint")
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: is a JSON {type(config).__name__}, expected an object; re-export the "
+                              "checkpoint")
+    if config.get("auto_map"):
+        raise CheckpointError(f"{path}: has an 'auto_map' (code shipped with the checkpoint); dsf never runs a "
+                              "checkpoint's own Python code: remove 'auto_map' from config.json")
+    model_type = config.get("model_type")
+    if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
+        raise _config_error(path, "model_type", model_type, "a model type this transformers version knows")
+    _check_sizes(path, config)
+
+
+def _auto_config(directory: Path):
+    """``AutoConfig`` of ``directory`` (no remote code); transformers' own refusal becomes a CheckpointError naming
+    config.json."""
+    from huggingface_hub.errors import StrictDataclassError
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(directory, trust_remote_code=False)
+    except (ValueError, TypeError, KeyError, StrictDataclassError) as exc:
+        message = str(exc).replace("\n", " ")
+        raise CheckpointError(f"{directory / 'config.json'}: transformers refuses it ({message}); fix config.json or "
+                              "re-export the checkpoint") from exc
+
+
+def check_config(directory: Path, ckpt: CompressedCheckpoint):
+    """The ``transformers`` config of ``directory``, checked before any model is built: ``_read_config`` on the
+    raw ``config.json``, the same size checks on the parsed config (whose attribute maps resolve names such as
+    GPT-2's ``n_layer``), and ``num_hidden_layers`` equal to the number of layers the checkpoint's tensor names
+    are numbered for.
+
+    Raises:
+        CheckpointError: naming config.json and the field.
+    """
+    path = directory / "config.json"
+    _read_config(path)
+    config = _auto_config(directory)
+    fields = (*_POSITIVE_SIZES, *_EPS_FIELDS, "pad_token_id")
+    _check_sizes(path, {name: getattr(config, name, None) for name in fields})
+    indices = [int(m.group(1)) for name in ckpt.weight_map if (m := _LAYER_INDEX.search(name))]
+    layers = max(indices) + 1 if indices else 0
+    if getattr(config, "num_hidden_layers", None) != layers:
+        raise _config_error(path, "num_hidden_layers", getattr(config, "num_hidden_layers", None),
+                            f"{layers} (the layers the checkpoint's tensors are numbered for)")
+    return config
+
+
+def _build_model(path: Path, config, ckpt: CompressedCheckpoint):
+    """The causal LM of ``config`` on the meta device, after checking that every compressed layer of the manifest
+    is of a linear kind and names a Linear of the model with the layer's shape.
+
+    Raises:
+        CheckpointError: naming config.json (no causal LM for its ``model_type``) or the manifest's layer.
+    """
+    from transformers import AutoModelForCausalLM
+
+    for fqn, entry in ckpt.layers.items():
+        if entry["kind"] not in FACTOR_NAMES:
+            raise ckpt.layer_error(fqn, f"has kind {entry['kind']!r}; from_pretrained loads the linear kinds "
+                                        f"{sorted(FACTOR_NAMES)} only (load convolutions with dsf_runtime.conv)")
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except ValueError as exc:
+        raise _config_error(path, "model_type", config.model_type, f"a causal LM type ({exc})") from exc
+    modules = dict(model.named_modules())
+    for fqn, entry in ckpt.layers.items():
+        module = modules.get(fqn)
+        if not isinstance(module, nn.Linear) or [module.out_features, module.in_features] != entry["shape"]:
+            found = "no such module" if module is None else f"a {type(module).__name__}"
+            raise ckpt.layer_error(
+                fqn, f"is not a Linear {entry['shape']} of the {type(model).__name__} that config.json describes "
+                     f"(model_type {config.model_type!r}: {found})"
+            )
+    return model
 
 
 def load_tokenizer(directory: str | os.PathLike[str]):

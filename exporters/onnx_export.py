@@ -14,6 +14,7 @@ full). Weights go to external data (``OUT.onnx.data``), so models above protobuf
 from __future__ import annotations
 
 import logging
+import math
 import os
 from pathlib import Path
 
@@ -28,9 +29,17 @@ from exporters._files import atomic_files, check_destination
 from exporters.config import ExportConfig
 from exporters.layouts import convert_layer
 from exporters.onnx_lowering import MIN_OPSET, lower_to_standard
-from exporters.onnx_ops import DOMAIN, DOMAIN_VERSION, DSF_LINEAR, ONNX_LAYOUTS, SPARSE_LINEAR, factor_inputs
+from exporters.onnx_ops import (
+    DOMAIN,
+    DOMAIN_VERSION,
+    DSF_LINEAR,
+    ONNX_LAYOUTS,
+    SPARSE_LINEAR,
+    factor_inputs,
+    make_session,
+)
 
-__all__ = ["LOWERINGS", "ONNX_DTYPES", "OnnxLinear", "export_onnx", "layer_model", "prepare_for_onnx"]
+__all__ = ["LOWERINGS", "ONNX_DTYPES", "OnnxLinear", "export_onnx", "layer_model", "prepare_for_onnx", "verify_onnx"]
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +48,10 @@ ONNX_DTYPES = ("float32", "float16")  # numpy, and so ONNX Runtime's Python API,
 _IR_VERSION = 10  # what torch.onnx writes; onnxruntime 1.31 reads up to 13, onnx 1.23 writes 14 by default
 # Example input of the trace; neither extent is 1, which torch.export would specialize.
 _EXAMPLE_SHAPE = (2, 8)
+_CHECK_TOKENS = 4  # tokens of the self-check run
+# Largest |ONNX - torch| of the self-check, relative to max |torch logits|, by value dtype: well above rounding,
+# well below what an index read out of range produces.
+_CHECK_RTOL = {torch.float32: 1e-3, torch.float16: 5e-2}
 
 
 class OnnxLinear(nn.Module):
@@ -161,6 +174,44 @@ def _check_options(config: ExportConfig, lowering: str, opset: int) -> None:
         raise ValueError("; ".join(problems))
 
 
+def verify_onnx(path: Path, model: nn.Module, name: Path | None = None) -> float | None:
+    """Check an exported model: ``onnx.checker`` on ``path`` (external data included), then one ONNX Runtime run
+    of ``_CHECK_TOKENS`` tokens against ``model`` (the torch model it was exported from). The run is skipped, with
+    a warning, when a custom-op model cannot run here because onnxruntime-extensions is missing.
+
+    Args:
+        path: the ``.onnx`` file (its ``.data`` next to it).
+        model: the prepared torch model (``prepare_for_onnx``).
+        name: the path to name in errors (default ``path``).
+
+    Returns:
+        The largest absolute logit difference, or None when the run was skipped.
+
+    Raises:
+        ValueError: naming the file when the checker refuses it or the logits differ beyond ``_CHECK_RTOL``.
+    """
+    name = name or path
+    try:
+        onnx.checker.check_model(str(path))
+    except onnx.checker.ValidationError as exc:
+        raise ValueError(f"{name}: the exported model fails onnx.checker ({exc}); report this as a bug") from exc
+    try:
+        session = make_session(path)
+    except ImportError as exc:
+        logger.warning("%s: not run in ONNX Runtime after export: %s", name, exc)
+        return None
+    ids = torch.arange(_CHECK_TOKENS).remainder(model.config.vocab_size).unsqueeze(0)
+    with torch.no_grad():
+        want = model(input_ids=ids).logits.float()
+    got = torch.from_numpy(session.run(None, {"input_ids": ids.numpy()})[0]).float()
+    diff = float((got - want).abs().max()) if got.shape == want.shape else math.inf
+    limit = _CHECK_RTOL.get(model.dtype, _CHECK_RTOL[torch.float16]) * float(want.abs().max())
+    if not diff <= limit:
+        raise ValueError(f"{name}: the exported model's logits differ from torch's by {diff:.3g} (allowed "
+                         f"{limit:.3g}) on {_CHECK_TOKENS} tokens; the export is wrong, report this as a bug")
+    return diff
+
+
 def export_onnx(
     src: str | os.PathLike[str],
     out: str | os.PathLike[str],
@@ -169,6 +220,7 @@ def export_onnx(
     lowering: str = "custom",
     opset: int = MIN_OPSET,
     overwrite: bool = False,
+    verify: bool = True,
 ) -> Path:
     """Export the compressed model in ``src`` to ``out`` (``.onnx``) plus ``out.data`` (external weights).
 
@@ -182,13 +234,16 @@ def export_onnx(
             (standard operators only; any ONNX Runtime).
         opset: default-domain opset, at least 18.
         overwrite: replace an existing ``out``.
+        verify: check the written model before it is moved into place (``verify_onnx``: ``onnx.checker`` and one
+            ONNX Runtime run against torch).
 
     Returns:
         ``out`` as a Path.
 
     Raises:
-        ValueError: a bad option (naming its flag) or ``out`` inside ``src``. CheckpointError: ``src`` is
-            incomplete or invalid. FileExistsError: ``out`` exists and ``overwrite`` is False.
+        ValueError: a bad option (naming its flag), ``out`` inside ``src``, or the written model fails
+            ``verify_onnx`` (nothing is moved into place). CheckpointError: ``src`` is incomplete or invalid.
+            FileExistsError: ``out`` exists and ``overwrite`` is False.
     """
     config = config or ExportConfig()
     _check_options(config, lowering, opset)
@@ -209,6 +264,8 @@ def export_onnx(
         if lowering == "standard":  # rewrites the graph only; the weights stay in out.data
             proto = lower_to_standard(onnx.load(str(path), load_external_data=False))
             onnx.save_model(proto, str(path))
+        if verify:
+            verify_onnx(path, model, out)
     logger.info("exported %s -> %s (%d compressed linears, layout %s, lowering %s, opset %d)",
                 src, out, swapped, config.layout, lowering, opset)
     return out

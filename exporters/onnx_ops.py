@@ -18,6 +18,12 @@ Each factor is three tensors (``values``, index, ``row_ptr``) in the layout name
 Integer attributes: ``out_features``, ``in_features``, ``inner_dim`` (``DSFLinear`` only) and ``block_size``
 (``b`` for ``bsr``, 0 otherwise). The Python kernels registered here are a float32 CPU correctness reference:
 they call ``dsf_runtime.ops`` (the runtime's pure-torch path, which decodes row chunks of every factor per call).
+``make_session`` checks every ``ai.dsf`` node before the session exists (``check_dsf_nodes``): its attributes
+against its inputs, and the runtime's own ``validate`` of the layout on every factor given as an initializer
+(monotone ``row_ptr`` ending at nnz, indices inside the matrix, bitmask popcounts), so a malformed model is a
+``ValueError`` naming the file, node and input. The kernels repeat the checks on every call (inputs computed at
+run time, the width of ``X``); there a failed check ends the process with the message on stderr, because
+onnxruntime-extensions turns a Python exception into ``std::terminate``, but never reads out of bounds.
 """
 
 from __future__ import annotations
@@ -32,8 +38,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
+from google.protobuf.message import DecodeError
 
-from dsf_runtime.formats import BitmaskMatrix, BSRMatrix, CSRMatrix
+from dsf_runtime.formats import BitmaskMatrix, BSRMatrix, CSRMatrix, FormatError
 from dsf_runtime.modules import linear
 
 __all__ = [
@@ -42,6 +49,7 @@ __all__ = [
     "DSF_LINEAR",
     "SPARSE_LINEAR",
     "ONNX_LAYOUTS",
+    "check_dsf_nodes",
     "factor_inputs",
     "make_session",
     "register_python_ops",
@@ -56,6 +64,7 @@ SPARSE_LINEAR = "SparseLinear"
 # Layouts with an ``ai.dsf`` encoding, and the name of each one's index part.
 ONNX_LAYOUTS: dict[str, str] = {"csr": "col_idx", "bitmask": "bitmask", "bsr": "col_idx"}
 _MATRICES = {"csr": CSRMatrix, "bitmask": BitmaskMatrix, "bsr": BSRMatrix}
+_REEXPORT = "re-export it with `dsf export --onnx`"
 _EXTENSIONS_HINT = "install it with `pip install onnxruntime-extensions` (needed to run ai.dsf custom ops)"
 
 
@@ -73,24 +82,109 @@ def _tensor(array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(array))
 
 
-def _packed(layout: str, values: np.ndarray, index: np.ndarray, row_ptr: np.ndarray, shape: tuple[int, int]):
-    """The packed matrix (``dsf_runtime.formats``) of one factor given as numpy arrays."""
-    tensors = {part: _tensor(a) for part, a in zip(factor_inputs(layout), (values, index, row_ptr))}
-    return _MATRICES[layout].from_tensors(tensors, "", shape, validate=False)
+def _sizes(op: str) -> tuple[str, ...]:
+    """The size attributes of ``op`` (``DSF_LINEAR`` or ``SPARSE_LINEAR``)."""
+    return ("out_features", "in_features", "inner_dim") if op == DSF_LINEAR else ("out_features", "in_features")
+
+
+def _factor_shapes(op: str, attrs: dict) -> dict[str, tuple[int, int]]:
+    """Factor name -> ``(rows, cols)`` the attributes of ``op`` give."""
+    out, cols = attrs["out_features"], attrs["in_features"]
+    if op == DSF_LINEAR:
+        return {"A": (out, attrs["inner_dim"]), "B": (attrs["inner_dim"], cols)}
+    return {"W": (out, cols)}
+
+
+def _check_attributes(op: str, attrs: dict) -> None:
+    """Raise a ValueError naming ``op`` when its ``layout`` is unknown or a size attribute is not a positive
+    integer."""
+    if attrs.get("layout") not in _MATRICES:
+        raise ValueError(f"{DOMAIN}::{op}: layout attribute {attrs.get('layout')!r} is not one of {sorted(_MATRICES)}")
+    for name in _sizes(op):
+        if not isinstance(attrs.get(name), int) or attrs[name] <= 0:
+            raise ValueError(f"{DOMAIN}::{op}: attribute {name} is {attrs.get(name)!r}, expected a positive integer")
+
+
+def _check_width(op: str, width: int, attrs: dict) -> None:
+    """Raise a ValueError naming ``op`` when ``X`` has ``width`` features but ``in_features`` says otherwise."""
+    if width != attrs["in_features"]:
+        raise ValueError(f"{DOMAIN}::{op}: X has {width} features, but in_features is {attrs['in_features']}")
+
+
+def _packed(op: str, name: str, attrs: dict, arrays: Sequence[np.ndarray], shape: tuple[int, int]):
+    """The packed matrix (``dsf_runtime.formats``) of factor ``name`` (``"A"``, ``"B"``, ``"W"``) given as numpy
+    arrays, after the runtime's own ``validate``; a FormatError becomes a ValueError naming ``op`` and the input."""
+    layout = attrs["layout"]
+    tensors = {f"{name}.{part}": _tensor(a) for part, a in zip(factor_inputs(layout), arrays)}
+    options = {"block_size": attrs.get("block_size")} if layout == "bsr" else {}
+    try:
+        return _MATRICES[layout].from_tensors(tensors, name, shape, validate=True, **options)
+    except FormatError as exc:
+        raise ValueError(f"{DOMAIN}::{op}: input '{exc.tensor}' {exc.problem} (layout {layout!r}, attributes give "
+                         f"{name} {list(shape)})") from None
+
+
+def _factors(op: str, attrs: dict, arrays: Sequence[np.ndarray]) -> list:
+    """The validated packed factors of a node from its attributes and its inputs after ``X``."""
+    _check_attributes(op, attrs)
+    shapes = _factor_shapes(op, attrs)
+    return [_packed(op, name, attrs, arrays[3 * i:3 * i + 3], shape) for i, (name, shape) in enumerate(shapes.items())]
 
 
 def _dsf_linear_kernel(x, a_values, a_index, a_row_ptr, b_values, b_index, b_row_ptr, **attrs) -> np.ndarray:
-    """``Y = (X·Bᵀ)·Aᵀ``; X [..., in_features] float32 -> Y [..., out_features] float32."""
-    out, inner, cols = attrs["out_features"], attrs["inner_dim"], attrs["in_features"]
-    a = _packed(attrs["layout"], a_values, a_index, a_row_ptr, (out, inner))
-    b = _packed(attrs["layout"], b_values, b_index, b_row_ptr, (inner, cols))
-    return linear(_tensor(x), [a, b]).numpy()
+    """``Y = (X·Bᵀ)·Aᵀ``; X [..., in_features] float32 -> Y [..., out_features] float32, after the node's
+    checks."""
+    factors = _factors(DSF_LINEAR, attrs, (a_values, a_index, a_row_ptr, b_values, b_index, b_row_ptr))
+    _check_width(DSF_LINEAR, x.shape[-1], attrs)
+    return linear(_tensor(x), factors).numpy()
 
 
 def _sparse_linear_kernel(x, w_values, w_index, w_row_ptr, **attrs) -> np.ndarray:
-    """``Y = X·Wᵀ``; X [..., in_features] float32 -> Y [..., out_features] float32."""
-    w = _packed(attrs["layout"], w_values, w_index, w_row_ptr, (attrs["out_features"], attrs["in_features"]))
-    return linear(_tensor(x), [w]).numpy()
+    """``Y = X·Wᵀ``; X [..., in_features] float32 -> Y [..., out_features] float32, after the node's checks."""
+    factors = _factors(SPARSE_LINEAR, attrs, (w_values, w_index, w_row_ptr))
+    _check_width(SPARSE_LINEAR, x.shape[-1], attrs)
+    return linear(_tensor(x), factors).numpy()
+
+
+def _node_attributes(node: onnx.NodeProto) -> dict:
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    return {k: v.decode() if isinstance(v, bytes) else v for k, v in attrs.items()}
+
+
+def _static_width(model: onnx.ModelProto, name: str) -> int | None:
+    """The last dimension of graph input ``name`` when it is a fixed number, else None."""
+    for value in model.graph.input:
+        dims = value.type.tensor_type.shape.dim
+        if value.name == name and dims and dims[-1].HasField("dim_value"):
+            return dims[-1].dim_value
+    return None
+
+
+def check_dsf_nodes(model: onnx.ModelProto, path: Path) -> int:
+    """Check every ``ai.dsf`` node of ``model`` (loaded from ``path``, external data resolved next to it) before a
+    session runs it: op type, attributes, the width of ``X`` where it is a graph input of fixed width, and every
+    factor given as initializers (``validate`` of its layout). Returns the number of nodes checked.
+
+    Raises:
+        ValueError: ``"<path>: node '<name>': ai.dsf::<op>: <problem>; re-export it ..."``.
+    """
+    initializers = {t.name: t for t in model.graph.initializer}
+    nodes = [n for n in model.graph.node if n.domain == DOMAIN]
+    for node in nodes:
+        try:
+            if node.op_type not in (DSF_LINEAR, SPARSE_LINEAR):
+                raise ValueError(f"unknown operator {DOMAIN}::{node.op_type}, expected {DSF_LINEAR} or {SPARSE_LINEAR}")
+            attrs = _node_attributes(node)
+            _check_attributes(node.op_type, attrs)
+            width = _static_width(model, node.input[0])
+            if width is not None:
+                _check_width(node.op_type, width, attrs)
+            if all(name in initializers for name in node.input[1:]):
+                arrays = [onnx.numpy_helper.to_array(initializers[n], str(path.parent)) for n in node.input[1:]]
+                _factors(node.op_type, attrs, arrays)
+        except (ValueError, OSError) as exc:
+            raise ValueError(f"{path}: node {node.name or node.output[0]!r}: {exc}; {_REEXPORT}") from exc
+    return len(nodes)
 
 
 def _import_extensions():
@@ -176,20 +270,38 @@ def make_session(
 
     Raises:
         ImportError: the model has ``ai.dsf`` nodes and onnxruntime-extensions is not installed.
+        ValueError: naming ``path`` when it is not a readable ONNX model, an ``ai.dsf`` node fails
+            ``check_dsf_nodes``, or ONNX Runtime refuses it (truncated, random or wrong-offset files, missing or
+            short external data).
     """
     import onnxruntime as ort
 
     path = Path(path)
     options = session_options or ort.SessionOptions()
     providers = list(providers or ["CPUExecutionProvider"])
-    model = onnx.load(str(path), load_external_data=False)
-    if not any(node.domain == DOMAIN for node in model.graph.node):
-        return ort.InferenceSession(str(path), options, providers=providers)
-    options.register_custom_ops_library(register_python_ops())
-    if _cast_float16_nodes(model):
-        logger.info("%s: float16 ai.dsf nodes run through float32 casts (Python kernels take float32 only)", path)
-        options.add_session_config_entry(
-            "session.model_external_initializers_file_folder_path", str(path.resolve().parent)
-        )
-        return ort.InferenceSession(model.SerializeToString(), options, providers=providers)
-    return ort.InferenceSession(str(path), options, providers=providers)
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except (DecodeError, OSError, ValueError, RuntimeError) as exc:
+        raise ValueError(f"{path}: not a readable ONNX model ({type(exc).__name__}: {exc}); {_REEXPORT}") from exc
+    source: str | bytes = str(path)
+    if check_dsf_nodes(model, path):
+        options.register_custom_ops_library(register_python_ops())
+        if _cast_float16_nodes(model):
+            logger.info("%s: float16 ai.dsf nodes run through float32 casts (Python kernels take float32 only)", path)
+            options.add_session_config_entry(
+                "session.model_external_initializers_file_folder_path", str(path.resolve().parent)
+            )
+            source = model.SerializeToString()
+    try:
+        return ort.InferenceSession(source, options, providers=providers)
+    except _ort_errors() as exc:
+        raise ValueError(f"{path}: ONNX Runtime cannot load it ({type(exc).__name__}: {exc}); {_REEXPORT}") from exc
+
+
+def _ort_errors() -> tuple[type[Exception], ...]:
+    """The exception types ONNX Runtime raises for a model it refuses (they derive from Exception only)."""
+    from onnxruntime.capi import onnxruntime_pybind11_state as state
+
+    names = ("Fail", "InvalidArgument", "InvalidGraph", "InvalidProtobuf", "NoSuchFile", "NoModel", "RuntimeException",
+             "NotImplemented")
+    return (RuntimeError, OSError, *(getattr(state, n) for n in names if hasattr(state, n)))

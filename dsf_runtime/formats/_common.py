@@ -12,7 +12,8 @@ from typing import Any, ClassVar, Protocol
 
 import torch
 
-__all__ = ["CHUNK_BYTES", "VALUE_DTYPES", "FormatError", "PackedMatrix", "PackedMixin", "dtype_name"]
+__all__ = ["CHUNK_BYTES", "VALUE_DTYPES", "FormatError", "KernelLayoutMixin", "PackedMatrix", "PackedMixin",
+           "dtype_name"]
 
 # Value dtypes a packed matrix may hold, with the names the manifest uses.
 VALUE_DTYPES: dict[torch.dtype, str] = {
@@ -195,6 +196,24 @@ class PackedMixin:
         if missing:
             raise FormatError(missing[0], "is missing", "re-export the checkpoint (it must hold every part)")
         return {p: tensors[part_name(prefix, p)] for p in cls.parts}
+
+
+class KernelLayoutMixin(PackedMixin):
+    """The layouts the GPU kernels compute on (``nibble``, ``delta``): ``matmul`` runs the Triton kernels where they
+    run (``kernel_ready``), else the pure-torch path."""
+
+    def kernel_ready(self, device: torch.device) -> bool:
+        from dsf_runtime.kernels import unavailable_reason
+
+        return unavailable_reason(device) is None
+
+    def matmul(self, x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+        """``y = x·Wᵀ`` (``PackedMixin.matmul``), on the Triton kernels where they run."""
+        if self.kernel_ready(x.device):
+            from dsf_runtime.kernels.dispatch import linear
+
+            return linear(x, [self], None, out_dtype)
+        return super().matmul(x, out_dtype)
 
 
 def check_tensor(

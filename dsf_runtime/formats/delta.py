@@ -22,7 +22,7 @@ import torch
 from dsf_runtime.formats._common import (
     VALUE_DTYPES,
     FormatError,
-    PackedMixin,
+    KernelLayoutMixin,
     check_matrix,
     check_row_ptr,
     check_tensor,
@@ -57,7 +57,7 @@ def delta_entries(w: torch.Tensor) -> tuple[torch.Tensor, ...]:
 
 
 @dataclass(frozen=True, eq=False)
-class DeltaMatrix(PackedMixin):
+class DeltaMatrix(KernelLayoutMixin):
     """Rows of ``(value, 4-bit column delta)`` entries (module docstring).
 
     Tensors:
@@ -129,19 +129,6 @@ class DeltaMatrix(PackedMixin):
         out = torch.zeros(stop - start, self.shape[1], dtype=dtype or self.dtype, device=self.device)
         out[row[keep], col[keep]] = v[keep].to(out.dtype)
         return out
-
-    def kernel_ready(self, device: torch.device) -> bool:
-        from dsf_runtime.kernels import unavailable_reason
-
-        return unavailable_reason(device) is None
-
-    def matmul(self, x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
-        """``y = x·Wᵀ``: the Triton kernels where they run (``kernel_ready``), else the pure-torch path."""
-        if self.kernel_ready(x.device):
-            from dsf_runtime.kernels.dispatch import linear
-
-            return linear(x, [self], None, out_dtype)
-        return super().matmul(x, out_dtype)
 
     def validate(self, prefix: str = "") -> None:
         """Check dtypes, shapes, ``row_ptr`` (0, non-decreasing, multiples of 32, ends at ``total``) and that every

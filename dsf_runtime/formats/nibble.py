@@ -27,7 +27,7 @@ import torch
 from dsf_runtime.formats._common import (
     VALUE_DTYPES,
     FormatError,
-    PackedMixin,
+    KernelLayoutMixin,
     check_matrix,
     check_tensor,
     count_nonzero,
@@ -93,7 +93,7 @@ def _padded_dims(rows: int, cols: int, group: int, per_group: int) -> tuple[int,
 
 
 @dataclass(frozen=True, eq=False)
-class NibbleMatrix(PackedMixin):
+class NibbleMatrix(KernelLayoutMixin):
     """Balanced groups of ``group`` columns with ``per_group`` slots each (module docstring).
 
     Tensors:
@@ -177,19 +177,6 @@ class NibbleMatrix(PackedMixin):
         rr = torch.arange(stop - start, device=self.device)[:, None].expand_as(col)
         out[rr[keep], col[keep]] = v[keep].to(out.dtype)
         return out
-
-    def kernel_ready(self, device: torch.device) -> bool:
-        from dsf_runtime.kernels import unavailable_reason
-
-        return unavailable_reason(device) is None
-
-    def matmul(self, x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
-        """``y = x·Wᵀ``: the Triton kernels where they run (``kernel_ready``), else the pure-torch path."""
-        if self.kernel_ready(x.device):
-            from dsf_runtime.kernels.dispatch import linear
-
-            return linear(x, [self], None, out_dtype)
-        return super().matmul(x, out_dtype)
 
     def validate(self, prefix: str = "") -> None:
         """Check ``group``/``per_group``, dtypes, the padded shapes, zero padding, and that every non-zero slot's

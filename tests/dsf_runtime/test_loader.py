@@ -113,7 +113,8 @@ def test_layer_not_in_model(tmp_path: Path) -> None:
     layers["model.layers.0.mlp.nope"] = layers.pop("model.layers.0.mlp.up_proj")
     tensors = {k: v for k, v in uncompressed(model, layers).items() if "up_proj" not in k}
     directory = save_compressed(tmp_path / "a", tensors=tensors, layers=layers, config_source=model.config.to_dict())
-    with pytest.raises(ValueError, match="the model has no module 'model.layers.0.mlp.nope' to replace"):
+    with pytest.raises(CheckpointError, match=r"dsf_manifest\.json: layer 'model\.layers\.0\.mlp\.nope' is not a "
+                       r"Linear \[160, 64\] of the LlamaForCausalLM .*no such module"):
         from_pretrained(directory)
 
 

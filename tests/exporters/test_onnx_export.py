@@ -14,7 +14,7 @@ import torch
 import exporters.onnx_export
 from dsf_runtime import from_pretrained, open_compressed
 from exporters.config import ExportConfig
-from exporters.onnx_export import export_onnx
+from exporters.onnx_export import export_onnx, prepare_for_onnx, verify_onnx
 from exporters.onnx_lowering import lower_to_standard
 from exporters.onnx_ops import DOMAIN, make_session
 
@@ -102,3 +102,24 @@ def test_a_failed_export_leaves_nothing_behind(compressed_dir: Path, tmp_path: P
     with pytest.raises(RuntimeError, match="tracing failed"):
         export_onnx(compressed_dir, tmp_path / "m.onnx")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_self_check_compares_with_torch(exported: Path, compressed_dir: Path) -> None:
+    model = from_pretrained(compressed_dir)
+    prepare_for_onnx(model, ExportConfig(layout="csr"))
+    model.config.use_cache = False
+    assert verify_onnx(exported, model) < 1e-3
+    with torch.no_grad():
+        model.model.norm.weight.mul_(3)
+    with pytest.raises(ValueError, match=rf"{exported}: the exported model's logits differ from torch's by .* on 4 "
+                                         "tokens; the export is wrong, report this as a bug"):
+        verify_onnx(exported, model)
+
+
+def test_self_check_runs_the_checker(exported: Path, tmp_path: Path) -> None:
+    broken = tmp_path / "broken.onnx"
+    proto = onnx.load(str(exported), load_external_data=False)
+    proto.graph.node[0].input.append("no_such_value")
+    onnx.save_model(proto, str(broken))
+    with pytest.raises(ValueError, match=rf"{broken}: the exported model fails onnx.checker"):
+        verify_onnx(broken, torch.nn.Module())
