@@ -317,7 +317,7 @@ def probe_pdl(dev) -> dict:
         x = torch.randn(1, 1024, device=dev, dtype=torch.float16)
         fn = _ours_fn(x, ks, "decode")
         ref = _reference(x, case["factors"])
-        graph_time([fn], calls=8, repeats=2)
+        time_calls([fn], calls=8, repeats=2)  # compiles and warms up
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             y = fn()

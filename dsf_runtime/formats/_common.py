@@ -139,6 +139,15 @@ class PackedMixin:
                 y[:, start:stop] = x2 @ self.dense_rows(start, stop, compute).T
         return y.to(out_dtype).reshape(*x.shape[:-1], rows)
 
+    def meta(self) -> dict[str, Any]:
+        """The manifest's per-factor entry: the common fields, then the layout's own (``_meta_fields``)."""
+        return {"shape": list(self.shape), "layout": self.layout, "dtype": dtype_name(self.dtype), "nnz": self.nnz,
+                "index_dtype": None, "block_size": None, "bit_order": None, **self._meta_fields()}
+
+    def _meta_fields(self) -> dict[str, Any]:
+        """Manifest fields of this layout besides the common ones (``meta``)."""
+        return {}
+
     def _row_step(self, step: int) -> int:
         """Rows per decompressed chunk of ``matmul``, rounded to what ``dense_rows`` reads whole."""
         return step

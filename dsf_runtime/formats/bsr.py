@@ -145,14 +145,5 @@ class BSRMatrix(PackedMixin):
         check_row_ptr(name("row_ptr"), self.row_ptr, n_brows, self.nblocks)
         check_indices(name("col_idx"), self.col_idx, self.row_ptr, n_bcols, "block column")
 
-    def meta(self) -> dict[str, Any]:
-        """The manifest's per-factor entry."""
-        return {
-            "shape": list(self.shape),
-            "layout": self.layout,
-            "dtype": dtype_name(self.dtype),
-            "nnz": self.nnz,
-            "index_dtype": dtype_name(self.index_dtype),
-            "block_size": self.block_size,
-            "bit_order": None,
-        }
+    def _meta_fields(self) -> dict[str, Any]:
+        return {"index_dtype": dtype_name(self.index_dtype), "block_size": self.block_size}

@@ -94,14 +94,5 @@ class CSRMatrix(PackedMixin):
         check_row_ptr(name("row_ptr"), self.row_ptr, rows, nnz)
         check_indices(name("col_idx"), self.col_idx, self.row_ptr, cols, "column")
 
-    def meta(self) -> dict[str, Any]:
-        """The manifest's per-factor entry."""
-        return {
-            "shape": list(self.shape),
-            "layout": self.layout,
-            "dtype": dtype_name(self.dtype),
-            "nnz": self.nnz,
-            "index_dtype": dtype_name(self.index_dtype),
-            "block_size": None,
-            "bit_order": None,
-        }
+    def _meta_fields(self) -> dict[str, Any]:
+        return {"index_dtype": dtype_name(self.index_dtype)}

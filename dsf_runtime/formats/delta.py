@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property, partial
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 
@@ -27,7 +27,6 @@ from dsf_runtime.formats._common import (
     check_row_ptr,
     check_tensor,
     count_nonzero,
-    dtype_name,
     part_name,
 )
 
@@ -148,14 +147,3 @@ class DeltaMatrix(KernelLayoutMixin):
             raise FormatError(name("index"), f"puts the non-zero entry {p} (row {int(row[p])}) at column "
                                              f"{int(col[p])}, outside [0, {cols})")
 
-    def meta(self) -> dict[str, Any]:
-        """The manifest's per-factor entry."""
-        return {
-            "shape": list(self.shape),
-            "layout": self.layout,
-            "dtype": dtype_name(self.dtype),
-            "nnz": self.nnz,
-            "index_dtype": None,
-            "block_size": None,
-            "bit_order": None,
-        }

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 
@@ -14,7 +14,6 @@ from dsf_runtime.formats._common import (
     check_matrix,
     check_tensor,
     count_nonzero,
-    dtype_name,
     part_name,
 )
 
@@ -65,14 +64,3 @@ class DenseMatrix(PackedMixin):
         """Check dtype and shape; raises FormatError naming ``<prefix>.values``."""
         check_tensor(part_name(prefix, "values"), self.values, tuple(VALUE_DTYPES), self.shape)
 
-    def meta(self) -> dict[str, Any]:
-        """The manifest's per-factor entry."""
-        return {
-            "shape": list(self.shape),
-            "layout": self.layout,
-            "dtype": dtype_name(self.dtype),
-            "nnz": self.nnz,
-            "index_dtype": None,
-            "block_size": None,
-            "bit_order": None,
-        }

@@ -31,7 +31,6 @@ from dsf_runtime.formats._common import (
     check_matrix,
     check_tensor,
     count_nonzero,
-    dtype_name,
     part_name,
 )
 
@@ -209,16 +208,5 @@ class NibbleMatrix(KernelLayoutMixin):
             raise FormatError(name("index"), f"row {r} group {g} does not hold its non-zeros first with strictly "
                                              "ascending columns")
 
-    def meta(self) -> dict[str, Any]:
-        """The manifest's per-factor entry."""
-        return {
-            "shape": list(self.shape),
-            "layout": self.layout,
-            "dtype": dtype_name(self.dtype),
-            "nnz": self.nnz,
-            "index_dtype": None,
-            "block_size": None,
-            "bit_order": None,
-            "group": self.group,
-            "per_group": self.per_group,
-        }
+    def _meta_fields(self) -> dict[str, Any]:
+        return {"group": self.group, "per_group": self.per_group}
