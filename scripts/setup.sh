@@ -15,6 +15,12 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 pip() { "$VENV/bin/python" -m pip "$@"; }
 
+# A C++ compiler for the CPU kernel (dsf_runtime/kernels/cpu), from Debian, only when missing.
+if ! command -v g++ >/dev/null 2>&1; then
+  echo "[setup] installing g++"
+  { apt-get update -qq && apt-get install -y -qq g++ >/dev/null; } || echo "[setup] could not install g++"
+fi
+
 stamp="$VENV/.dsf-setup-$(sha1sum pyproject.toml scripts/setup.sh | sha1sum | cut -c1-12)"
 if [ ! -f "$stamp" ]; then
   echo "[setup] installing python packages"
@@ -66,6 +72,10 @@ if [ ! -f "$CACHE/darknet/usr/share/darknet/data/dog.jpg" ] && [ ! -f /usr/share
   fi
   dpkg -x "$CACHE"/darknet_*.deb "$CACHE/darknet"
 fi
+
+# The compiled CPU kernel of the bitmask layout (a no-op when built); without it the pure-torch path runs.
+"$VENV/bin/python" -m dsf_runtime.kernels.cpu build --quiet \
+  || echo "[setup] CPU kernel not built: packed models run on the slower pure-torch CPU path"
 
 # One-time GGUF -> safetensors conversion of SmolLM2, cached outside the repository.
 "$VENV/bin/python" -m compress.assets prepare

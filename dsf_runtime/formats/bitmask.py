@@ -3,6 +3,7 @@ sparse-bitmask, with int32 row offsets so rows can be decoded independently."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, ClassVar
@@ -23,6 +24,9 @@ from dsf_runtime.formats._common import (
 )
 
 __all__ = ["BitmaskMatrix", "pack_bits", "unpack_bits"]
+
+logger = logging.getLogger(__name__)
+_LOGGED: set[str] = set()  # fallback reasons already logged
 
 
 def pack_bits(mask: torch.Tensor) -> torch.Tensor:
@@ -82,6 +86,34 @@ class BitmaskMatrix(PackedMixin):
         row_ptr = offsets(mask.sum(dim=1, dtype=torch.int32))
         return cls(values=values, bitmask=pack_bits(mask), row_ptr=row_ptr, shape=tuple(dense.shape))
 
+    def matmul(self, x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+        """``y = x·Wᵀ``: on the CPU through the compiled kernel (``dsf_runtime.kernels.cpu``, fp32 accumulation),
+        else, or when the kernel is not built or autograd needs a graph, ``PackedMixin.matmul``'s pure-torch path
+        (the reference; the reason is logged once).
+
+        Args:
+            x: ``[..., cols]`` float16/bfloat16/float32 on the matrix's device.
+            out_dtype: dtype of ``y`` (default ``x.dtype``).
+
+        Returns:
+            ``[..., rows]`` in ``out_dtype``.
+        """
+        rows, cols = self.shape
+        if x.device.type == "cpu" and self.device.type == "cpu" and x.shape[-1] == cols:
+            from dsf_runtime.kernels import cpu
+
+            reason = cpu.available()
+            if reason is None and torch.is_grad_enabled() and (x.requires_grad or self.values.requires_grad):
+                reason = "the compiled CPU kernel has no backward"
+            if reason is None:
+                x2 = x.reshape(-1, cols).to(torch.float32).contiguous()
+                y = cpu.bitmask_matmul(x2, self.values.contiguous(), self.bitmask.contiguous(),
+                                       self.row_ptr.contiguous(), rows, cols)
+                return y.to(out_dtype or x.dtype).reshape(*x.shape[:-1], rows)
+            if reason not in _LOGGED:
+                _LOGGED.add(reason)
+                logger.info("bitmask matmul on the CPU uses the pure-torch path: %s", reason)
+        return super().matmul(x, out_dtype)
 
     @property
     def nnz(self) -> int:
