@@ -151,14 +151,5 @@ class BitmaskMatrix(PackedMixin):
                 f"{int(self.row_ptr[i + 1] - self.row_ptr[i])} values",
             )
 
-    def meta(self) -> dict[str, Any]:
-        """The manifest's per-factor entry."""
-        return {
-            "shape": list(self.shape),
-            "layout": self.layout,
-            "dtype": dtype_name(self.dtype),
-            "nnz": self.nnz,
-            "index_dtype": None,
-            "block_size": None,
-            "bit_order": "little",
-        }
+    def _meta_fields(self) -> dict[str, Any]:
+        return {"bit_order": "little"}
