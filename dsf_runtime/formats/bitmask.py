@@ -17,7 +17,6 @@ from dsf_runtime.formats._common import (
     check_matrix,
     check_row_ptr,
     check_tensor,
-    dtype_name,
     nonzero_entries,
     offsets,
     part_name,
