@@ -29,7 +29,7 @@ def unavailable_reason(device: torch.device | str) -> str | None:
     for tests: the kernels must have been imported under ``TRITON_INTERPRET=1`` and ``DSF_INTERPRET_KERNELS=1`` must
     be set (the kernel tests set both), so that other CPU work keeps the fast pure-torch path.
     """
-    kind = torch.device(device).type
+    kind = device.type if isinstance(device, torch.device) else torch.device(device).type  # per forward: no parse
     if kind not in _REASONS:
         _REASONS[kind] = _reason(kind)
     if kind == "cpu" and _REASONS[kind] is None and os.environ.get("DSF_INTERPRET_KERNELS") != "1":
