@@ -28,7 +28,7 @@ from dsf_runtime import FactorizedLinear, SparseLinear, from_pretrained
 
 
 def _layer_bytes(module: torch.nn.Module) -> int:
-    return sum(t.numel() * t.element_size() for t in module.buffers())
+    return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
 
 
 def measure_load(directory: Path, device: torch.device, dtype: torch.dtype) -> dict:

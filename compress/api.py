@@ -27,6 +27,7 @@ from compress.output import check_complete, prepare_output, write_output
 from compress.solvers import METHODS, make_config
 from compress.solvers.base import check_density
 from dsf_runtime.checkpoint import MANIFEST_NAME
+from dsf_runtime.formats import AUTO, LAYOUTS
 
 __all__ = [
     "ConfigError",
@@ -74,6 +75,11 @@ class CompressConfig:
         offload: where activations live: ``auto`` (CPU only when they do not fit the accelerator), ``always``
             (CPU), ``never`` (the compute device).
         true_sequential: compress the groups of a block one after another (see ``compress.calibration``).
+        layout: layout of the written factors: ``auto`` (each factor in the smallest of bitmask, csr and dense,
+            ``dsf_runtime.formats.smallest``) or a key of ``dsf_runtime.formats.LAYOUTS``.
+        save_dtype: dtype of the written factor values and floating tensors: ``auto`` (the base model's own dtype
+            when it is float16 or bfloat16, else float16) or a key of ``DTYPES``. The solvers work in fp32 whatever
+            this is; the recorded layer errors are those of the fp32 factors.
     """
 
     model: str = PACKAGED_MODEL
@@ -89,6 +95,8 @@ class CompressConfig:
     batch_size: int = 8
     offload: OffloadMode = "auto"
     true_sequential: bool = False
+    layout: str = AUTO
+    save_dtype: str = "auto"
 
     def __post_init__(self) -> None:
         for name in ("samples", "seqlen", "batch_size"):
@@ -96,6 +104,10 @@ class CompressConfig:
                 raise ConfigError(name, f"must be ≥ 1, got {getattr(self, name)}")
         if self.dtype not in DTYPES:
             raise ConfigError("dtype", f"must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.layout != AUTO and self.layout not in LAYOUTS:
+            raise ConfigError("layout", f"must be {AUTO} or one of {', '.join(sorted(LAYOUTS))}, got {self.layout!r}")
+        if self.save_dtype != "auto" and self.save_dtype not in DTYPES:
+            raise ConfigError("save_dtype", f"must be auto or one of {', '.join(DTYPES)}, got {self.save_dtype!r}")
         if self.offload not in _OFFLOAD:
             raise ConfigError("offload", f"must be one of {', '.join(_OFFLOAD)}, got {self.offload!r}")
         self.solver_config()  # validates method, density and the method options
@@ -200,15 +212,26 @@ class RunInputs:
 
     def fingerprint(self, config: CompressConfig, device: torch.device) -> dict[str, Any]:
         """Settings that determine the factors: the config (but ``offload``, which moves data without changing
-        it), the model's config, the text and the device type."""
+        it, and the output's ``layout`` and ``save_dtype``, applied when the finished run is written), the model's
+        config, the text and the device type."""
         settings = config.to_dict()
-        del settings["offload"]
+        for output_only in ("offload", "layout", "save_dtype"):
+            del settings[output_only]
         return {
             **settings,
             "device": device.type,
             "model_config_sha256": _sha256(self.model_config.to_json_string(use_diff=False).encode()),
             "calibration_sha256": _sha256(self.text.encode()),
         }
+
+    def save_dtype(self, config: CompressConfig) -> str:
+        """``config.save_dtype`` resolved: ``auto`` is the model's own dtype (``model_config.dtype``) when that is
+        float16 or bfloat16, else float16."""
+        if config.save_dtype != "auto":
+            return config.save_dtype
+        own = getattr(self.model_config, "dtype", None)
+        own = str(own).removeprefix("torch.") if own is not None else None
+        return own if own in ("float16", "bfloat16") else "float16"
 
     def load_model(self, config: CompressConfig, model: nn.Module | None) -> nn.Module:
         """``model`` itself, or the dense model loaded from ``source`` in ``config.dtype`` (eval mode)."""
@@ -312,5 +335,6 @@ def compress_model(
         "calibration_sha256": _sha256(inputs.text.encode()),
         "seconds": time.perf_counter() - start,  # of this invocation (a resumed run: the resumed part)
         "torch": torch.__version__,
+        "save_dtype": inputs.save_dtype(config),
     }
     return write_output(Path(output), model, inputs.tokenizer, spec, partial, info, inputs.source)

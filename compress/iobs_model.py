@@ -398,7 +398,7 @@ def compress_iobs_model(
         **config.to_dict(), "method": "iobs-model", "projection": config.method, "iobs": iobs.to_dict(),
         "best_round": best.round, "device": str(device), "blocks": model.config.num_hidden_layers,
         "calibration_sha256": fingerprint["calibration_sha256"], "seconds": time.perf_counter() - start,
-        "torch": torch.__version__,
+        "torch": torch.__version__, "save_dtype": inputs.save_dtype(config),
     }
     report = write_output(Path(output), model, inputs.tokenizer, spec, partial, info, inputs.source)
     write_json_atomic(Path(output) / ROUNDS_FILE, log)

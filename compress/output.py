@@ -455,7 +455,9 @@ def write_output(
         tokenizer: saved when there is no ``config_source`` to copy it from.
         spec: the model's architecture spec.
         partial: the finished blocks.
-        info: the settings that produced the factors (recorded in the manifest's ``compression``).
+        info: the settings that produced the factors (recorded in the manifest's ``compression``); its ``layout``
+            and ``save_dtype`` (resolved, e.g. ``"bfloat16"``) say how the factors and other floating tensors are
+            written.
         config_source: the base model's directory (``config.json``, tokenizer files are copied), or None to write
             ``model.config`` and save ``tokenizer``.
 
@@ -464,6 +466,7 @@ def write_output(
         "layer_errors": compress.evaluate.layer_error_report(...)}``.
     """
     layers, rows = {}, {}
+    dtype = getattr(torch, info["save_dtype"])  # a name of compress.api.DTYPES
     for index in range(len(decoder_blocks(model, spec))):
         results = partial.load_block(index)
         assert results is not None, f"block {index} was never stored"
@@ -471,8 +474,8 @@ def write_output(
             linear = model.get_submodule(name)
             bias = None if linear.bias is None else linear.bias.detach()
             layers[name] = CompressedLayer.from_dense(
-                result.kind, result.factors, method=info["method"], bias=bias,
-                error=result.error, relative_error=result.relative_error,
+                result.kind, result.factors, method=info["method"], bias=bias, error=result.error,
+                relative_error=result.relative_error, layout=info["layout"], dtype=dtype,
             )
             out_features, in_features = linear.weight.shape
             rows[name] = {
@@ -484,7 +487,7 @@ def write_output(
                 "relative_error": result.relative_error,
                 "seconds": result.seconds,
             }
-    tensors = {k: v for k, v in model.state_dict().items() if k.rsplit(".", 1)[0] not in layers}
+    tensors = cast_floating({k: v for k, v in model.state_dict().items() if k.rsplit(".", 1)[0] not in layers}, dtype)
     report = {
         "base_model": info["model"],
         "architecture": type(model).__name__,
@@ -506,6 +509,22 @@ def write_output(
         raise _write_error(out_dir, exc) from exc
     partial.remove()
     return report
+
+
+def cast_floating(tensors: Mapping[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """``tensors`` with the floating ones cast to ``dtype``; tensors that share storage (tied weights) stay shared,
+    so ``save_compressed`` still stores them once."""
+    cast: dict[tuple, torch.Tensor] = {}
+    out = {}
+    for name, t in tensors.items():
+        if not t.is_floating_point() or t.dtype == dtype:
+            out[name] = t
+            continue
+        key = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride())
+        if key not in cast:
+            cast[key] = t.to(dtype)
+        out[name] = cast[key]
+    return out
 
 
 def read_layer_errors(directory: Path) -> dict[str, Any] | None:

@@ -33,6 +33,8 @@ _FLAGS = {
     "rounds": "--iobs-rounds",
     "step": "--iobs-step",
     "heldout": "--heldout",
+    "layout": "--layout",
+    "save_dtype": "--save-dtype",
 }
 _DEMO_OUTPUT = Path("runs/demo-smollm2-dsf50")
 
@@ -96,6 +98,15 @@ def compress(
     seed: int = typer.Option(0, "--seed", help="Seed of the calibration window offsets."),
     device: Device = typer.Option(Device.auto, "--device", help="Compute device; auto = cuda when available."),
     dtype: DType = typer.Option(DType.float32, "--dtype", help="Model dtype while compressing (factors stay fp32)."),
+    layout: str = typer.Option(
+        "auto", "--layout", metavar="<auto|bitmask|csr|dense|bsr|nibble|delta>",
+        help="Layout of the written factors: auto = each factor in the smallest of bitmask, csr and dense.",
+    ),
+    save_dtype: str = typer.Option(
+        "auto", "--save-dtype", metavar="<auto|float16|bfloat16|float32>",
+        help="dtype of the written factor values and other floating tensors: auto = the model's own dtype if it "
+        "is float16/bfloat16, else float16.",
+    ),
     batch_size: int = typer.Option(8, "--batch-size", help="Calibration windows per forward chunk."),
     offload: Offload = typer.Option(
         Offload.auto, "--offload",
@@ -141,8 +152,13 @@ def compress(
 ) -> None:
     """Compress every linear layer of a decoder (block by block, with calibration data) into --output.
 
-    The output is a reloadable compressed model directory (docs/format.md) plus compression_report.json with
-    each layer's nnz, error and relative error. An interrupted run continues with --resume.
+    The output is a reloadable compressed model directory (docs/format.md), packed (--layout auto, values in the
+    model's own 16-bit dtype), plus compression_report.json with each layer's nnz, error and relative error. An
+    interrupted run continues with --resume.
+
+    Example:
+
+        dsf compress --model smollm2-135m --method dsf --density 0.5 --output runs/smollm2-dsf50
     """
     from compress.api import ConfigError, compress_model
 
@@ -154,6 +170,7 @@ def compress(
         model=model, method=method.value, density=_density(density, sparsity), solver_options=options,
         calibration=calibration, samples=samples, seqlen=seqlen, seed=seed, device=device.value,
         dtype=dtype.value, batch_size=batch_size, offload=offload.value, true_sequential=true_sequential,
+        layout=layout, save_dtype=save_dtype,
     )
     try:
         if iobs_rounds:

@@ -9,13 +9,14 @@ from pathlib import Path
 import typer
 
 from dsf_cli.common import DType, fail
-from dsf_runtime.formats import LAYOUTS
+from dsf_runtime.formats import AUTO, LAYOUTS
 
 __all__ = ["register"]
 
 
-# One choice per layout of dsf_runtime.formats: the stored ones and the GPU kernels' (nibble, delta).
-Layout = Enum("Layout", {name: name for name in LAYOUTS}, type=str)
+# auto, then one choice per layout of dsf_runtime.formats: the stored ones and the GPU kernels' (nibble, delta).
+Layout = Enum("Layout", {name: name for name in (AUTO, *LAYOUTS)}, type=str)
+_ONNX_AUTO = "bitmask"  # the ONNX export needs one layout for every factor: the smallest there on DSF factors
 
 
 class BlockSize(str, Enum):
@@ -38,8 +39,11 @@ def export(
     onnx: Path | None = typer.Option(
         None, "--onnx", help="Write an ONNX model (input_ids -> logits) to this .onnx file plus its .onnx.data."
     ),
-    layout: Layout = typer.Option(Layout.csr, "--layout", help="Layout of every factor: csr, bitmask, bsr, dense, or the GPU kernels' nibble (balanced "
-        "factors) / delta (any mask), loaded on CUDA as stored (ONNX: csr, bitmask or bsr)."),
+    layout: Layout = typer.Option(
+        Layout.auto, "--layout", help="Layout of the factors: auto = each factor in the smallest of bitmask, csr and "
+        "dense; or one layout for every factor: csr, bitmask, bsr, dense, or the GPU kernels' nibble (balanced "
+        "factors) / delta (any mask), loaded on CUDA as stored. ONNX: csr, bitmask or bsr (auto = bitmask)."
+    ),
     dtype: DType | None = typer.Option(
         None, "--dtype", help="Cast factor values and floating tensors (ONNX: float16 or float32); default: keep."
     ),
@@ -64,7 +68,16 @@ def export(
 ) -> None:
     """Export a compressed model: to another layout or dtype, to a dense fallback, or to ONNX.
 
-    Every output is written under a temporary name and renamed into place, so it is complete or absent.
+    Every output is written under a temporary name and renamed into place, so it is complete or absent. A
+    compressed directory's size is printed against the same model dense in fp16, with a warning when it is larger.
+
+    Examples:
+
+        dsf export runs/demo-smollm2-dsf50 -o smollm2-dsf50                 (auto layout, stored dtype)
+
+        dsf export runs/demo-smollm2-dsf50 -o smollm2-gpu --layout nibble --dtype float16
+
+        dsf export runs/demo-smollm2-dsf50 --onnx smollm2-dsf50.onnx
     """
     if (output is None) == (onnx is None):
         raise fail("pass exactly one of --output DIR and --onnx FILE")
@@ -76,7 +89,8 @@ def export(
     from exporters.config import ExportConfig
 
     try:
-        config = ExportConfig(layout=layout.value, dtype=dtype and dtype.value, block_size=int(block_size.value),
+        chosen = _ONNX_AUTO if onnx is not None and layout.value == AUTO else layout.value
+        config = ExportConfig(layout=chosen, dtype=dtype and dtype.value, block_size=int(block_size.value),
                               max_shard_size=max_shard_size)
         if onnx is not None:
             from exporters.onnx_export import export_onnx
@@ -95,6 +109,21 @@ def export(
     except (CheckpointError, FileExistsError, ValueError, ImportError) as exc:
         raise fail(str(exc)) from exc
     typer.echo(f"wrote {written}")
+    if output is not None and not dense_fallback:
+        _report_size(written)
+
+
+def _report_size(directory: Path) -> None:
+    """Print the directory's bytes against the dense fp16 model; warn (stderr) with the fix when it is larger."""
+    from dsf_runtime.checkpoint import open_compressed
+
+    with open_compressed(directory) as ckpt:
+        size = ckpt.size_summary()
+    typer.echo(f"{size['total_bytes'] / 2**20:.1f} MiB = {size['ratio']:.3f}x the dense fp16 model "
+               f"(compressed linears {size['linear_ratio']:.3f}x)")
+    if size["ratio"] > 1:
+        typer.echo(f"warning: {directory} is larger than the same model dense in fp16; export with --layout auto "
+                   "--dtype float16 (or bfloat16) for the smallest files", err=True)
 
 
 def register(app: typer.Typer) -> None:

@@ -1,7 +1,8 @@
 """Runtime: packed sparse formats, the compressed-model directory, modules, kernels and the loader.
 
-``from_pretrained`` and ``load_tokenizer`` import ``transformers`` on first use, the Triton kernels are imported
-when a kernel layout first computes on a device where they run; the rest needs only torch and safetensors.
+Importing it registers the ``"dsf"`` quantization method with transformers (``dsf_runtime.hf.register``), so that
+``AutoModelForCausalLM.from_pretrained`` loads a compressed directory packed; that is the one thing done on import.
+The Triton kernels are imported when a kernel layout first computes on a device where they run.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from dsf_runtime.checkpoint import CheckpointError, CompressedCheckpoint, open_c
 from dsf_runtime.formats import LAYOUTS, FormatError, PackedMatrix, kernel_layout, pack, pack_factors
 from dsf_runtime.layer import CompressedLayer
 from dsf_runtime.modules import FactorizedLinear, SparseLinear, linear, replace_linear
+from dsf_runtime.convert import use_kernels
+from dsf_runtime.hf import register as _register_with_transformers
 
 __all__ = [
     "LAYOUTS",
@@ -35,7 +38,9 @@ __all__ = [
     "warmup",
 ]
 
-_LAZY = {"from_pretrained", "load_tokenizer", "use_kernels", "warmup"}
+_register_with_transformers()
+
+_LAZY = {"from_pretrained", "load_tokenizer", "warmup"}
 
 
 def __getattr__(name: str) -> Any:

@@ -30,6 +30,7 @@ import re
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -46,11 +47,13 @@ __all__ = [
     "FORMAT_VERSION",
     "INDEX_NAME",
     "MANIFEST_NAME",
+    "QUANT_METHOD",
     "SINGLE_FILE",
     "CheckpointError",
     "CompressedCheckpoint",
     "CompressedLayer",
     "open_compressed",
+    "quantization_config",
     "read_json",
     "save_compressed",
 ]
@@ -65,6 +68,7 @@ INDEX_NAME = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
 FILE_METADATA = {"format": "pt", "dsf_format": FORMAT_NAME, "dsf_format_version": str(FORMAT_VERSION)}
 PRODUCER = "dsf-toolkit 0.1.0"
+QUANT_METHOD = "dsf"  # config.json's quantization_config.quant_method
 # Files copied from the base model's directory besides config.json.
 _COPIED = re.compile(r"generation_config\.json|tokenizer.*|special_tokens_map\.json|added_tokens\.json|vocab\..*"
                      r"|merges\.txt|chat_template\..*|spiece\.model")
@@ -321,6 +325,32 @@ class CompressedCheckpoint:
             {k: v for k, v in entry.items() if k not in _GENERIC_FIELDS},
         )
 
+    def layer_skeleton(self, fqn: str) -> CompressedLayer:
+        """Compressed layer ``fqn`` with ``meta`` tensors of the stored shapes and dtypes (from the file headers, no
+        data read), for a loader that fills the tensors itself (transformers, ``dsf_runtime.hf``).
+
+        Raises:
+            CheckpointError: a tensor's dtype has no torch equivalent, or its header disagrees with the manifest.
+        """
+        entry = self.layers[fqn]
+        tensors = {}
+        for name in _part_names(fqn, entry):
+            dtype, shape = self._tensor_info[name]
+            if dtype not in _TORCH_DTYPES:
+                raise CheckpointError(f"{self.file_of(name)}: '{name}' has dtype {dtype}; {_FIX}")
+            tensors[name] = torch.empty(shape, dtype=_TORCH_DTYPES[dtype], device="meta")
+        factors = {}
+        for key, meta in entry["factors"].items():
+            try:
+                factors[key] = from_meta(tensors, f"{fqn}.{key}", meta, validate=False)
+            except FormatError as exc:
+                raise CheckpointError(f"{self.file_of(exc.tensor)}: {exc}") from exc
+        return CompressedLayer(
+            entry["kind"], tuple(entry["shape"]), factors, entry.get("method", "unknown"), tensors.get(f"{fqn}.bias"),
+            entry.get("error"), entry.get("relative_error"), entry.get("inner_dim"),
+            {k: v for k, v in entry.items() if k not in _GENERIC_FIELDS},
+        )
+
     def load_tensors(
         self, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
     ) -> dict[str, torch.Tensor]:
@@ -362,18 +392,53 @@ class CompressedCheckpoint:
 
     def tensor_bytes(self) -> dict[str, int]:
         """Stored bytes of every tensor, from the file headers (no data is read)."""
-        sizes = {}
+        return {name: numel * _ITEM_BYTES[dtype] for name, (dtype, numel) in self._header().items()}
+
+    def size_summary(self) -> dict[str, int | float]:
+        """Stored bytes against the same model dense in fp16, from the file headers (no data is read).
+
+        Returns:
+            ``linear_bytes`` (compressed layers: factors and biases), ``linear_dense_fp16_bytes`` (their weights
+            and biases dense in fp16), ``other_bytes`` (every other tensor as stored), ``other_fp16_bytes`` (the
+            same with floating tensors at 2 bytes per element), ``total_bytes``, ``dense_fp16_bytes`` and
+            ``ratio`` = ``total_bytes / dense_fp16_bytes``; ``linear_ratio`` likewise for the compressed layers.
+        """
+        header = self._header()
+        owned = {n for fqn, entry in self.layers.items() for n in _part_names(fqn, entry)}
+        linear = sum(header[n][1] * _ITEM_BYTES[header[n][0]] for n in owned)
+        linear_fp16 = sum(2 * e["shape"][0] * e["shape"][1] + (2 * e["shape"][0] if e.get("bias") else 0)
+                          for e in self.layers.values())
+        others = [v for n, v in header.items() if n not in owned]
+        other = sum(numel * _ITEM_BYTES[dtype] for dtype, numel in others)
+        other_fp16 = sum(numel * (2 if dtype.startswith(("F", "BF")) else _ITEM_BYTES[dtype]) for dtype, numel in others)
+        return {
+            "linear_bytes": linear, "linear_dense_fp16_bytes": linear_fp16,
+            "linear_ratio": linear / linear_fp16 if linear_fp16 else 1.0,
+            "other_bytes": other, "other_fp16_bytes": other_fp16,
+            "total_bytes": linear + other, "dense_fp16_bytes": linear_fp16 + other_fp16,
+            "ratio": (linear + other) / (linear_fp16 + other_fp16) if linear_fp16 + other_fp16 else 1.0,
+        }
+
+    def _header(self) -> dict[str, tuple[str, int]]:
+        """``name -> (safetensors dtype, element count)`` of every tensor, from the file headers."""
+        return {name: (dtype, math.prod(shape)) for name, (dtype, shape) in self._tensor_info.items()}
+
+    @cached_property
+    def _tensor_info(self) -> dict[str, tuple[str, list[int]]]:
+        """``name -> (safetensors dtype, shape)`` of every tensor, read once from the file headers."""
+        info = {}
         for file in dict.fromkeys(self.weight_map.values()):
             handle = self._handle(file, "cpu")
             for name in handle.keys():
                 part = handle.get_slice(name)
-                numel = 1
-                for extent in part.get_shape():
-                    numel *= extent
-                sizes[name] = numel * _ITEM_BYTES[part.get_dtype()]
-        return sizes
+                info[name] = (part.get_dtype(), list(part.get_shape()))
+        return info
 
 
+# torch dtype of the safetensors dtypes a compressed directory may hold.
+_TORCH_DTYPES = {"BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32,
+                 "I64": torch.int64, "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32,
+                 "F64": torch.float64, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 # Bytes per element of the safetensors dtypes with whole-byte elements.
 _ITEM_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "F8_E4M3FNUZ": 1,
                "F8_E5M2FNUZ": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8,
@@ -539,6 +604,7 @@ def save_compressed(
     config_source: str | os.PathLike[str] | Mapping[str, Any],
     info: Mapping[str, Any] | None = None,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    files: Mapping[str, bytes] | None = None,
 ) -> Path:
     """Write a compressed model directory (docs/format.md) atomically: every file goes to a temporary name and is
     renamed into place, the manifest last, so an interrupted write never looks complete.
@@ -557,6 +623,7 @@ def save_compressed(
         info: manifest fields ``base_model`` (str), ``architecture`` (default: ``config.json``'s first entry of
             ``architectures``) and ``compression`` (the config that produced the factors, JSON-serializable).
         max_shard_bytes: above this many tensor bytes the tensors go to shards plus a Hugging Face index.
+        files: more files to write before the manifest (name -> bytes), e.g. ``generation_config.json``.
 
     Returns:
         ``directory`` as a Path.
@@ -567,7 +634,9 @@ def save_compressed(
     directory = Path(directory)
     units = _collect_tensors(directory, tensors, layers)
     config_files, config = _config_files(config_source)
+    config_files.update(files or {})
     manifest = _manifest(layers, info or {}, config)
+    config_files["config.json"] = _config_json(config, manifest, units)
     shards = _plan_shards(units, max_shard_bytes)
     directory.mkdir(parents=True, exist_ok=True)
     (directory / MANIFEST_NAME).unlink(missing_ok=True)
@@ -647,6 +716,36 @@ def _config_files(source: str | os.PathLike[str] | Mapping[str, Any]) -> tuple[d
     files = {p.name: p.read_bytes() for p in sorted(source.iterdir()) if p.is_file() and _COPIED.fullmatch(p.name)}
     files["config.json"] = (source / "config.json").read_bytes()
     return files, json.loads(files["config.json"])
+
+
+def quantization_config(manifest: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``quantization_config`` of ``config.json`` for ``manifest``: ``quant_method`` ``"dsf"`` (the method
+    ``dsf_runtime.hf`` registers with transformers), the format and its version, and the factor layouts and value
+    dtypes used."""
+    factors = [f for entry in manifest["layers"].values() for f in entry["factors"].values()]
+    return {
+        "quant_method": QUANT_METHOD,
+        "format": manifest["format"],
+        "format_version": manifest["format_version"],
+        "layouts": sorted({f["layout"] for f in factors}),
+        "value_dtypes": sorted({f["dtype"] for f in factors}),
+    }
+
+
+def _config_json(config: Mapping[str, Any], manifest: Mapping[str, Any], units: list[dict[str, torch.Tensor]]) -> bytes:
+    """``config.json`` for the written directory: the base config plus ``quantization_config``, and ``dtype``
+    (``torch_dtype`` too when the config has that older key) set to the uncompressed floating tensors' dtype when
+    they share one (else kept), so transformers builds the model in the dtype it is stored in."""
+    config = dict(config)
+    config["quantization_config"] = quantization_config(manifest)
+    owned = {name for fqn, entry in manifest["layers"].items() for name in _part_names(fqn, entry)}
+    dtypes = {t.dtype for unit in units for name, t in unit.items() if name not in owned and t.is_floating_point()}
+    if len(dtypes) == 1:
+        name = dtype_name(dtypes.pop())
+        config["dtype"] = name
+        if "torch_dtype" in config:
+            config["torch_dtype"] = name
+    return json.dumps(config, indent=2).encode()
 
 
 def _manifest(layers: Mapping[str, CompressedLayer], info: Mapping[str, Any], config: Mapping[str, Any]) -> dict:

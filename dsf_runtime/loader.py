@@ -5,7 +5,7 @@ layers become ``FactorizedLinear``/``SparseLinear`` modules whose buffers are re
 other tensors are read straight to the device and assigned, tied weights are re-tied and non-persistent buffers
 (rotary frequencies) are recomputed. Nothing is downloaded.
 
-This is the one place where layouts are converted for the GPU kernels. On CUDA (when Triton imports) each
+Layouts are converted for the GPU kernels at load time (``dsf_runtime.convert``). On CUDA (when Triton imports) each
 compressed factor that is not already in a kernel layout (``nibble``/``delta``, read straight to the device as
 stored) is converted right after it is read (``dsf_runtime.formats.kernel_layout``): the module keeps only that
 representation and the stored copy is released before the next layer is read, so the peak is one layer above the
@@ -16,7 +16,6 @@ before capturing a CUDA graph; ``dsf_runtime.generation`` does this for generati
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import os
@@ -27,11 +26,20 @@ from typing import Any
 import torch
 from torch import nn
 
-from dsf_runtime.checkpoint import CheckpointError, CompressedCheckpoint, open_compressed, read_json
-from dsf_runtime.formats import kernel_layout
+from dsf_runtime.checkpoint import (
+    MANIFEST_NAME,
+    QUANT_METHOD,
+    CheckpointError,
+    CompressedCheckpoint,
+    open_compressed,
+    quantization_config,
+    read_json,
+)
+from dsf_runtime.convert import compressed_modules, kernel_layer, use_kernels
+from dsf_runtime.hf import attach
 from dsf_runtime.kernels import unavailable_reason
-from dsf_runtime.layer import FACTOR_NAMES, CompressedLayer
-from dsf_runtime.modules import FactorizedLinear, SparseLinear, replace_linear
+from dsf_runtime.layer import FACTOR_NAMES
+from dsf_runtime.modules import replace_linear
 
 __all__ = ["check_config", "from_pretrained", "load_tokenizer", "use_kernels", "warmup"]
 
@@ -84,7 +92,7 @@ def from_pretrained(
         use = _use_kernels(kernels, device)
         for fqn in ckpt.layers:
             layer = ckpt.load_layer(fqn, device).to(dtype=dtype)
-            replace_linear(model, {fqn: _kernel_layer(layer) if use else layer})
+            replace_linear(model, {fqn: kernel_layer(layer) if use else layer})
         _load_uncompressed(model, ckpt, device, dtype)
     _materialize_non_persistent_buffers(model, device)
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
@@ -94,7 +102,7 @@ def from_pretrained(
         model.generation_config = GenerationConfig.from_pretrained(directory)
     if dtype is not None:
         model.config.dtype = dtype
-    return model.eval()
+    return attach(model.eval(), ckpt.manifest)
 
 
 def _config_error(path: Path, field: str, value: Any, expected: str) -> CheckpointError:
@@ -170,12 +178,33 @@ def check_config(directory: Path, ckpt: CompressedCheckpoint):
     config = _auto_config(directory)
     fields = (*_POSITIVE_SIZES, *_EPS_FIELDS, "pad_token_id")
     _check_sizes(path, {name: getattr(config, name, None) for name in fields})
+    _check_quantization_config(path, getattr(config, "quantization_config", None), ckpt)
     indices = [int(m.group(1)) for name in ckpt.weight_map if (m := _LAYER_INDEX.search(name))]
     layers = max(indices) + 1 if indices else 0
     if getattr(config, "num_hidden_layers", None) != layers:
         raise _config_error(path, "num_hidden_layers", getattr(config, "num_hidden_layers", None),
                             f"{layers} (the layers the checkpoint's tensors are numbered for)")
     return config
+
+
+def _check_quantization_config(path: Path, found: Any, ckpt: CompressedCheckpoint) -> None:
+    """``config.json``'s ``quantization_config``, when present, must be the one ``save_compressed`` writes for the
+    manifest (older directories have none).
+
+    Raises:
+        CheckpointError: naming config.json, the field, and both values.
+    """
+    if found is None:
+        return
+    found = found.to_dict() if hasattr(found, "to_dict") else found
+    expected = quantization_config(ckpt.manifest)
+    if not isinstance(found, dict) or found.get("quant_method") != QUANT_METHOD:
+        method = found.get("quant_method") if isinstance(found, dict) else found
+        raise _config_error(path, "quantization_config.quant_method", method, f"{QUANT_METHOD!r} in a dsf directory")
+    for key, value in expected.items():
+        if found.get(key) != value:
+            raise _config_error(path, f"quantization_config.{key}", found.get(key),
+                                f"{value!r} (what {ckpt.directory / MANIFEST_NAME} and the tensors hold)")
 
 
 def _build_model(path: Path, config, ckpt: CompressedCheckpoint):
@@ -233,37 +262,6 @@ def _use_kernels(kernels: bool | None, device: torch.device | str) -> bool:
     return False
 
 
-def _kernel_layer(layer: CompressedLayer) -> CompressedLayer:
-    """``layer`` with every factor in the GPU kernels' layout with the fewest bytes (stored kernel layouts kept)."""
-    return dataclasses.replace(layer, factors={k: kernel_layout(f) for k, f in layer.factors.items()})
-
-
-def _compressed_modules(model: nn.Module) -> list[tuple[str, FactorizedLinear | SparseLinear]]:
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, (FactorizedLinear, SparseLinear))]
-
-
-def use_kernels(model: nn.Module, dtype: torch.dtype | None = None) -> int:
-    """Convert, in place, every compressed module of ``model`` whose factors are not all in a kernel layout
-    (values cast to ``dtype``, default their own). Each module then holds only the kernel layouts. Returns the number
-    of modules converted.
-
-    Raises:
-        RuntimeError: the kernels cannot run where the model's weights are (``unavailable_reason``).
-    """
-    converted = 0
-    for name, module in _compressed_modules(model):
-        factors = module.factors()
-        reason = unavailable_reason(factors[0].device)
-        if reason:
-            raise RuntimeError(f"cannot convert '{name}' for the kernels: {reason}; keep the stored layouts "
-                               "(pure-torch path) or move the model to a CUDA device first")
-        new = [kernel_layout(f, dtype) for f in factors]
-        if any(n is not f for n, f in zip(new, factors)):
-            module.set_factors(new)
-            converted += 1
-    return converted
-
-
 @torch.inference_mode()
 def warmup(model: nn.Module, tokens: tuple[int, ...] = (1,), dtype: torch.dtype | None = None) -> int:
     """Run one forward per distinct compressed-layer signature (layouts, shapes, dtypes) and token count, so that
@@ -276,7 +274,7 @@ def warmup(model: nn.Module, tokens: tuple[int, ...] = (1,), dtype: torch.dtype 
         dtype: activation dtype (default: each layer's value dtype).
     """
     seen, runs = set(), 0
-    for _, module in _compressed_modules(model):
+    for _, module in compressed_modules(model):
         factors = module.factors()
         if not all(f.kernel_ready(f.device) for f in factors):
             continue

@@ -1,8 +1,9 @@
 """Modules that hold compressed weights: ``FactorizedLinear`` (``W ≈ A·B``) and ``SparseLinear`` (one ``W``).
 
 Each factor is a ``PackedFactor`` child holding one matrix of ``dsf_runtime.formats`` in any layout, stored
-(``csr``, ``bitmask``, ``bsr``, ``dense``) or the GPU kernels' (``nibble``, ``delta``), as buffers named after its
-tensors: a ``FactorizedLinear`` at module path ``P`` has ``P.A.values``, ``P.A.col_idx``, ... and ``P.bias``, so
+(``csr``, ``bitmask``, ``bsr``, ``dense``) or the GPU kernels' (``nibble``, ``delta``), as tensors named after its
+parts (``values`` a frozen parameter, like the ``bias``; the index parts buffers): a ``FactorizedLinear`` at module
+path ``P`` has ``P.A.values``, ``P.A.col_idx``, ... and ``P.bias``, so
 ``model.state_dict()`` matches the directory format whatever the layout. ``forward`` is ``linear`` over the
 factors: the Triton kernels when every factor is in a GPU layout on a device where they run, else each factor's
 pure-torch ``matmul``. Nothing converts here: ``dsf_runtime.loader`` converts at load time (or ``use_kernels``).
@@ -44,25 +45,42 @@ def linear(x: torch.Tensor, factors: Sequence[PackedMatrix], bias: torch.Tensor 
     return y if bias is None else y + bias.to(y.dtype)
 
 
+def _frozen(tensor: torch.Tensor | None) -> nn.Parameter | None:
+    """``tensor`` as a parameter without gradient (None stays None): stored weights count in ``parameters()``."""
+    return None if tensor is None else nn.Parameter(tensor, requires_grad=False)
+
+
 class PackedFactor(nn.Module):
-    """One matrix of ``dsf_runtime.formats`` as buffers named after its tensors (``values``, ``col_idx``, ...)."""
+    """One matrix of ``dsf_runtime.formats`` as tensors named after its parts: ``values`` is a frozen
+    ``nn.Parameter`` (so ``num_parameters()`` counts the stored values), the index parts (``col_idx``, ``row_ptr``,
+    ``bitmask``, ...) are buffers."""
 
     def __init__(self, packed: PackedMatrix) -> None:
         super().__init__()
         self.layout = packed.layout
         self.shape = tuple(packed.shape)
         for name, tensor in packed.to_tensors().items():
-            self.register_buffer(name, tensor)
+            if name == "values":
+                self.values = _frozen(tensor)
+            else:
+                self.register_buffer(name, tensor)
         self._packed = packed
 
     def packed(self) -> PackedMatrix:
-        """The matrix over the current buffers (no copy); the same object until a buffer is replaced (``.to()``,
-        ``load_state_dict(assign=True)``)."""
+        """The matrix over the current tensors (no copy); the same object until a tensor is replaced or converted
+        (``.to()``, ``load_state_dict(assign=True)``, a loader's ``setattr``)."""
         cached = self._packed
         current = {p: getattr(self, p) for p in cached.parts}
         if any(getattr(cached, p) is not t for p, t in current.items()):
             cached = self._packed = dataclasses.replace(cached, **current)
         return cached
+
+    def _apply(self, fn, recurse: bool = True):
+        # ``.to()`` converts a parameter in place (same object, new data): rebuild the matrix so that nothing keyed
+        # on the packed object (kernel caches) sees a stale dtype or device.
+        result = super()._apply(fn, recurse)
+        self._packed = dataclasses.replace(self._packed, **{p: getattr(self, p) for p in self._packed.parts})
+        return result
 
     def extra_repr(self) -> str:
         return f"layout={self.layout}, shape={list(self.shape)}, dtype={self.values.dtype}"
@@ -84,7 +102,7 @@ class _CompressedLinear(nn.Module):
                 raise ValueError(f"factor {name} is {list(getattr(self, name).shape)}, got {list(matrix.shape)}")
             setattr(self, name, PackedFactor(matrix))
         if self.bias is not None:
-            self.bias = self.bias.to(factors[0].dtype)
+            self.bias = _frozen(self.bias.to(factors[0].dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.factors(), self.bias)
@@ -106,7 +124,7 @@ class FactorizedLinear(_CompressedLinear):
             raise ValueError(f"factors do not chain: A is {list(A.shape)}, B is {list(B.shape)}")
         self.in_features, self.out_features, self.inner_dim = B.shape[1], A.shape[0], A.shape[1]
         self.A, self.B = PackedFactor(A), PackedFactor(B)
-        self.register_buffer("bias", bias)
+        self.bias = _frozen(bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, inner_dim={self.inner_dim}"
@@ -122,7 +140,7 @@ class SparseLinear(_CompressedLinear):
         super().__init__()
         self.out_features, self.in_features = W.shape
         self.W = PackedFactor(W)
-        self.register_buffer("bias", bias)
+        self.bias = _frozen(bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}"

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from dsf_runtime.formats import BLOCK_SIZES, LAYOUTS, VALUE_DTYPES
+from dsf_runtime.formats import AUTO, BLOCK_SIZES, LAYOUTS, VALUE_DTYPES
 from exporters._files import parse_size
 
 __all__ = ["ExportConfig"]
@@ -20,8 +20,9 @@ class ExportConfig:
     """Settings of ``dsf export``; every field maps to the flag of the same name.
 
     Attributes:
-        layout: a key of ``dsf_runtime.formats.LAYOUTS`` for every factor (``nibble`` needs at most 16 non-zeros
-            per group of 16 columns: any matrix fits, balanced DSF factors fit tightly).
+        layout: ``auto`` (each factor in the smallest of ``dsf_runtime.formats.AUTO_LAYOUTS``), or a key of
+            ``dsf_runtime.formats.LAYOUTS`` for every factor (``nibble`` needs at most 16 non-zeros per group of 16
+            columns: any matrix fits, balanced DSF factors fit tightly).
         dtype: ``float16``, ``bfloat16`` or ``float32`` for factor values and floating tensors; None keeps them.
         block_size: ``b`` of ``bsr`` blocks (16, 32 or 64); ignored by the other layouts.
         max_shard_size: safetensors shard limit, e.g. ``"2GiB"``, ``"500MB"`` or bytes.
@@ -30,14 +31,16 @@ class ExportConfig:
         ValueError: on any bad value, naming its flag.
     """
 
-    layout: str = "csr"
+    layout: str = AUTO
     dtype: str | None = None
     block_size: int = 32
     max_shard_size: str | int = "2GiB"
 
     def __post_init__(self) -> None:
-        if self.layout not in LAYOUTS:
-            raise ValueError(f"--layout {self.layout!r} is not a layout; expected one of {', '.join(sorted(LAYOUTS))}")
+        if self.layout != AUTO and self.layout not in LAYOUTS:
+            raise ValueError(
+                f"--layout {self.layout!r} is not a layout; expected {AUTO} or one of {', '.join(sorted(LAYOUTS))}"
+            )
         if self.dtype is not None and self.dtype not in _DTYPES:
             raise ValueError(
                 f"--dtype {self.dtype!r} is not a value dtype; expected one of {', '.join(sorted(_DTYPES))}"

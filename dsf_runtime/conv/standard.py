@@ -63,7 +63,7 @@ def to_standard(module: FactorizedConv2d | SparseConv2d | BasisConv2d) -> nn.Mod
     is asymmetric.
     """
     g = module.geometry
-    dtype = next(b for b in module.buffers() if b.is_floating_point()).dtype
+    dtype = next(t for t in [*module.parameters(), *module.buffers()] if t.is_floating_point()).dtype
     kernel = (g.in_channels, *g.kernel)
     if isinstance(module, FactorizedConv2d):
         inner = module.dense("B", dtype)

@@ -34,6 +34,8 @@ from dsf_runtime.formats.dense import DenseMatrix
 from dsf_runtime.formats.nibble import NibbleMatrix, group_counts, nibble_bytes
 
 __all__ = [
+    "AUTO",
+    "AUTO_LAYOUTS",
     "BLOCK_SIZES",
     "INT16_MAX_COLS",
     "LAYOUTS",
@@ -46,11 +48,13 @@ __all__ = [
     "FormatError",
     "NibbleMatrix",
     "PackedMatrix",
+    "check_meta",
     "dtype_name",
     "from_meta",
     "kernel_layout",
     "pack",
     "pack_factors",
+    "smallest",
 ]
 
 LAYOUTS: dict[str, type] = {
@@ -61,6 +65,13 @@ LAYOUTS: dict[str, type] = {
     "nibble": NibbleMatrix,
     "delta": DeltaMatrix,
 }
+
+
+# ``pack(matrix, AUTO)``: the smallest of these stored layouts, which the CPU runs without a dense copy (bitmask
+# through the compiled kernel); the first wins a tie. ``bsr`` only wins on block-structured masks and the GPU layouts
+# are chosen at load time on CUDA (``kernel_layout``), so neither is a candidate.
+AUTO = "auto"
+AUTO_LAYOUTS = ("bitmask", "csr", "dense")
 
 
 def _layout_class(layout: str) -> type:
@@ -75,11 +86,20 @@ def pack(matrix: torch.Tensor, layout: str, *, dtype: torch.dtype | None = None,
 
     Args:
         matrix: the matrix, float16/bfloat16/float32, any device.
-        layout: a key of ``LAYOUTS``.
+        layout: a key of ``LAYOUTS``, or ``AUTO`` for ``smallest``.
         dtype: value dtype of the packed matrix.
         **opts: layout options, e.g. ``block_size=32`` for ``bsr``.
     """
+    if layout == AUTO:
+        return smallest(matrix, dtype=dtype)
     return _layout_class(layout).from_dense(matrix, dtype=dtype, **opts)
+
+
+def smallest(matrix: torch.Tensor, *, dtype: torch.dtype | None = None) -> PackedMatrix:
+    """``matrix`` ``[rows, cols]`` packed into each of ``AUTO_LAYOUTS`` with values in ``dtype``; the one with the
+    fewest stored bytes (``nbytes``), the earlier layout on a tie."""
+    return min((_layout_class(layout).from_dense(matrix, dtype=dtype) for layout in AUTO_LAYOUTS),
+               key=lambda packed: packed.nbytes)
 
 
 def pack_factors(
@@ -127,6 +147,9 @@ def from_meta(
             ``block_size``, ``bit_order``, and the layout's ``options`` such as ``group``/``per_group``).
         validate: run the full index validation (``validate(prefix)``).
 
+    ``meta`` tensors (shapes and dtypes only, e.g. ``CompressedCheckpoint.layer_skeleton``) give a matrix whose
+    counts are checked later, with ``check_meta``.
+
     Raises:
         FormatError: naming the tensor that is missing, mistyped, inconsistent or disagrees with ``meta``.
     """
@@ -134,15 +157,26 @@ def from_meta(
     shape = (int(meta["shape"][0]), int(meta["shape"][1]))
     options = {k: meta.get(k) for k in cls.options}
     packed = cls.from_tensors(tensors, prefix, shape, validate=validate, **options)
+    if not packed.values.is_meta:
+        check_meta(packed, prefix, meta)
+    return packed
+
+
+def check_meta(packed: PackedMatrix, prefix: str, meta: Mapping[str, Any]) -> None:
+    """Check that ``packed`` (with data) has the manifest's ``dtype``, ``index_dtype``, ``bit_order`` and ``nnz``
+    (``from_meta`` does it; a loader that builds ``meta`` tensors first calls it once the data is in).
+
+    Raises:
+        FormatError: naming the tensor that disagrees.
+    """
     found = packed.meta()
     for key, part in (("dtype", "values"), ("index_dtype", "col_idx"), ("bit_order", "bitmask"), ("nnz", "values")):
         if meta.get(key) != found[key]:
             raise FormatError(
-                part_name(prefix, part if part in cls.parts else "values"),
+                part_name(prefix, part if part in packed.parts else "values"),
                 f"has {key} {found[key]!r} but the manifest says {meta.get(key)!r}",
                 "re-export the checkpoint; the manifest and the tensors come from different writes",
             )
-    return packed
 
 
 def kernel_layout(matrix: PackedMatrix, dtype: torch.dtype | None = None) -> PackedMatrix:

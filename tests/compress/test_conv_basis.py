@@ -23,10 +23,12 @@ from tests.dsf_runtime.helpers import single_thread  # noqa: F401 (autouse fixtu
 @pytest.fixture(scope="module")
 def real() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     """ccexam's MNIST CNN, the Hessian of conv2 ('features.3') from 256 real digits, and those digits."""
-    torch.set_num_threads(1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one summation order for H; restored, so later tests keep their threads
     model = mnist_cnn()
     digits = mnist_digits()[0][torch.randperm(10_000, generator=torch.Generator().manual_seed(1))[:256]]
     hessian = collect_hessians(model, {"features.3": model.features[3]}, digits.split(128))["features.3"]
+    torch.set_num_threads(threads)
     return model, hessian, digits
 
 

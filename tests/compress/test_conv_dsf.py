@@ -20,11 +20,13 @@ from tests.dsf_runtime.helpers import single_thread  # noqa: F401 (autouse fixtu
 @pytest.fixture(scope="module")
 def real_layer() -> tuple[nn.Conv2d, torch.Tensor, torch.Tensor]:
     """ccexam MNIST conv2 (32→64, 3×3, weight [64, 288]), its H from 256 real digits, and those digits."""
-    torch.set_num_threads(1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one summation order for H; restored, so later tests keep their threads
     model = mnist_cnn()
     digits = mnist_digits()[0][torch.randperm(10_000, generator=torch.Generator().manual_seed(0))[:256]]
     conv = model.features[3]
     hessian = collect_hessians(model, {"features.3": conv}, digits.split(128))["features.3"]
+    torch.set_num_threads(threads)
     return conv, hessian, digits
 
 

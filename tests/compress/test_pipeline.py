@@ -94,8 +94,10 @@ def test_density_one_reproduces_the_forward(smol, windows):
     with torch.inference_mode():
         logits = model.lm_head(model.model.norm(torch.cat(last.hidden)))
         after = model(input_ids=windows, use_cache=False).logits
-    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(after, expected, rtol=1e-5, atol=1e-5)
+    # Chunks of 3 and 1 windows against one batch of 4: multi-threaded GEMMs round differently per batch size, by
+    # a few fp32 ulps of logits of magnitude ~20.
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(after, expected, rtol=1e-5, atol=1e-4)
 
 
 def _record_hessians(monkeypatch):

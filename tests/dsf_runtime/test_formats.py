@@ -10,6 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dsf_runtime.formats import (
+    AUTO_LAYOUTS,
     LAYOUTS,
     BitmaskMatrix,
     BSRMatrix,
@@ -199,3 +200,13 @@ def test_docstring_examples() -> None:
     import dsf_runtime.formats
 
     assert doctest.testmod(dsf_runtime.formats, raise_on_error=True).attempted > 0
+
+
+def test_auto_packs_into_the_smallest_layout() -> None:
+    cases = [(torch.randn(64, 200), DenseMatrix), (random_sparse(64, 200, 0.02, seed=1), CSRMatrix),
+             (random_sparse(64, 200, 0.3, seed=2), BitmaskMatrix)]
+    for matrix, expected in cases:
+        packed = pack(matrix, "auto", dtype=torch.float16)
+        assert type(packed) is expected
+        assert packed.nbytes == min(pack(matrix, layout, dtype=torch.float16).nbytes for layout in AUTO_LAYOUTS)
+        assert torch.equal(packed.to_dense(), matrix.half())

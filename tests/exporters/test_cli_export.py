@@ -24,9 +24,27 @@ def _export(*args: str | Path) -> tuple[int, str]:
 def test_layout_export(compressed_dir: Path, tmp_path: Path) -> None:
     code, output = _export(compressed_dir, "--output", tmp_path / "out", "--layout", "bsr", "--block-size", "64",
                            "--dtype", "float16")
-    assert (code, output.strip()) == (0, f"wrote {tmp_path / 'out'}")
+    assert code == 0 and output.splitlines()[0] == f"wrote {tmp_path / 'out'}"
     factor = open_compressed(tmp_path / "out").layers["model.layers.0.mlp.down_proj"]["factors"]["A"]
     assert (factor["layout"], factor["block_size"], factor["dtype"]) == ("bsr", 64, "float16")
+
+
+def test_default_export_is_compact_and_reports_its_size(compressed_dir: Path, tmp_path: Path) -> None:
+    code, output = _export(compressed_dir, "--output", tmp_path / "out", "--dtype", "float16")
+    assert code == 0 and "warning" not in output
+    with open_compressed(tmp_path / "out") as ckpt:
+        size = ckpt.size_summary()
+        layouts = {f["layout"] for e in ckpt.layers.values() for f in e["factors"].values()}
+    assert layouts <= {"bitmask", "csr", "dense"} and size["linear_ratio"] < 0.8
+    assert f"= {size['ratio']:.3f}x the dense fp16 model" in output
+    files = sum(p.stat().st_size for p in (tmp_path / "out").glob("*.safetensors"))
+    assert abs(files - size["total_bytes"]) < 64 * 1024  # the headers are the difference
+
+
+def test_export_larger_than_dense_warns_with_the_fix(compressed_dir: Path, tmp_path: Path) -> None:
+    code, output = _export(compressed_dir, "--output", tmp_path / "out", "--layout", "dense", "--dtype", "float32")
+    assert code == 0
+    assert "is larger than the same model dense in fp16; export with --layout auto --dtype float16" in output
 
 
 def test_dense_fallback(compressed_dir: Path, tmp_path: Path) -> None:

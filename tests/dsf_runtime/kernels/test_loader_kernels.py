@@ -100,8 +100,8 @@ def test_converted_once_and_only_kernel_layout_kept(directory) -> None:
         if isinstance(module, PackedFactor):
             buffers = dict(module.named_buffers())
             k = module.packed()
-            assert set(buffers) == set(k.parts), name
-            assert all(getattr(k, p) is t for p, t in buffers.items())  # the kernels read the module's buffers
+            assert set(buffers) | {"values"} == set(k.parts) and module.values is k.values, name
+            assert all(getattr(k, p) is t for p, t in buffers.items())  # the kernels read the module's tensors
             assert k is module.packed()  # no rebuild per call
     sd = model.state_dict()
     assert "model.layers.0.self_attn.q_proj.A.index" in sd and "model.layers.0.self_attn.q_proj.A.col_idx" not in sd
