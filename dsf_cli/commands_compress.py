@@ -190,6 +190,9 @@ def compress(
         f"wrote {output}: {summary['layers']} layers, {summary['total_nnz']:,} of {summary['total_params']:,} "
         f"weights kept (density {summary['density']:.4f}), mean relative error {summary['mean_relative_error']:.4g}"
     )
+    from dsf_cli.commands_export import report_size
+
+    report_size(output)
 
 
 def _write_text(path: Path, text: str) -> None:

@@ -110,10 +110,10 @@ def export(
         raise fail(str(exc)) from exc
     typer.echo(f"wrote {written}")
     if output is not None and not dense_fallback:
-        _report_size(written)
+        report_size(written)
 
 
-def _report_size(directory: Path) -> None:
+def report_size(directory: Path) -> None:
     """Print the directory's bytes against the dense fp16 model; warn (stderr) with the fix when it is larger."""
     from dsf_runtime.checkpoint import open_compressed
 
@@ -122,8 +122,8 @@ def _report_size(directory: Path) -> None:
     typer.echo(f"{size['total_bytes'] / 2**20:.1f} MiB = {size['ratio']:.3f}x the dense fp16 model "
                f"(compressed linears {size['linear_ratio']:.3f}x)")
     if size["ratio"] > 1:
-        typer.echo(f"warning: {directory} is larger than the same model dense in fp16; export with --layout auto "
-                   "--dtype float16 (or bfloat16) for the smallest files", err=True)
+        typer.echo(f"warning: {directory} is larger than the same model dense in fp16; export it with `dsf export "
+                   f"{directory} -o OUT --layout auto --dtype float16` (or bfloat16) for the smallest files", err=True)
 
 
 def register(app: typer.Typer) -> None:
