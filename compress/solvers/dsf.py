@@ -385,7 +385,7 @@ def _factorize(
     return square, rect, mask_square, mask_rect
 
 
-def _finalize(
+def refit_left(
     weight: torch.Tensor,
     hessian: torch.Tensor,
     left: torch.Tensor,
@@ -489,7 +489,7 @@ def _solve_stack(
     else:  # W ≈ S·(R·diag(s)⁻¹)
         left, mask_left, right, mask_right = square, mask_square, rect / norms, mask_rect
     if config.finalize:
-        left = _finalize(weights, hessian, left, right, mask_left, config.finalize_iters, failures)
+        left = refit_left(weights, hessian, left, right, mask_left, config.finalize_iters, failures)
     if config.refit_right:
         right = _refit_right(weights, hessian, left, right, mask_right, config.refit_right_iters)
     return left.contiguous(), right.contiguous(), mask_left.contiguous(), mask_right.contiguous()

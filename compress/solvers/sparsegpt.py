@@ -70,7 +70,7 @@ class SparseGPTConfig(NMConfig):
             )
 
 
-def _inverse_cholesky(hessian: torch.Tensor, percdamp: float, layer_name: str | None) -> torch.Tensor:
+def inverse_cholesky(hessian: torch.Tensor, percdamp: float, layer_name: str | None) -> torch.Tensor:
     """Upper Cholesky factor of ``(H + percdamp·mean(diag H)·I)⁻¹`` [n, n].
 
     Raises:
@@ -147,7 +147,7 @@ def solve_sparsegpt(
     start = time.perf_counter()
     with exact_fp32():
         work, live_hessian = remove_dead_inputs(original, hess)
-        hinv = _inverse_cholesky(live_hessian, config.percdamp, layer_name)
+        hinv = inverse_cholesky(live_hessian, config.percdamp, layer_name)
         mask = torch.zeros_like(work, dtype=torch.bool)
         for i1 in range(0, columns, config.blocksize):
             i2 = min(i1 + config.blocksize, columns)
