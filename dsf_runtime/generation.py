@@ -112,7 +112,8 @@ def _capture(step: Callable[[], None], device: torch.device) -> tuple[torch.cuda
 
 @torch.inference_mode()
 def greedy_generate(
-    model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, *, cuda_graphs: bool = True
+    model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, *, cuda_graphs: bool = True,
+    on_token: Callable[[], None] | None = None,
 ) -> GenerationResult:
     """Generate ``max_new_tokens`` tokens greedily after ``input_ids`` (see the module docstring).
 
@@ -121,6 +122,7 @@ def greedy_generate(
         input_ids: ``[batch, prompt]`` int64, no padding (every row has the same length).
         max_new_tokens: ≥ 1.
         cuda_graphs: capture the decode step in a CUDA graph (CUDA only).
+        on_token: called after each generated token (e.g. a progress bar); on CUDA it does not synchronize.
 
     Returns:
         A ``GenerationResult``.
@@ -139,6 +141,8 @@ def greedy_generate(
     first = _forward(model, input_ids, torch.arange(prompt, device=device)[None], cache).argmax(-1)
     tokens[:, 0] = first
     prefill_ms = timer.stop()
+    notify = on_token or (lambda: None)
+    notify()
 
     ids = first[:, None].clone()  # static decode buffers: current token, its position, where its successor goes
     position = torch.full((1, 1), prompt, dtype=torch.long, device=device)
@@ -156,6 +160,7 @@ def greedy_generate(
     if steps_left > 1 and cuda_graphs and device.type == "cuda":  # a graph pays off from the second step
         graph, error = _capture(step, device)  # its warm-up is a real step
         steps_left -= 1
+        notify()
     graphed = graph is not None
     run = graph.replay if graphed else step
     decode_ms = 0.0
@@ -163,6 +168,7 @@ def greedy_generate(
         timer.start()
         for _ in range(steps_left):
             run()
+            notify()
         decode_ms = timer.stop()
     del graph
     return GenerationResult(

@@ -6,6 +6,7 @@ generation equal to torch's."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -50,6 +51,10 @@ def test_new_user_path(dense_dir, tmp_path) -> None:
     assert "x the dense fp16 model" in output and "warning" not in output
     config = json.loads((exported / "config.json").read_text())
     assert config["quantization_config"]["quant_method"] == "dsf" and config["dtype"] == "float16"
+
+    output = _invoke("run", "--model", exported, "--prompt", PROMPT, "--max-new-tokens", "4", "--dense-baseline")
+    ratio = re.search(r"compressed vs dense: ([\d.]+)x decode tokens/s, ([\d.]+)x weight bytes", output)
+    assert ratio and float(ratio.group(1)) > 0 and float(ratio.group(2)) < 1, output
 
     ids = dsf_runtime.load_tokenizer(exported)(PROMPT, return_tensors="pt").input_ids
     ours = dsf_runtime.from_pretrained(exported)

@@ -111,3 +111,19 @@ def test_falls_back_with_a_reason(monkeypatch, caplog):
         y = m.matmul(x)
     torch.testing.assert_close(y, PackedMixin.matmul(m, x))
     assert "not built (test)" in caplog.text
+
+
+def test_many_tokens_take_the_dense_gemm_path(kernel, monkeypatch):
+    from dsf_runtime.formats.bitmask import CPU_KERNEL_MAX_TOKENS
+
+    m = _matrix(48, 96, torch.float16)
+    calls = []
+    real = cpu.bitmask_matmul
+    monkeypatch.setattr(cpu, "bitmask_matmul", lambda *a, **k: calls.append(a) or real(*a, **k))
+    at_limit, above = torch.randn(CPU_KERNEL_MAX_TOKENS, 96), torch.randn(CPU_KERNEL_MAX_TOKENS + 1, 96)
+    m.matmul(at_limit)
+    assert len(calls) == 1
+    y = m.matmul(above)
+    assert len(calls) == 1  # unpack + GEMM, the same numbers
+    reference = above.double() @ m.to_dense(torch.float64).t()
+    torch.testing.assert_close(y.double(), reference, rtol=1e-5, atol=1e-5)
