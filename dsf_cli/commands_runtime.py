@@ -29,8 +29,18 @@ def inspect(
     directory: Path = typer.Argument(
         ..., help="A compressed model directory (written by `dsf compress` or `dsf export`).", file_okay=False
     ),
+    as_json: bool = typer.Option(
+        False, "--json", help="Print JSON instead of the table: {'layers': [...], 'size': {...}} with the bytes of "
+        "every layer and of the whole directory against the same model dense in fp16."
+    ),
 ) -> None:
-    """Show every compressed layer: kind, method, layouts, shape, inner dim, density, bytes vs dense fp16, error."""
+    """Show every compressed layer: kind, method, layouts, shape, inner dim, density, bytes vs dense fp16, error;
+    then the whole directory against the dense fp16 model.
+
+    Example:
+
+        dsf inspect runs/smol-small --json > sizes.json
+    """
     from rich.console import Console
     from rich.table import Table
 
@@ -43,12 +53,18 @@ def inspect(
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(1) from exc
     m = ckpt.manifest
+    records, size = ckpt.records(), ckpt.size_summary()
+    if as_json:
+        import json
+
+        typer.echo(json.dumps({"directory": str(directory), "base_model": m.get("base_model"),
+                               "architecture": m.get("architecture"), "layers": records, "size": size}, indent=2))
+        return
     table = Table(title=f"{directory} ({m.get('base_model') or '?'}, {m.get('architecture') or '?'})")
     for col in ("layer", "kind", "method", "layouts"):
         table.add_column(col)
     for col in ("shape", "inner", "density", "MiB", "fp16 MiB", "ratio", "rel. error"):
         table.add_column(col, justify="right")
-    records = ckpt.records()
     for r in records:
         table.add_row(
             r["name"], r["kind"], str(r["method"]), r["layouts"], "×".join(map(str, r["shape"])),
@@ -67,9 +83,9 @@ def inspect(
         _mib(stored), _mib(dense), f"{stored / dense:.3f}" if dense else "-", "",
     )
     console.print(table)
-    other = ckpt.tensor_bytes()
-    rest = sum(other[n] for n in ckpt.uncompressed_names)
-    console.print(f"uncompressed tensors: {len(ckpt.uncompressed_names)} ({_mib(rest)} MiB)")
+    console.print(f"uncompressed tensors: {len(ckpt.uncompressed_names)} ({_mib(size['other_bytes'])} MiB); "
+                  f"whole directory {_mib(size['total_bytes'])} MiB = {size['ratio']:.3f}x the dense fp16 model "
+                  f"({_mib(size['dense_fp16_bytes'])} MiB)")
 
 
 def run(

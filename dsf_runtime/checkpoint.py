@@ -445,10 +445,31 @@ _ITEM_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0
                "U64": 8, "F64": 8, "C64": 8}
 
 
+def _is_dense_checkpoint(directory: Path) -> bool:
+    """Whether ``directory`` holds ``config.json`` and safetensors weights, none of them written by dsf."""
+    files = sorted(directory.glob("*.safetensors"))
+    if not (directory / "config.json").is_file() or not files:
+        return False
+    for file in files:
+        try:
+            with safe_open(file, framework="pt") as handle:
+                if "dsf_format" in (handle.metadata() or {}):
+                    return False
+        except (SafetensorError, OSError):
+            return False
+    return True
+
+
 def _load_manifest(directory: Path) -> dict[str, Any]:
     path = directory / MANIFEST_NAME
     if not directory.is_dir():
         raise CheckpointError(f"{directory}: not a directory")
+    if not path.is_file() and _is_dense_checkpoint(directory):
+        raise CheckpointError(
+            f"{directory}: a dense Hugging Face checkpoint (config.json and weights, no {MANIFEST_NAME}), not a "
+            f"compressed directory; compress it with `dsf compress --model {directory} -o OUT`, or use it as the "
+            "dense baseline (`dsf run --model DIR --baseline DENSE_DIR`)"
+        )
     if not path.is_file():
         raise CheckpointError(
             f"{path}: missing; the directory is incomplete (an interrupted write?) or not a compressed model; "

@@ -46,6 +46,28 @@ def test_inspect(app: typer.Typer, directory: Path) -> None:
     assert "total (14 layers)" in result.output and "tiny-llama" in result.output
 
 
+def test_inspect_json_matches_the_files(app: typer.Typer, directory: Path) -> None:
+    import json
+
+    result = CliRunner().invoke(app, ["inspect", str(directory), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert len(report["layers"]) == 14 and report["base_model"] == "tiny-llama"
+    size = report["size"]
+    stored = (directory / "model.safetensors").stat().st_size
+    assert 0 < stored - size["total_bytes"] < 64 * 1024  # the file adds only its header
+    assert size["linear_bytes"] == sum(r["bytes"] for r in report["layers"])
+    assert size["linear_dense_fp16_bytes"] == sum(2 * r["shape"][0] * r["shape"][1] for r in report["layers"])
+    assert size["ratio"] == size["total_bytes"] / size["dense_fp16_bytes"]
+
+
+def test_dense_directory_is_named_as_dense(app: typer.Typer, tmp_path: Path) -> None:
+    tiny_llama().save_pretrained(tmp_path / "dense")
+    result = CliRunner().invoke(app, ["inspect", str(tmp_path / "dense")], env={"COLUMNS": "400"})
+    assert result.exit_code == 1
+    assert "a dense Hugging Face checkpoint (config.json and weights, no dsf_manifest.json)" in result.output
+
+
 def test_inspect_reports_incomplete_directory(app: typer.Typer, tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["inspect", str(tmp_path)], env={"COLUMNS": "400"})
     assert result.exit_code == 1 and "dsf_manifest.json: missing" in result.output
