@@ -35,7 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import run_meta  # noqa: E402
+from benchmarks.common import DRY_RUN_CAVEAT, caveat_lines, run_meta  # noqa: E402
 from benchmarks.e2e_models import (  # noqa: E402
     LLAMA2_7B,
     TINY_LLAMA,
@@ -216,7 +216,7 @@ def markdown(results: dict) -> str:
     """A markdown table of the rows."""
     m = results["meta"]
     lines = [f"# End-to-end benchmark on {m['device']} (torch {m['torch']}, triton {m['triton']}, transformers "
-             f"{m['transformers']}, {m['date']})", "",
+             f"{m['transformers']}, {m['date']})", "", *caveat_lines(m),
              "| model | variant | nnz density | phase | batch | tokens | decode tok/s | ms/step | prefill ms | "
              "speedup vs dense | weights GiB | weights vs dense | peak GiB | CUDA graphs |", "|" + "---|" * 14]
     f = lambda v, spec: "–" if v is None else format(v, spec)  # noqa: E731
@@ -271,9 +271,11 @@ def bench_e2e(*, out: Path | None = None, models=("llama2-7b", "smollm2"), densi
     dtype = torch.float32 if dry_run else torch.float16
     if dry_run:
         prompt_tokens, new_tokens, prefill_tokens, runs = min(prompt_tokens, 8), min(new_tokens, 3), 16, 1
+        log(DRY_RUN_CAVEAT)
     kw = dict(batches=batches, prompt_tokens=prompt_tokens, new_tokens=new_tokens, prefill_tokens=prefill_tokens,
               runs=runs, cuda_graphs=cuda_graphs, log=log)
-    results = {"kind": "e2e", "meta": run_meta(device, method=METHOD), "rows": [], "sentence": None,
+    results = {"kind": "e2e", "meta": run_meta(device, method=METHOD) | {"dry_run": dry_run}, "rows": [],
+               "sentence": None,
                "settings": {k: v for k, v in kw.items() if k != "log"} | {"dtype": str(dtype)}}
 
     def save() -> None:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -34,7 +35,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import run_meta, time_calls  # noqa: E402
+from benchmarks.common import DRY_RUN_CAVEAT, caveat_lines, run_meta, time_calls  # noqa: E402
 from compress.solvers.split import propose_balanced_split, square_factor_density  # noqa: E402
 from dsf_runtime.formats import DeltaMatrix, NibbleMatrix  # noqa: E402
 from dsf_runtime.formats.nibble import balance_mask  # noqa: E402
@@ -46,6 +47,9 @@ SHAPE_SETS = {
     "smollm2": [(576, 576), (192, 576), (1536, 576), (576, 1536)],
 }
 BATCHES = (1, 16, 2048, 2, 4, 8, 64, 256)  # priority order; rows are sorted afterwards
+DRY_RUN_SHAPES = ((32, 48),)  # --cpu-dry-run: the code paths, interpreted, in under a minute
+DRY_RUN_BATCHES = (1, 16)
+DRY_RUN_SECONDS = 25.0
 L2_BYTES = 50e6
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -360,7 +364,8 @@ def bench_layer(shapes=None, batches=BATCHES, *, out: Path | None = None, repeat
     torch.manual_seed(0)
     shapes = shapes or SHAPE_SETS["llama"] + SHAPE_SETS["smollm2"]
     t0 = time.time()
-    results = {"meta": run_meta(dev, method=METHOD, packages=("triton",)), "rows": [], "skipped": []}
+    results = {"meta": run_meta(dev, method=METHOD, packages=("triton",)) | {"dry_run": dev.type != "cuda"},
+               "rows": [], "skipped": []}
     results["meta"]["pdl"] = probe_pdl(dev)
     name = configs.device_name(dev)
     table = configs.tables().get(name, {})
@@ -448,7 +453,7 @@ def markdown(results: dict) -> str:
     """Markdown table of the rows (speedup = dense / ours)."""
     m = results["meta"]
     lines = [f"# Layer benchmark on {m['device']} (torch {m['torch']}, triton {m['triton']}, {m['date']})", "",
-             "| shape | kind | density | format | dtype | batch | dense µs | ours µs | path | ours/dense speedup | "
+             *caveat_lines(m), "| shape | kind | density | format | dtype | batch | dense µs | ours µs | path | ours/dense speedup | "
              "CSR µs | 2:4 µs | GB/s | rel err |", "|" + "---|" * 14]
     for r in sorted(results["rows"], key=lambda r: (r["shape"], r["kind"], r["format"], r["density"], r["dtype"],
                                                     r["batch"])):
@@ -484,13 +489,22 @@ def main(argv=None) -> int:
     ap.add_argument("--precompile-workers", type=int, default=0, help="compile all kernels first in this many "
                     "processes (Triton's cache is shared); 0 = compile lazily in the timing process")
     ap.add_argument("--cpu-dry-run", action="store_true", help="without a GPU, exercise every code path on the CPU "
-                    "(needs TRITON_INTERPRET=1 and tiny shapes; the timings mean nothing)")
+                    f"on the tiny shapes {DRY_RUN_SHAPES} and batches {DRY_RUN_BATCHES} in the Triton interpreter "
+                    "(TRITON_INTERPRET=1, set by `dsf bench layer`; under a minute); not a speed measurement")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available() and not args.cpu_dry_run:
-        print("bench_layer needs a CUDA GPU", file=sys.stderr)
+        print("bench_layer needs a CUDA GPU; --cpu-dry-run checks the code paths on the CPU", file=sys.stderr)
         return 2
     shapes = None if args.shapes == "all" else SHAPE_SETS[args.shapes]
     batches = tuple(int(b) for b in args.batches.split(","))
+    if args.cpu_dry_run and not torch.cuda.is_available():
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            print("--cpu-dry-run needs TRITON_INTERPRET=1 and DSF_INTERPRET_KERNELS=1 in the environment "
+                  "(`dsf bench layer --cpu-dry-run` sets both)", file=sys.stderr)
+            return 2
+        shapes, batches, args.repeats, args.no_bf16, args.tune = list(DRY_RUN_SHAPES), DRY_RUN_BATCHES, 1, True, False
+        args.max_seconds = min(args.max_seconds, DRY_RUN_SECONDS)
+        print(DRY_RUN_CAVEAT)
     all_shapes = shapes or SHAPE_SETS["llama"] + SHAPE_SETS["smollm2"]
     tune_bns = (1, 16)
     common = dict(workers=args.precompile_workers, delta_batches=(1, 16, 2048), bf16=not args.no_bf16)

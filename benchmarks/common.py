@@ -29,6 +29,15 @@ def _sh(*cmd: str) -> str | None:
     return out or None
 
 
+# Said on every table and plot of a dry run (the code paths on the CPU, tiny shapes, the interpreter).
+DRY_RUN_CAVEAT = "DRY RUN on the CPU (tiny shapes, Triton interpreter): NOT a speed measurement"
+
+
+def caveat_lines(meta: dict) -> list[str]:
+    """``["**<DRY_RUN_CAVEAT>**", ""]`` for a dry run's markdown (``meta["dry_run"]``), else ``[]``."""
+    return [f"**{DRY_RUN_CAVEAT}**", ""] if meta.get("dry_run") else []
+
+
 def utc_now() -> str:
     """The current UTC time, ISO 8601 to the second."""
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")

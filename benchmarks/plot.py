@@ -16,6 +16,8 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+from benchmarks.common import DRY_RUN_CAVEAT
+
 __all__ = ["plot", "plot_e2e"]
 
 
@@ -72,7 +74,7 @@ def plot(path: Path, out: Path | None = None) -> Path:
     handles, labels = axes.flat[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower right", fontsize=8)
     m = res["meta"]
-    fig.suptitle(f"{m.get('device')} — torch {m.get('torch')}, triton {m.get('triton')}, {m.get('date')}")
+    fig.suptitle(("" if not m.get("dry_run") else DRY_RUN_CAVEAT + "\n") + f"{m.get('device')} — torch {m.get('torch')}, triton {m.get('triton')}, {m.get('date')}")
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
@@ -107,7 +109,7 @@ def plot_e2e(res: dict, out: Path) -> Path:
         _bars(axs[2], [r["variant"] for r in prefill], [r["prefill_ms"] for r in prefill],
               f"{model}: prefill {prefill[0]['tokens'] if prefill else ''} tokens", "ms", ".1f")
     m = res["meta"]
-    fig.suptitle(f"{m.get('device')} — torch {m.get('torch')}, triton {m.get('triton')}, transformers "
+    fig.suptitle(("" if not m.get("dry_run") else DRY_RUN_CAVEAT + "\n") + f"{m.get('device')} — torch {m.get('torch')}, triton {m.get('triton')}, transformers "
                  f"{m.get('transformers')}, {m.get('date')}")
     fig.tight_layout()
     fig.savefig(out, dpi=110)

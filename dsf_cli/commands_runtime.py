@@ -123,7 +123,6 @@ def run(
     check_device(device)
     import torch
     from rich.console import Console
-    from rich.table import Table
 
     console = Console()
     torch_dtype = None if dtype is DType.auto else getattr(torch, dtype.value)
@@ -134,17 +133,34 @@ def run(
     else:
         text = prompt
     ids = tokenizer(text, return_tensors="pt")["input_ids"].to(device)
-    runs = [_timed_run(model, ids, max_new_tokens, device, torch_dtype, cuda_graphs)]
-    if dense_baseline or baseline is not None:
-        source = baseline or _dense_source(model)
-        dense_dtype = torch_dtype or (torch.float16 if torch.device(device).type == "cuda" else torch.float32)
-        runs.append(_timed_run(source, ids, max_new_tokens, device, dense_dtype, cuda_graphs, dense=True))
-    first = runs[0]
-    new = _until_eos(first["ids"][0, ids.shape[1]:], first["eos"])
+    with_baseline = dense_baseline or baseline is not None
+    runs = compare(model, baseline or (_dense_source(model) if with_baseline else None), ids, max_new_tokens,
+                   device, torch_dtype, cuda_graphs)
+    new = _until_eos(runs[0]["ids"][0, ids.shape[1]:], runs[0]["eos"])
     console.print(prompt, style="bold", end="" if not chat else "\n")
     console.print(tokenizer.decode(new, skip_special_tokens=True), highlight=False)
-    memory = "peak CUDA MiB" if torch.device(device).type == "cuda" else "RSS growth MiB"
-    table = Table(title=f"{max_new_tokens} new tokens after {ids.shape[1]} prompt tokens on {device}")
+    print_runs(console, runs, f"{max_new_tokens} new tokens after {ids.shape[1]} prompt tokens on {device}")
+
+
+def compare(model: Path, baseline: Path | None, ids, max_new_tokens: int, device: str, dtype, cuda_graphs: bool
+            ) -> list[dict]:
+    """Time greedy generation of ``model`` (``_timed_run``), then of the dense ``baseline`` when given (in fp32 on
+    the CPU, fp16 on CUDA, unless ``dtype``). ``ids``: ``[batch, prompt]`` int64 on ``device``."""
+    import torch
+
+    runs = [_timed_run(model, ids, max_new_tokens, device, dtype, cuda_graphs)]
+    if baseline is not None:
+        dense_dtype = dtype or (torch.float16 if torch.device(device).type == "cuda" else torch.float32)
+        runs.append(_timed_run(baseline, ids, max_new_tokens, device, dense_dtype, cuda_graphs, dense=True))
+    return runs
+
+
+def print_runs(console, runs: list[dict], title: str) -> None:
+    """The table of ``compare``'s runs, and the compressed/dense ratios when there is a dense row."""
+    from rich.table import Table
+
+    memory = "peak CUDA MiB" if str(runs[0]["device"]).startswith("cuda") else "RSS growth MiB"
+    table = Table(title=title)
     for column in ("model", "kind"):
         table.add_column(column)
     for column in ("weights MiB", "load s", "prefill ms", "decode tok/s", memory):
@@ -228,7 +244,7 @@ def _timed_run(source: Path, ids, max_new_tokens: int, device: str, dtype, cuda_
         result = greedy_generate(net, ids, max_new_tokens, cuda_graphs=cuda_graphs,
                                  on_token=lambda: bar.advance(task))
     memory = torch.cuda.max_memory_allocated(device) if cuda else max(_rss_bytes() - rss, 0)
-    run = {"source": source, "kind": f"{kind} {next(net.parameters()).dtype}".replace("torch.", ""),
+    run = {"source": source, "device": device, "kind": f"{kind} {next(net.parameters()).dtype}".replace("torch.", ""),
            "ids": result.ids.cpu(), "eos": net.generation_config.eos_token_id, "weight_bytes": weight_bytes,
            "load_s": load_s, "prefill_ms": result.prefill_ms, "tok_s": result.decode_tokens_per_s, "memory": memory}
     del net

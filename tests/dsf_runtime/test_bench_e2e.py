@@ -10,6 +10,7 @@ import typer
 from typer.testing import CliRunner
 
 from benchmarks import bench_e2e as bench
+from benchmarks.common import DRY_RUN_CAVEAT
 from tests.dsf_runtime.helpers import single_thread  # noqa: F401 (autouse fixture)
 
 KEYS = {"model", "variant", "density", "nnz_density", "phase", "batch", "tokens", "decode_tok_s", "decode_step_ms",
@@ -40,6 +41,7 @@ def test_dry_run_rows(tmp_path: Path) -> None:
     assert all(r["via"] == "from_pretrained" for r in loaded)
     assert {"device", "driver", "torch", "triton", "transformers", "date", "git_sha"} <= set(res["meta"])
     assert out.with_suffix(".md").read_text().startswith("# End-to-end benchmark")
+    assert f"**{DRY_RUN_CAVEAT}**" in out.with_suffix(".md").read_text() and res["meta"]["dry_run"]
 
     from benchmarks.plot import plot
 
@@ -59,6 +61,7 @@ def test_cli_dry_run(tmp_path: Path) -> None:
                                       "--batches", "1", "--no-plot", "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert "| tiny-llama | dsf-0.3 |" in result.output and out.is_file()
+    assert result.output.count(DRY_RUN_CAVEAT) >= 2  # the log and the table
     result = CliRunner().invoke(app, ["bench", "e2e", "--batches", "1,x", "--dry-run", "--out", str(out)])
     assert result.exit_code != 0 and "expected comma-separated numbers" in result.output
 
@@ -76,3 +79,35 @@ def test_cli_layer_passes_through_and_needs_the_scripts(tmp_path: Path, monkeypa
     monkeypatch.setattr(commands_bench, "ROOT", tmp_path)
     result = CliRunner().invoke(app, ["bench", "layer", "--help"])
     assert result.exit_code == 2 and "bench_layer.py not found" in result.output
+
+
+def test_cli_bench_own_model_against_its_baseline(tmp_path: Path) -> None:
+    """`dsf bench e2e --model DIR --baseline DENSE` times both on the CPU and writes the rows."""
+    import shutil
+
+    from compress.assets import smollm2_dir
+    from dsf_cli import commands_bench
+    from dsf_runtime import save_compressed
+    from tests.dsf_runtime.helpers import compress_randomly, tiny_llama, uncompressed
+
+    dense = tiny_llama(vocab_size=49152)
+    dense.save_pretrained(tmp_path / "dense")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(smollm2_dir() / name, tmp_path / "dense" / name)
+    layers = compress_randomly(dense, "bitmask")
+    save_compressed(tmp_path / "dsf", tensors=uncompressed(dense, layers), layers=layers,
+                    config_source=tmp_path / "dense", info={"base_model": str(tmp_path / "dense")})
+    app = typer.Typer()
+    app.callback()(lambda: None)
+    commands_bench.register(app)
+    out = tmp_path / "own.json"
+    result = CliRunner().invoke(app, ["bench", "e2e", "--model", str(tmp_path / "dsf"), "--batches", "1,2",
+                                      "--new-tokens", "3", "--prompt-tokens", "4", "--device", "cpu", "--out",
+                                      str(out)])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["batch"], r["kind"].split()[0]) for r in rows] == [(1, "compressed"), (1, "dense"), (2, "compressed"),
+                                                                  (2, "dense")]
+    assert all(r["tok_s"] > 0 and r["prefill_ms"] > 0 for r in rows)
+    assert rows[0]["weight_bytes"] < rows[1]["weight_bytes"]
+    assert result.output.count("compressed vs dense:") == 2

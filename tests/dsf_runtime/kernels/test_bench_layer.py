@@ -49,3 +49,19 @@ def test_tune_writes_a_tuning_file(tmp_path, monkeypatch):
         assert doc["devices"]["Fake GPU"]["source"] == "benchmarks/bench_layer.py --tune"
     finally:
         configs.use_tuning_file(None)
+
+
+def test_cpu_dry_run_uses_the_tiny_setting(tmp_path, monkeypatch):
+    import torch
+
+    if torch.cuda.is_available():
+        return  # the dry run is the CPU's; on a GPU the flag changes nothing
+    seen = {}
+    monkeypatch.setattr(bench, "bench_layer", lambda shapes, batches, **kw: seen.update(shapes=shapes,
+                                                                                        batches=batches, **kw) or {})
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert bench.main(["--cpu-dry-run", "--out", str(tmp_path / "l.json")]) == 0
+    assert seen["shapes"] == list(bench.DRY_RUN_SHAPES) and seen["batches"] == bench.DRY_RUN_BATCHES
+    assert seen["max_seconds"] == bench.DRY_RUN_SECONDS and seen["repeats"] == 1
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert bench.main(["--cpu-dry-run", "--out", str(tmp_path / "l.json")]) == 2
