@@ -1,12 +1,18 @@
-"""ONNX export of a compressed model: ``input_ids`` [batch, sequence] int64 -> ``logits`` [batch, sequence, vocab].
+"""ONNX export of a compressed model with a KV cache, for generation in ONNX Runtime.
+
+Inputs ``input_ids`` [batch, sequence] int64, ``attention_mask`` [batch, past + sequence] int64, ``position_ids``
+[batch, sequence] int64 and ``past_key_values.{i}.key`` / ``.value`` [batch, kv_heads, past, head_dim]; outputs
+``logits`` [batch, sequence, vocab] and ``present.{i}.key`` / ``.value`` [batch, kv_heads, past + sequence,
+head_dim]: the convention of ONNX Runtime's generation tools. A first step feeds a past of length 0
+(``exporters.onnx_generate``).
 
 The model is loaded by ``dsf_runtime.from_pretrained``; every compressed linear is swapped for ``OnnxLinear``,
 which holds the factors repacked into one ONNX layout (``csr``, ``bitmask`` or ``bsr``) as buffers named like the
 directory's tensors (``model.layers.0.mlp.down_proj.A.col_idx``) and, while ``torch.onnx.export`` traces it, emits
 one ``ai.dsf::DSFLinear`` or ``ai.dsf::SparseLinear`` node (``torch.onnx.ops.symbolic``) fed by those buffers as
-ordinary initializers. The exporter is ``torch.onnx.export(..., dynamo=True)`` with dynamic batch and sequence,
-without KV cache (``use_cache=False``) and without an attention-mask input (every sequence is attended causally in
-full). Weights go to external data (``OUT.onnx.data``), so models above protobuf's 2 GB limit export too.
+ordinary initializers. The exporter is ``torch.onnx.export(..., dynamo=True)`` with dynamic batch, sequence and
+past length, through ``CachedLM`` (a ``DynamicCache`` built from the past inputs). Weights go to external data
+(``OUT.onnx.data``), so models above protobuf's 2 GB limit export too.
 
 ``lowering="standard"`` then rewrites the ``ai.dsf`` nodes into standard operators (``exporters.onnx_lowering``).
 """
@@ -28,6 +34,7 @@ from dsf_runtime.modules import FactorizedLinear, PackedFactor, SparseLinear, li
 from exporters._files import atomic_files, check_destination
 from exporters.config import ExportConfig
 from exporters.layouts import convert_layer
+from exporters.onnx_generate import PAST, PRESENT, prefill_feed
 from exporters.onnx_lowering import MIN_OPSET, lower_to_standard
 from exporters.onnx_ops import (
     DOMAIN,
@@ -39,7 +46,7 @@ from exporters.onnx_ops import (
     make_session,
 )
 
-__all__ = ["LOWERINGS", "ONNX_DTYPES", "OnnxLinear", "export_onnx", "layer_model", "prepare_for_onnx", "verify_onnx"]
+__all__ = ["LOWERINGS", "ONNX_DTYPES", "CachedLM", "OnnxLinear", "export_onnx", "layer_model", "prepare_for_onnx", "verify_onnx"]
 
 logger = logging.getLogger(__name__)
 
@@ -118,7 +125,7 @@ def layer_model(
     Raises:
         ValueError: a layout or dtype without an ONNX encoding, or ``opset`` < 18.
     """
-    config = config or ExportConfig()
+    config = config or ExportConfig(layout="bitmask")
     _check_options(config, "custom", opset)
     module = OnnxLinear(convert_layer(layer, config))
     factors = module.node_inputs()
@@ -157,6 +164,56 @@ def prepare_for_onnx(model: nn.Module, config: ExportConfig) -> int:
         layer = convert_layer(_layer_of(model.get_submodule(name)), config)
         setattr(model.get_submodule(parent), child, OnnxLinear(layer))
     return len(names)
+
+
+class CachedLM:
+    """A causal LM's forward with its KV cache as flat tensors, for the export: ``forward(input_ids,
+    attention_mask, position_ids, *past)`` -> ``(logits, *present)``, ``past``/``present`` ordered layer 0 key,
+    layer 0 value, ... each [batch, kv_heads, length, head_dim]. ``attach`` installs it as the model's own
+    ``forward`` (so parameter names, hence ONNX initializer names, stay the model's); ``detach`` restores it."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.layers = model.config.num_hidden_layers
+        self._original = None
+
+    def attach(self) -> None:
+        self._original = self.model.forward
+        self.model.forward = self.forward
+
+    def detach(self) -> None:
+        del self.model.forward  # the instance attribute; the class's forward shows again
+
+    def forward(self, input_ids, attention_mask, position_ids, *past):
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.model.config)
+        for i in range(self.layers):
+            cache.update(past[2 * i], past[2 * i + 1], i)
+        out = self._original(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                             past_key_values=cache, use_cache=True)
+        present = [t for layer in out.past_key_values.layers for t in (layer.keys, layer.values)]
+        return (out.logits, *present)
+
+    def names(self) -> tuple[list[str], list[str]]:
+        """ONNX input and output names (``exporters.onnx_generate``'s convention)."""
+        kinds = [(i, k) for i in range(self.layers) for k in ("key", "value")]
+        return (["input_ids", "attention_mask", "position_ids"] + [PAST.format(layer=i, kind=k) for i, k in kinds],
+                ["logits"] + [PRESENT.format(layer=i, kind=k) for i, k in kinds])
+
+    def example(self) -> tuple[tuple, tuple]:
+        """Example inputs (batch 2, 3 new tokens after 2 cached) and their dynamic shapes."""
+        config = self.model.config
+        heads = config.num_key_value_heads or config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        dtype = next(t for t in self.model.parameters() if t.is_floating_point()).dtype
+        batch, new, cached = _EXAMPLE_SHAPE[0], 3, 2
+        past = tuple(torch.zeros(batch, heads, cached, head_dim, dtype=dtype) for _ in range(2 * self.layers))
+        inputs = (torch.zeros(batch, new, dtype=torch.long), torch.ones(batch, cached + new, dtype=torch.long),
+                  torch.arange(cached, cached + new).expand(batch, new), *past)
+        b, s, p, t = (torch.export.Dim(n) for n in ("batch", "sequence", "past", "total"))
+        shapes = ({0: b, 1: s}, {0: b, 1: t}, {0: b, 1: s}, tuple({0: b, 2: p} for _ in past))
+        return inputs, shapes
 
 
 def _check_options(config: ExportConfig, lowering: str, opset: int) -> None:
@@ -202,8 +259,8 @@ def verify_onnx(path: Path, model: nn.Module, name: Path | None = None) -> float
         return None
     ids = torch.arange(_CHECK_TOKENS).remainder(model.config.vocab_size).unsqueeze(0)
     with torch.no_grad():
-        want = model(input_ids=ids).logits.float()
-    got = torch.from_numpy(session.run(None, {"input_ids": ids.numpy()})[0]).float()
+        want = model(input_ids=ids, use_cache=False).logits.float()
+    got = torch.from_numpy(session.run(["logits"], prefill_feed(session, ids.numpy()))[0]).float()
     diff = float((got - want).abs().max()) if got.shape == want.shape else math.inf
     limit = _CHECK_RTOL.get(model.dtype, _CHECK_RTOL[torch.float16]) * float(want.abs().max())
     if not diff <= limit:
@@ -228,7 +285,7 @@ def export_onnx(
         src: a compressed directory (any layout).
         out: the ``.onnx`` path; both files are written to a temporary directory and moved into place, the
             ``.onnx`` last.
-        config: layout (``csr``, ``bitmask`` or ``bsr``; default ``csr``), dtype (``float32``/``float16``, None
+        config: layout (``csr``, ``bitmask`` or ``bsr``; default ``bitmask``), dtype (``float32``/``float16``, None
             keeps the stored one) and bsr block size. ``max_shard_size`` is not used.
         lowering: ``custom`` (``ai.dsf`` nodes; run with ``exporters.onnx_ops.make_session``) or ``standard``
             (standard operators only; any ONNX Runtime).
@@ -245,20 +302,24 @@ def export_onnx(
             ``verify_onnx`` (nothing is moved into place). CheckpointError: ``src`` is incomplete or invalid.
             FileExistsError: ``out`` exists and ``overwrite`` is False.
     """
-    config = config or ExportConfig()
+    config = config or ExportConfig(layout="bitmask")
     _check_options(config, lowering, opset)
     src, out = Path(src), Path(out)
     check_destination(out, overwrite=overwrite, sources=(src,))  # before the minutes of loading and tracing
     model = from_pretrained(src, device="cpu", dtype=config.torch_dtype)
     swapped = prepare_for_onnx(model, config)
-    model.config.use_cache = False  # no KV cache: logits is the only output
-    example = torch.zeros(_EXAMPLE_SHAPE, dtype=torch.long)
+    cached = CachedLM(model)
+    inputs, shapes = cached.example()
+    input_names, output_names = cached.names()
     with atomic_files(out, overwrite=overwrite, sources=(src,)) as staging:
-        program = torch.onnx.export(
-            model, (), kwargs={"input_ids": example}, dynamo=True, opset_version=opset, input_names=["input_ids"],
-            output_names=["logits"], dynamic_shapes={"input_ids": {0: "batch", 1: "sequence"}}, external_data=True,
-            verbose=False,
-        )
+        cached.attach()
+        try:
+            program = torch.onnx.export(
+                model, inputs, dynamo=True, opset_version=opset, input_names=input_names,
+                output_names=output_names, dynamic_shapes=shapes, external_data=True, verbose=False,
+            )
+        finally:
+            cached.detach()
         path = staging / out.name
         program.save(str(path), external_data=True)
         if lowering == "standard":  # rewrites the graph only; the weights stay in out.data

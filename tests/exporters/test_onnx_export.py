@@ -15,6 +15,7 @@ import exporters.onnx_export
 from dsf_runtime import from_pretrained, open_compressed
 from exporters.config import ExportConfig
 from exporters.onnx_export import export_onnx, prepare_for_onnx, verify_onnx
+from exporters.onnx_generate import greedy_generate_onnx, prefill_feed
 from exporters.onnx_lowering import lower_to_standard
 from exporters.onnx_ops import DOMAIN, make_session
 
@@ -52,7 +53,7 @@ def _options() -> ort.SessionOptions:
 def _assert_parity(session: ort.InferenceSession, reference) -> None:
     for shape in SHAPES:
         ids = _ids(*shape)
-        got, want = session.run(["logits"], {"input_ids": ids})[0], reference(ids)
+        got, want = session.run(["logits"], prefill_feed(session, ids))[0], reference(ids)
         assert got.shape == want.shape == (*shape, 49152)
         assert np.abs(got - want).max() <= 1e-3 * np.abs(want).max()
 
@@ -61,8 +62,14 @@ def test_custom_op_export_is_valid_compact_and_matches_torch(exported: Path, com
     onnx.checker.check_model(str(exported), full_check=True)
     assert exported.with_name("smollm2.onnx.data").is_file()
     model = onnx.load(str(exported), load_external_data=False)
-    dims = [[d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for v in (*model.graph.input, *model.graph.output)]
-    assert dims == [["batch", "sequence"], ["batch", "sequence", 49152]]
+    dims = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+            for v in (*model.graph.input, *model.graph.output)}
+    assert [v.name for v in model.graph.input][:3] == ["input_ids", "attention_mask", "position_ids"]
+    assert dims["input_ids"] == dims["position_ids"] == ["batch", "sequence"] and dims["attention_mask"][0] == "batch"
+    assert dims["logits"] == ["batch", "sequence", 49152]
+    assert dims["past_key_values.1.value"] == ["batch", 3, "past", 64]  # SmolLM2: 3 KV heads of 64
+    assert dims["present.1.value"][:2] == ["batch", 3] and dims["present.1.value"][3] == 64
+    assert len(model.graph.input) == 3 + 2 * 2 and len(model.graph.output) == 1 + 2 * 2
     nodes = [n for n in model.graph.node if n.domain == DOMAIN]
     layers = open_compressed(compressed_dir).layers
     assert sorted(n.op_type for n in nodes) == sorted(
@@ -76,6 +83,23 @@ def test_custom_op_export_is_valid_compact_and_matches_torch(exported: Path, com
             assert types[f"{fqn}.{factor}.col_idx"] == onnx.TensorProto.INT16
             assert types[f"{fqn}.{factor}.row_ptr"] == onnx.TensorProto.INT32
     _assert_parity(make_session(exported, session_options=_options()), reference)
+
+
+@pytest.mark.parametrize("lowering", ["custom", "standard"])
+def test_onnx_generates_the_torch_tokens(exported: Path, compressed_dir: Path, lowering: str) -> None:
+    """20 greedy tokens through ONNX Runtime, feeding present back as past, equal torch's greedy tokens."""
+    if lowering == "custom":
+        session = make_session(exported, session_options=_options())
+    else:
+        path = exported.with_name("generate-standard.onnx")  # shares smollm2.onnx.data
+        onnx.save_model(lower_to_standard(onnx.load(str(exported), load_external_data=False)), str(path))
+        session = ort.InferenceSession(str(path), _options(), providers=["CPUExecutionProvider"])
+    ids = _ids(1, 7)
+    got = greedy_generate_onnx(session, ids, 20)
+    model = from_pretrained(compressed_dir)
+    with torch.no_grad():
+        want = model.generate(torch.from_numpy(ids), max_new_tokens=20, min_new_tokens=20, do_sample=False)
+    assert got.shape == (1, 27) and got.tolist() == want.tolist()
 
 
 def test_standard_lowering_runs_on_stock_onnx_runtime(exported: Path, reference) -> None:
