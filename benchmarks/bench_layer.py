@@ -47,9 +47,14 @@ SHAPE_SETS = {
     "smollm2": [(576, 576), (192, 576), (1536, 576), (576, 1536)],
 }
 BATCHES = (1, 16, 2048, 2, 4, 8, 64, 256)  # priority order; rows are sorted afterwards
-DRY_RUN_SHAPES = ((32, 48),)  # --cpu-dry-run: the code paths, interpreted, in under a minute
-DRY_RUN_BATCHES = (1, 16)
-DRY_RUN_SECONDS = 25.0
+DENSITIES = (0.5, 0.3)  # of the balanced (nibble) rows; the delta and bf16 rows are at 0.5
+DELTA_BATCHES = (1, 16, 2048)  # batches that also time the unstructured delta layout
+# --cpu-dry-run: both kinds and layouts through the decode (batch 1) and prefill (batch 17 > DECODE_MAX_TOKENS) paths,
+# interpreted, in under a minute (materialize, above 64 tokens, is left out: the interpreter takes seconds per call).
+DRY_RUN_SHAPES = ((16, 32),)
+DRY_RUN_BATCHES = (1, 17)
+DRY_RUN_DENSITIES = (0.5,)
+DRY_RUN_SECONDS = 40.0
 L2_BYTES = 50e6
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -342,10 +347,11 @@ METHOD = ("weights rotated over copies > 2.5x the 50 MB L2; calls captured in on
           "batch <= 16, 10 up to 256, 4 above); CUDA-event timing of graph replays; median of repeats")
 
 
-def _cases(batch: int, shape, delta_batches, bf16: bool):
+def _cases(batch: int, shape, delta_batches, bf16: bool, densities=DENSITIES):
+    """``(kind, density, layout, dtype name)`` of the rows of one shape and batch."""
     out = []
     for kind in ("dsf", "single"):
-        for density in (0.5, 0.3):
+        for density in densities:
             out.append((kind, density, "nibble", "float16"))
     if batch in delta_batches:
         out += [("dsf", 0.5, "delta", "float16"), ("single", 0.5, "delta", "float16")]
@@ -354,7 +360,8 @@ def _cases(batch: int, shape, delta_batches, bf16: bool):
     return out
 
 
-def bench_layer(shapes=None, batches=BATCHES, *, out: Path | None = None, repeats: int = 5, max_seconds: float = 270.0, delta_batches=(1, 16, 2048), bf16: bool = True,
+def bench_layer(shapes=None, batches=BATCHES, *, out: Path | None = None, repeats: int = 5, max_seconds: float = 270.0,
+                delta_batches=DELTA_BATCHES, bf16: bool = True, densities=DENSITIES,
                 csr_max_batch: int = 16, log=print) -> dict:
     """Run the sweep and return ``{"meta", "rows", "skipped"}``; writes ``out`` (JSON) and ``out`` .md if given.
 
@@ -377,7 +384,7 @@ def bench_layer(shapes=None, batches=BATCHES, *, out: Path | None = None, repeat
         dense_copies: dict = {}
         semi: dict = {}
         for batch in batches:
-            for kind, density, layout, dname in _cases(batch, shape, delta_batches, bf16):
+            for kind, density, layout, dname in _cases(batch, shape, delta_batches, bf16, densities):
                 if time.time() - t0 > max_seconds:
                     results["skipped"].append([list(shape), kind, density, batch, dname, layout])
                     continue
@@ -453,8 +460,8 @@ def markdown(results: dict) -> str:
     """Markdown table of the rows (speedup = dense / ours)."""
     m = results["meta"]
     lines = [f"# Layer benchmark on {m['device']} (torch {m['torch']}, triton {m['triton']}, {m['date']})", "",
-             *caveat_lines(m), "| shape | kind | density | format | dtype | batch | dense µs | ours µs | path | ours/dense speedup | "
-             "CSR µs | 2:4 µs | GB/s | rel err |", "|" + "---|" * 14]
+             *caveat_lines(m), "| shape | kind | density | format | dtype | batch | dense µs | ours µs | path "
+             "| ours/dense speedup | CSR µs | 2:4 µs | GB/s | rel err |", "|" + "---|" * 14]
     for r in sorted(results["rows"], key=lambda r: (r["shape"], r["kind"], r["format"], r["density"], r["dtype"],
                                                     r["batch"])):
         f = lambda v: "–" if v is None else f"{v:.1f}"  # noqa: E731
@@ -472,7 +479,8 @@ def write(results: dict, out: Path) -> None:
     out.with_suffix(".md").write_text(markdown(results))
 
 
-def main(argv=None) -> int:
+def parser() -> argparse.ArgumentParser:
+    """The command line of ``main`` (``dsf bench layer`` mirrors it)."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/layer.json"), help="JSON output (a .md table "
                     "is written beside it)")
@@ -488,26 +496,34 @@ def main(argv=None) -> int:
     ap.add_argument("--no-bf16", action="store_true", help="skip the bf16 rows")
     ap.add_argument("--precompile-workers", type=int, default=0, help="compile all kernels first in this many "
                     "processes (Triton's cache is shared); 0 = compile lazily in the timing process")
-    ap.add_argument("--cpu-dry-run", action="store_true", help="without a GPU, exercise every code path on the CPU "
-                    f"on the tiny shapes {DRY_RUN_SHAPES} and batches {DRY_RUN_BATCHES} in the Triton interpreter "
+    ap.add_argument("--cpu-dry-run", action="store_true", help="without a GPU, exercise the code paths on the CPU "
+                    f"on the tiny shapes {DRY_RUN_SHAPES}, batches {DRY_RUN_BATCHES} and densities {DRY_RUN_DENSITIES} "
+                    "in the Triton interpreter "
                     "(TRITON_INTERPRET=1, set by `dsf bench layer`; under a minute); not a speed measurement")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
     if not torch.cuda.is_available() and not args.cpu_dry_run:
         print("bench_layer needs a CUDA GPU; --cpu-dry-run checks the code paths on the CPU", file=sys.stderr)
         return 2
     shapes = None if args.shapes == "all" else SHAPE_SETS[args.shapes]
     batches = tuple(int(b) for b in args.batches.split(","))
+    delta_batches, densities = DELTA_BATCHES, DENSITIES
     if args.cpu_dry_run and not torch.cuda.is_available():
         if os.environ.get("TRITON_INTERPRET") != "1":
             print("--cpu-dry-run needs TRITON_INTERPRET=1 and DSF_INTERPRET_KERNELS=1 in the environment "
                   "(`dsf bench layer --cpu-dry-run` sets both)", file=sys.stderr)
             return 2
-        shapes, batches, args.repeats, args.no_bf16, args.tune = list(DRY_RUN_SHAPES), DRY_RUN_BATCHES, 1, True, False
+        shapes, batches, delta_batches = list(DRY_RUN_SHAPES), DRY_RUN_BATCHES, DRY_RUN_BATCHES
+        densities = DRY_RUN_DENSITIES
+        args.repeats, args.no_bf16, args.tune = 1, True, False
         args.max_seconds = min(args.max_seconds, DRY_RUN_SECONDS)
         print(DRY_RUN_CAVEAT)
     all_shapes = shapes or SHAPE_SETS["llama"] + SHAPE_SETS["smollm2"]
     tune_bns = (1, 16)
-    common = dict(workers=args.precompile_workers, delta_batches=(1, 16, 2048), bf16=not args.no_bf16)
+    common = dict(workers=args.precompile_workers, delta_batches=delta_batches, bf16=not args.no_bf16)
     tuned = None
     if args.tune:
         tune_shapes = [s for s in all_shapes if args.tune_shapes == "all" or s in SHAPE_SETS[args.tune_shapes]]
@@ -517,10 +533,13 @@ def main(argv=None) -> int:
     if args.precompile_workers:
         precompile(all_shapes, batches, tune=False, tuning_file=tuned and tuned["file"], **common)
     res = bench_layer(shapes, batches, out=args.out, repeats=args.repeats, max_seconds=args.max_seconds,
-                      bf16=not args.no_bf16)
+                      delta_batches=delta_batches, bf16=not args.no_bf16, densities=densities)
     if tuned:
         res["tuned"] = tuned
         write(res, args.out)
+    table = Path(args.out).with_suffix(".md")
+    if table.is_file():
+        print(table.read_text())
     return 0
 
 

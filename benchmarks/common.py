@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["device_name", "git_sha", "run_meta", "time_calls", "utc_now"]
+__all__ = ["DRY_RUN_CAVEAT", "caveat_lines", "device_name", "git_sha", "run_meta", "time_calls", "utc_now"]
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,8 +29,8 @@ def _sh(*cmd: str) -> str | None:
     return out or None
 
 
-# Said on every table and plot of a dry run (the code paths on the CPU, tiny shapes, the interpreter).
-DRY_RUN_CAVEAT = "DRY RUN on the CPU (tiny shapes, Triton interpreter): NOT a speed measurement"
+# Said on every log, table and plot of a dry run (tiny shapes on the CPU, kernels in the Triton interpreter).
+DRY_RUN_CAVEAT = "DRY RUN on the CPU (tiny shapes, checks the code paths only): NOT a speed measurement"
 
 
 def caveat_lines(meta: dict) -> list[str]:
@@ -91,16 +91,13 @@ def time_calls(fns: Sequence[Callable[[], object]], *, calls: int = 30, repeats:
     "graphed"}``.
 
     On CUDA: ``calls`` calls captured in one CUDA graph and replayed ``repeats`` times (median), or timed eagerly
-    with ``capture_error`` set when capture fails. Without CUDA (dry runs under ``TRITON_INTERPRET=1``) a wall-clock
-    stand-in that only checks the code paths: its numbers mean nothing.
+    with ``capture_error`` set when capture fails. Without CUDA (dry runs under ``TRITON_INTERPRET=1``) one call of
+    ``fns[0]`` on the wall clock, a stand-in that only checks the code paths: its numbers mean nothing.
     """
     if not torch.cuda.is_available():
-        fns[0]()
-        runs = fns[: min(len(fns), 2)]
         start = time.perf_counter()
-        for f in runs:
-            f()
-        return {"us": (time.perf_counter() - start) * 1e6 / len(runs), "p20": None, "p80": None, "graphed": False}
+        fns[0]()
+        return {"us": (time.perf_counter() - start) * 1e6, "p20": None, "p80": None, "graphed": False}
     from dsf_runtime.kernels.timing import eager_time, graph_time
 
     try:

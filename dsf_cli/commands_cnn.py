@@ -70,6 +70,12 @@ def compress_cnn(
 
     The fashion network is trained on first use (a few minutes on CPU) and cached under $DSF_CACHE.
     Reload the result with dsf_runtime.conv.load_compressed_into.
+
+    Examples:
+
+        dsf compress-cnn --network mnist --method dsf --density 0.25 -o runs/mnist-dsf25
+
+        dsf compress-cnn --network fashion --method basis --density 0.25 -o runs/fashion-basis --onnx fb.onnx
     """
     import torch
 

@@ -1,7 +1,7 @@
 """Greedy generation over a static KV cache, with the decode step replayed from one CUDA graph.
 
 ``greedy_generate(model, input_ids, max_new_tokens)`` works for any ``transformers`` causal LM whose forward takes
-``position_ids``, ``past_key_values`` and ``logits_to_keep`` (Llama, SmolLM2, ...; transformers 5.x) with
+``position_ids``, ``cache`` (older 5.x: ``past_key_values``) and ``logits_to_keep`` (Llama, SmolLM2, ...) with
 compressed layers or dense ones:
 
 1. prefill: one eager forward of the prompt into a ``StaticCache`` of ``prompt + max_new_tokens`` positions;
@@ -19,6 +19,8 @@ No early stop at EOS (every sequence generates ``max_new_tokens``; the caller ma
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 import time
 from collections.abc import Callable
@@ -85,9 +87,17 @@ def _static_cache(model: nn.Module, max_cache_len: int):
     return StaticCache(config=model.config, max_cache_len=max_cache_len)
 
 
+@functools.cache
+def _cache_argument(model_class: type) -> str:
+    """The name under which ``model_class``'s forward takes the KV cache: ``cache`` (newer transformers 5.x, which
+    deprecate the other) or ``past_key_values``."""
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
+
+
 def _forward(model: nn.Module, ids: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
     """Logits of the last position, ``[batch, vocab]``."""
-    out = model(input_ids=ids, position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    kwargs = {_cache_argument(type(model)): cache}
+    out = model(input_ids=ids, position_ids=positions, use_cache=True, logits_to_keep=1, **kwargs)
     return out.logits[:, -1]
 
 

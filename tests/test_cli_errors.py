@@ -1,6 +1,7 @@
 """Hostile and broken inputs through the `dsf` command line (issue 12): every user error is one `error:` line on
 stderr, never a traceback (unless --debug or DSF_DEBUG=1); the commands refuse a directory whose manifest is
-missing, a --seqlen beyond the model's context, CUDA without CUDA, non-UTF-8 text and a corrupt tokenizer.json."""
+missing, a dense directory where a compressed one is needed, a --seqlen beyond the model's context, CUDA without
+CUDA, non-UTF-8 text and a corrupt tokenizer.json."""
 
 from __future__ import annotations
 
@@ -103,7 +104,23 @@ def test_cuda_without_a_gpu_is_a_clean_error(compressed, dense):
     message = "--device cuda: CUDA requested but torch sees no CUDA device; use --device cpu"
     result = _invoke("run", "--model", compressed, "--prompt", "Hi", "--device", "cuda")
     assert _one_error_line(result, 2) == message
+    result = _invoke("run", "--model", compressed, "--prompt", "Hi", "--device", "cuda", "--dense-baseline")
+    assert _one_error_line(result, 2) == message
+    assert _one_error_line(_invoke("bench", "e2e", "--model", compressed, "--device", "cuda"), 2) == message
     assert _one_error_line(_invoke("eval", "--model", dense, "--device", "cuda"), 1) == message
+
+
+def test_a_dense_directory_given_to_a_compressed_only_command(tmp_path, dense):
+    """`dsf inspect` and `dsf export` name a dense Hugging Face directory as dense, with the fix; not as an
+    interrupted write."""
+    message = (f"{dense}: a dense Hugging Face checkpoint (config.json and weights, no dsf_manifest.json), not a "
+               f"compressed directory; compress it with `dsf compress --model {dense} -o OUT`, or use it as the dense "
+               "baseline (`dsf run --model DIR --baseline DENSE_DIR`)")
+    assert _one_error_line(_invoke("inspect", dense), 1) == message
+    assert _one_error_line(_invoke("inspect", dense, "--json"), 1) == message
+    assert _one_error_line(_invoke("export", dense, "-o", tmp_path / "out"), 1) == message
+    assert _one_error_line(_invoke("export", dense, "--onnx", tmp_path / "m.onnx"), 1) == message
+    assert not (tmp_path / "out").exists() and not (tmp_path / "m.onnx").exists()
 
 
 def test_corrupt_tokenizer_json_in_run(tmp_path, compressed):
@@ -126,8 +143,7 @@ def test_every_reader_refuses_a_directory_without_its_manifest(tmp_path, compres
     assert _one_error_line(_invoke("run", "--model", broken, "--prompt", "Hi"), 2) == message
     for args in (["eval", "--model", broken, "--device", "cpu"], ["compress", "--model", broken, "--output", tmp_path]):
         assert _one_error_line(_invoke(*args), 1) == message
-    result = _invoke("inspect", broken, env={"COLUMNS": "400"})
-    assert result.exit_code == 1 and f"error: {message}" in result.output
+    assert _one_error_line(_invoke("inspect", broken), 1) == message
     result = _invoke("eval", "--model", dense, "--seqlen", "32", "--max-windows", "1", "--device", "cpu",
                      "--no-progress")
     assert result.exit_code == 0 and "perplexity" in result.output, result.output

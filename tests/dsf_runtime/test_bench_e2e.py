@@ -18,7 +18,7 @@ KEYS = {"model", "variant", "density", "nnz_density", "phase", "batch", "tokens"
         "weight_ratio_vs_dense", "layouts"}
 
 
-def test_dry_run_rows(tmp_path: Path) -> None:
+def test_dry_run_rows(tmp_path: Path, monkeypatch) -> None:
     out = tmp_path / "e2e.json"
     res = bench.bench_e2e(out=out, densities=(0.5,), batches=(1, 2), dry_run=True, log=lambda *_: None)
     rows = json.loads(out.read_text())["rows"]
@@ -43,21 +43,23 @@ def test_dry_run_rows(tmp_path: Path) -> None:
     assert out.with_suffix(".md").read_text().startswith("# End-to-end benchmark")
     assert f"**{DRY_RUN_CAVEAT}**" in out.with_suffix(".md").read_text() and res["meta"]["dry_run"]
 
+    from matplotlib.figure import Figure
+
     from benchmarks.plot import plot
 
+    titles = []
+    suptitle = Figure.suptitle
+    monkeypatch.setattr(Figure, "suptitle", lambda fig, text, **kw: titles.append(text) or suptitle(fig, text, **kw))
     assert plot(out).stat().st_size > 10_000
+    assert len(titles) == 1 and titles[0].startswith(DRY_RUN_CAVEAT)
     merged = bench.merge([out, out], tmp_path / "merged.json")
     assert len(merged["rows"]) == 2 * len(rows) and len(merged["meta"]["merged_from"]) == 2
 
 
 def test_cli_dry_run(tmp_path: Path) -> None:
-    from dsf_cli import commands_bench
-
-    app = typer.Typer()
-    app.callback()(lambda: None)
-    commands_bench.register(app)
+    app = _bench_app()
     out = tmp_path / "cli.json"
-    result = CliRunner().invoke(app, ["bench", "e2e", "--dry-run", "--models", "llama2-7b", "--densities", "0.3",
+    result = CliRunner().invoke(app, ["bench", "e2e", "--cpu-dry-run", "--models", "llama2-7b", "--densities", "0.3",
                                       "--batches", "1", "--no-plot", "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert "| tiny-llama | dsf-0.3 |" in result.output and out.is_file()
@@ -66,27 +68,68 @@ def test_cli_dry_run(tmp_path: Path) -> None:
     assert result.exit_code != 0 and "expected comma-separated numbers" in result.output
 
 
-def test_cli_layer_passes_through_and_needs_the_scripts(tmp_path: Path, monkeypatch) -> None:
-    """`dsf bench layer --help` shows bench_layer.py's own options (run as a subprocess, not imported); without
-    benchmarks/ beside the packages the command says so."""
+def _bench_app() -> typer.Typer:
+    """A typer app with the ``bench`` group only."""
     from dsf_cli import commands_bench
 
     app = typer.Typer()
     app.callback()(lambda: None)
     commands_bench.register(app)
-    result = CliRunner().invoke(app, ["bench", "layer", "--help"])
-    assert result.exit_code == 0 and "--tuning-file" in result.output and "--cpu-dry-run" in result.output
+    return app
+
+
+def test_cli_layer_options_mirror_the_script(tmp_path: Path, monkeypatch) -> None:
+    """`dsf bench layer --help` lists bench_layer.py's options with the script's defaults; the command passes them
+    through (with the interpreter's environment for --cpu-dry-run); without benchmarks/ it says so."""
+    from benchmarks import bench_layer
+    from dsf_cli import commands_bench
+
+    result = CliRunner().invoke(_bench_app(), ["bench", "layer", "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0 and "Example" in result.output
+    script = {a.dest: a.default for a in bench_layer.parser()._actions if a.dest != "help"}
+    command = typer.main.get_command(_bench_app()).commands["bench"].commands["layer"]
+    options = {p.name: p.default for p in command.params}
+    for name, default in script.items():
+        assert f"--{name.replace('_', '-')}" in result.output, name
+        if name == "no_bf16":
+            assert options["bf16"] is not default
+        else:
+            assert options[name] == default or str(options[name]) == str(default), name
+
+    calls = []
+    monkeypatch.setattr(commands_bench, "_run_script", lambda name, args, env=None: calls.append((name, args, env))
+                        or 0)
+    out = tmp_path / "l.json"
+    result = CliRunner().invoke(_bench_app(), ["bench", "layer", "--cpu-dry-run", "--batches", "1, 17", "--out",
+                                               str(out)])
+    assert result.exit_code == 0, result.output
+    name, args, env = calls[0]
+    assert name == "bench_layer" and env == {"TRITON_INTERPRET": "1", "DSF_INTERPRET_KERNELS": "1"}
+    parsed = bench_layer.parser().parse_args(args)
+    assert parsed.cpu_dry_run and parsed.batches == "1,17" and parsed.out == out and not parsed.no_bf16
+
+    monkeypatch.undo()
     monkeypatch.setattr(commands_bench, "ROOT", tmp_path)
-    result = CliRunner().invoke(app, ["bench", "layer", "--help"])
+    result = CliRunner().invoke(_bench_app(), ["bench", "layer", "--cpu-dry-run"])
     assert result.exit_code == 2 and "bench_layer.py not found" in result.output
 
 
+def test_dry_run_tables_say_they_are_not_speed_measurements() -> None:
+    from benchmarks import bench_layer
+
+    meta = {"device": "CPU", "torch": "t", "triton": "t", "transformers": "t", "date": "d"}
+    for markdown in (bench_layer.markdown, bench.markdown):
+        assert DRY_RUN_CAVEAT in markdown({"meta": dict(meta, dry_run=True), "rows": []})
+        assert DRY_RUN_CAVEAT not in markdown({"meta": dict(meta, dry_run=False), "rows": []})
+    assert "NOT a speed measurement" in DRY_RUN_CAVEAT
+
+
 def test_cli_bench_own_model_against_its_baseline(tmp_path: Path) -> None:
-    """`dsf bench e2e --model DIR --baseline DENSE` times both on the CPU and writes the rows."""
+    """`dsf bench e2e --model DIR` on the CPU: the compressed directory and its base model (the manifest's), each
+    batch, both rows printed and written."""
     import shutil
 
     from compress.assets import smollm2_dir
-    from dsf_cli import commands_bench
     from dsf_runtime import save_compressed
     from tests.dsf_runtime.helpers import compress_randomly, tiny_llama, uncompressed
 
@@ -97,17 +140,19 @@ def test_cli_bench_own_model_against_its_baseline(tmp_path: Path) -> None:
     layers = compress_randomly(dense, "bitmask")
     save_compressed(tmp_path / "dsf", tensors=uncompressed(dense, layers), layers=layers,
                     config_source=tmp_path / "dense", info={"base_model": str(tmp_path / "dense")})
-    app = typer.Typer()
-    app.callback()(lambda: None)
-    commands_bench.register(app)
     out = tmp_path / "own.json"
-    result = CliRunner().invoke(app, ["bench", "e2e", "--model", str(tmp_path / "dsf"), "--batches", "1,2",
-                                      "--new-tokens", "3", "--prompt-tokens", "4", "--device", "cpu", "--out",
-                                      str(out)])
+    result = CliRunner().invoke(_bench_app(), ["bench", "e2e", "--model", str(tmp_path / "dsf"), "--batches", "1,2",
+                                               "--new-tokens", "3", "--prompt-tokens", "4", "--device", "cpu",
+                                               "--out", str(out)], env={"COLUMNS": "300"})
     assert result.exit_code == 0, result.output
-    rows = json.loads(out.read_text())["rows"]
-    assert [(r["batch"], r["kind"].split()[0]) for r in rows] == [(1, "compressed"), (1, "dense"), (2, "compressed"),
-                                                                  (2, "dense")]
-    assert all(r["tok_s"] > 0 and r["prefill_ms"] > 0 for r in rows)
+    report = json.loads(out.read_text())
+    rows = report["rows"]
+    assert [(r["batch"], r["route"]) for r in rows] == [(1, "compressed"), (1, "dense"), (2, "compressed"),
+                                                        (2, "dense")]
+    assert all(r["tok_s"] > 0 and r["prefill_ms"] > 0 and r["memory"] > 0 for r in rows)
     assert rows[0]["weight_bytes"] < rows[1]["weight_bytes"]
-    assert result.output.count("compressed vs dense:") == 2
+    assert report["baseline"] == {"source": str(tmp_path / "dense"), "multiply_out": False,
+                                  "why": f"dense baseline: the base model {tmp_path / 'dense'} (the manifest's "
+                                         "base_model)"}
+    assert result.output.count("compressed vs dense:") == 2 and result.output.count("decode tok/s") == 2
+    assert DRY_RUN_CAVEAT not in result.output  # a real measurement
