@@ -39,6 +39,7 @@ __all__ = [
     "read_inputs",
     "resolve_device",
     "resolve_model_dir",
+    "run_info",
 ]
 
 logger = logging.getLogger(__name__)
@@ -285,7 +286,7 @@ def compress_model(
     progress: bool = True,
     model: nn.Module | None = None,
     tokenizer: Any = None,
-) -> dict[str, Any]:
+) -> dict[str, Any] | None:
     """Compress every linear layer of a decoder and write a reloadable compressed model directory.
 
     Args:
@@ -300,7 +301,8 @@ def compress_model(
         tokenizer: its tokenizer (required with ``model``).
 
     Returns:
-        The content of ``compression_report.json``.
+        The content of ``compression_report.json``; None on the ranks other than 0 of a torchrun launch (the
+        environment has ``WORLD_SIZE`` > 1: the run is ``compress.distributed.compress_model``, same factors).
 
     Raises:
         FileNotFoundError: missing model directory or calibration text.
@@ -308,6 +310,12 @@ def compress_model(
             different settings (``ConfigError`` for an invalid config field).
         FileExistsError: ``output`` holds another output and neither ``resume`` nor ``overwrite`` applies.
     """
+    from compress import distributed  # imports this module
+
+    if distributed.launched_world() not in (None, 1):  # a rank of a torchrun launch: see compress.distributed
+        return distributed.compress_model(
+            config, output, resume=resume, overwrite=overwrite, progress=progress, model=model, tokenizer=tokenizer
+        )
     start = time.perf_counter()
     solver_config = config.solver_config()
     device = resolve_device(config.device)
@@ -328,13 +336,21 @@ def compress_model(
         on_block=partial.save_block,
         progress=progress,
     )
-    info = {
+    info = run_info(config, device, model, inputs, start)
+    return write_output(Path(output), model, inputs.tokenizer, spec, partial, info, inputs.source)
+
+
+def run_info(
+    config: CompressConfig, device: torch.device, model: nn.Module, inputs: RunInputs, start: float
+) -> dict[str, Any]:
+    """The settings recorded in the output's manifest and report (``start``: ``time.perf_counter()`` at the
+    start of this invocation; a resumed run records the resumed part's seconds)."""
+    return {
         **config.to_dict(),
         "device": str(device),
         "blocks": model.config.num_hidden_layers,
         "calibration_sha256": _sha256(inputs.text.encode()),
-        "seconds": time.perf_counter() - start,  # of this invocation (a resumed run: the resumed part)
+        "seconds": time.perf_counter() - start,
         "torch": torch.__version__,
         "save_dtype": inputs.save_dtype(config),
     }
-    return write_output(Path(output), model, inputs.tokenizer, spec, partial, info, inputs.source)

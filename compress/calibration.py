@@ -5,7 +5,10 @@ For each decoder block ``i`` (inputs = outputs of the already compressed blocks 
 1. move the block to the compute device;
 2. one forward pass over the calibration chunks with a hook per group of linears sharing an input, which
    accumulates that group's Hessian ``H = (2/N)·Σ xxᵀ`` (with ``true_sequential``, one pass per group, each
-   group compressed before the next group's H is collected);
+   group compressed before the next group's H is collected). Each hook call's ``XᵀX`` is computed on its own and
+   the partials are added in call (= chunk) order (``GramSum``): the order of the sums, not which process ran
+   which chunk, fixes the bits, so ``compress.distributed`` (chunks sharded across ranks, partials added on the
+   owner in the same order) gives the same H as one process;
 3. solve each group (``compress.solvers.solve_group``) and write ``W ≈ A·B`` back as the dense weight;
 4. a second forward pass of the compressed block produces block ``i+1``'s inputs;
 5. move the block back to where the model lives.
@@ -30,12 +33,15 @@ from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from compress.architectures import ArchitectureSpec, block_groups, decoder_blocks
-from compress.hessian import HessianAccumulator
 from compress.solvers import solve_group
 from compress.solvers.base import SolveResult, SolverConfig
 
 __all__ = [
     "BlockInputs",
+    "BlockSolver",
+    "GramSum",
+    "collect_grams",
+    "input_gram",
     "OffloadMode",
     "activation_storage",
     "capture_block_inputs",
@@ -65,6 +71,14 @@ class BlockInputs:
     hidden: list[torch.Tensor]
     args: list[tuple[Any, ...]]
     kwargs: list[dict[str, Any]]
+
+
+# solve_block(index, block, groups, inputs, report) -> results: compresses one block (on the compute device) whose
+# inputs are `inputs`, writes the factors back and calls report(name, result) per linear (compress.distributed).
+BlockSolver = Callable[
+    [int, nn.Module, list[list[tuple[str, nn.Linear]]], BlockInputs, Callable[[str, SolveResult], None]],
+    dict[str, SolveResult],
+]
 
 
 class _InputsCaught(Exception):
@@ -193,27 +207,67 @@ def run_block(block: nn.Module, inputs: BlockInputs, device: torch.device, stora
     return BlockInputs(hidden, inputs.args, inputs.kwargs)
 
 
-def _collect_hessians(
-    block: nn.Module, groups: list[list[tuple[str, nn.Linear]]], inputs: BlockInputs, device: torch.device
-) -> list[torch.Tensor]:
-    """One forward pass accumulating ``H`` [in, in] for each group from the input of its first linear.
+def input_gram(x: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, int]:
+    """One hook call's Hessian partial.
+
+    Args:
+        x: a linear's input ``[t, ..., in]`` (``t`` samples), ``[tokens, in]`` or ``[in]`` (one sample), any float
+            dtype (the sample rule of ``compress.hessian.HessianAccumulator``).
+        device: where the partial is computed.
+
+    Returns:
+        ``(XᵀX [in, in] fp32 on device, samples)`` with ``X`` the input's rows ``[rows, in]`` in fp32.
+    """
+    rows = x.reshape(-1, x.shape[-1]).to(device, torch.float32)
+    return torch.mm(rows.T, rows), (x.shape[0] if x.dim() >= 3 else 1)
+
+
+class GramSum:
+    """``H = (2/N)·Σ_c X_cᵀX_c`` [in, in] fp32, the partials added one by one in the caller's order.
+
+    Args:
+        in_features: width of the layer input.
+        device: where ``H`` lives.
+    """
+
+    def __init__(self, in_features: int, device: torch.device) -> None:
+        self.total = torch.zeros(in_features, in_features, device=device)
+
+    @torch.inference_mode()  # partials and the sum may come from inside or outside inference mode
+    def add(self, gram: torch.Tensor) -> None:
+        """Add one partial ``XᵀX`` [in, in] fp32."""
+        self.total.add_(gram)
+
+    @torch.inference_mode()
+    def hessian(self, samples: int) -> torch.Tensor:
+        """The finished ``H`` (scaled in place by ``2 / samples``; the sum is not usable afterwards)."""
+        return self.total.mul_(2 / samples)
+
+
+def collect_grams(
+    block: nn.Module,
+    groups: list[list[tuple[str, nn.Linear]]],
+    inputs: BlockInputs,
+    device: torch.device,
+    sink: Callable[[int, torch.Tensor, int], None],
+) -> None:
+    """One forward pass over ``inputs``' chunks; every call of each group's first linear gives
+    ``sink(position, gram, samples)`` (``input_gram`` of its input; ``position``: the group's index in ``groups``),
+    in call order.
 
     Groups are in compute order, so the forward of a chunk stops as soon as the last group's input was seen
     (the rest of the block, e.g. ``down_proj`` and the residual, is not needed).
     """
-    accumulators, handles = [], []
+    handles = []
     for position, group in enumerate(groups):
-        linear = group[0][1]
-        acc = HessianAccumulator(linear.in_features, device)
         last = position == len(groups) - 1
 
-        def hook(module: nn.Module, args: tuple, acc: HessianAccumulator = acc, last: bool = last) -> None:
-            acc.add_batch(args[0])  # x: [b, S, in] (or [b·S, in])
+        def hook(module: nn.Module, args: tuple, position: int = position, last: bool = last) -> None:
+            sink(position, *input_gram(args[0], device))
             if last:
                 raise _GroupInputSeen
 
-        accumulators.append(acc)
-        handles.append(linear.register_forward_pre_hook(hook))
+        handles.append(group[0][1].register_forward_pre_hook(hook))
     try:
         with torch.inference_mode():
             for _ in _forward_chunks(block, inputs, device, _GroupInputSeen):
@@ -221,7 +275,21 @@ def _collect_hessians(
     finally:
         for handle in handles:
             handle.remove()
-    return [acc.hessian for acc in accumulators]
+
+
+def _collect_hessians(
+    block: nn.Module, groups: list[list[tuple[str, nn.Linear]]], inputs: BlockInputs, device: torch.device
+) -> list[torch.Tensor]:
+    """``H`` [in, in] of each group from the input of its first linear (``collect_grams``, summed in call order)."""
+    sums = [GramSum(group[0][1].in_features, device) for group in groups]
+    samples = [0] * len(groups)
+
+    def sink(position: int, gram: torch.Tensor, count: int) -> None:
+        sums[position].add(gram)
+        samples[position] += count
+
+    collect_grams(block, groups, inputs, device, sink)
+    return [total.hessian(count) for total, count in zip(sums, samples)]
 
 
 def write_back(linear: nn.Linear, kind: str, factors: Mapping[str, torch.Tensor]) -> None:
@@ -270,6 +338,7 @@ def compress_blocks(
     finished: Callable[[int, Mapping[str, nn.Linear]], Mapping[str, SolveResult] | None] = lambda index, linears: None,
     on_block: Callable[[int, dict[str, SolveResult]], None] = lambda index, results: None,
     progress: bool = True,
+    solve_block: BlockSolver | None = None,
 ) -> BlockInputs:
     """Compress every linear of every decoder block in place, block by block.
 
@@ -289,6 +358,8 @@ def compress_blocks(
             solved.
         on_block: called with ``(i, results)`` after block ``i`` was solved (not for replayed blocks).
         progress: show a progress bar on stderr.
+        solve_block: compresses one block instead of this process alone (``compress.distributed``); ``windows``
+            are then this rank's shard.
 
     Returns:
         The last block's outputs (hidden states before the final norm), per chunk ``[b, S, H]``.
@@ -321,6 +392,8 @@ def compress_blocks(
                         write_back(linear, stored[name].kind, stored[name].factors)
                 logger.info("block %d: replayed from the stored factors of the interrupted run", index)
                 bar.update(per_block)
+            elif solve_block is not None:
+                on_block(index, solve_block(index, block, groups, inputs, report))
             else:
                 on_block(index, _compress_block(block, groups, inputs, solver_config, device, true_sequential, report))
             inputs = run_block(block, inputs, device, storage)

@@ -35,6 +35,7 @@ _FLAGS = {
     "heldout": "--heldout",
     "layout": "--layout",
     "save_dtype": "--save-dtype",
+    "nproc": "--nproc",
 }
 _DEMO_OUTPUT = Path("runs/demo-smollm2-dsf50")
 
@@ -149,6 +150,11 @@ def compress(
         "northanger-abbey", "--heldout", help="Model-level I-OBS: text that chooses the best round."
     ),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar on stderr."),
+    nproc: int = typer.Option(
+        1, "--nproc", min=1, help="Ranks to compress with: relaunches this command under torchrun (gloo on CPU, NCCL "
+        "on GPUs; DSF_DIST_TIMEOUT seconds per collective, default 600); the same factors as one process. Under an "
+        "existing torchrun, leave it out.",
+    ),
 ) -> None:
     """Compress every linear layer of a decoder (block by block, with calibration data) into --output.
 
@@ -159,9 +165,22 @@ def compress(
     Example:
 
         dsf compress --model smollm2-135m --method dsf --density 0.5 --output runs/smollm2-dsf50
-    """
-    from compress.api import ConfigError, compress_model
 
+        dsf compress --nproc 2 --output runs/smollm2-dsf50          (2 ranks, same factors)
+    """
+    import sys
+
+    from compress.api import ConfigError, compress_model
+    from compress.distributed import launched_world, maybe_relaunch
+
+    if iobs_rounds and (nproc > 1 or launched_world()):
+        raise fail("--iobs-rounds runs in one process; drop --nproc (model-level I-OBS is not distributed)")
+    try:
+        code = maybe_relaunch(nproc, sys.argv[1:])
+    except ConfigError as exc:
+        raise fail(f"{_FLAGS.get(exc.field, exc.field)}: {exc.message}") from exc
+    if code is not None:
+        raise typer.Exit(code)
     options = _solver_options(
         iters=iters, finalize=finalize, finalize_iters=finalize_iters, square_density=square_density,
         group_size=group_size, prune_n=prune_n, prune_m=prune_m, blocksize=blocksize, percdamp=percdamp,
@@ -181,6 +200,8 @@ def compress(
             typer.echo(f"model-level I-OBS: kept round {report['iobs_rounds']['best_round']} of {iobs_rounds}")
         else:
             report = compress_model(config, output, resume=resume, overwrite=overwrite, progress=progress)
+            if report is None:  # a rank other than 0 of a distributed run; rank 0 prints the summary
+                return
     except ConfigError as exc:
         raise fail(f"{_FLAGS.get(exc.field, exc.field)}: {exc.message}") from exc
     except (FileNotFoundError, FileExistsError, ValueError) as exc:

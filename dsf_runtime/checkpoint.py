@@ -384,7 +384,7 @@ class CompressedCheckpoint:
                 "nnz": entry.get("nnz"),
                 "density": entry.get("density"),
                 "bytes": sum(sizes[n] for n in _part_names(fqn, entry)),
-                "dense_fp16_bytes": 2 * out * inp,
+                "dense_fp16_bytes": 2 * out * inp + (2 * out if entry.get("bias") else 0),
                 "error": entry.get("error"),
                 "relative_error": entry.get("relative_error"),
             })
