@@ -18,13 +18,16 @@ import torch
 from torch import nn
 
 from dsf_runtime.formats import PackedMatrix
+from dsf_runtime.formats.bitmask import cpu_linear
 from dsf_runtime.layer import CompressedLayer
 
 __all__ = ["FactorizedLinear", "PackedFactor", "SparseLinear", "linear", "module_from_layer", "replace_linear"]
 
 
 def linear(x: torch.Tensor, factors: Sequence[PackedMatrix], bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``y = F₀·(F₁·(…·x)) + b``, intermediates in fp32.
+    """``y = F₀·(F₁·(…·x)) + b``, intermediates in fp32: the Triton kernels when every factor is in a GPU layout
+    on a device where they run; on the CPU, bitmask factors in one call of the compiled kernel (``cpu_linear``);
+    else each factor's ``matmul`` (the pure-torch reference).
 
     Args:
         x: ``[..., in]`` float16/bfloat16/float32 on the factors' device.
@@ -34,14 +37,16 @@ def linear(x: torch.Tensor, factors: Sequence[PackedMatrix], bias: torch.Tensor 
     Returns:
         ``[..., out]`` in ``x.dtype``.
     """
-    if all(f.kernel_ready(x.device) for f in factors):
-        from dsf_runtime.kernels.dispatch import linear as kernel_linear
+    y = cpu_linear(factors, x)
+    if y is None:
+        if all(f.kernel_ready(x.device) for f in factors):
+            from dsf_runtime.kernels.dispatch import linear as kernel_linear
 
-        return kernel_linear(x, factors, bias, x.dtype)
-    h = x
-    for f in reversed(factors[1:]):
-        h = f.matmul(h, torch.float32)
-    y = factors[0].matmul(h, x.dtype)
+            return kernel_linear(x, factors, bias, x.dtype)
+        h = x
+        for f in reversed(factors[1:]):
+            h = f.matmul(h, torch.float32)
+        y = factors[0].matmul(h, x.dtype)
     return y if bias is None else y + bias.to(y.dtype)
 
 

@@ -16,21 +16,30 @@ Each factor is three tensors (``values``, index, ``row_ptr``) in the layout name
 * ``bsr``: values ``[nblocks, b, b]``, col_idx int32 ``[nblocks]``, row_ptr int32 ``[ceil(rows / b) + 1]``.
 
 Integer attributes: ``out_features``, ``in_features``, ``inner_dim`` (``DSFLinear`` only) and ``block_size``
-(``b`` for ``bsr``, 0 otherwise). The Python kernels registered here are a float32 CPU correctness reference:
-they call ``dsf_runtime.ops`` (the runtime's pure-torch path, which decodes row chunks of every factor per call).
-``make_session`` checks every ``ai.dsf`` node before the session exists (``check_dsf_nodes``): its attributes
-against its inputs, and the runtime's own ``validate`` of the layout on every factor given as an initializer
-(monotone ``row_ptr`` ending at nnz, indices inside the matrix, bitmask popcounts), so a malformed model is a
-``ValueError`` naming the file, node and input. The kernels repeat the checks on every call (inputs computed at
-run time, the width of ``X``); there a failed check ends the process with the message on stderr, because
-onnxruntime-extensions turns a Python exception into ``std::terminate``, but never reads out of bounds.
+(``b`` for ``bsr``, 0 otherwise).
+
+ONNX Runtime runs them through onnxruntime-extensions Python ops (CPU) that compute with the torch runtime's own
+``dsf_runtime.modules.linear``: the compiled CPU kernel for ``bitmask`` (``BitmaskMatrix.matmul``), the pure-torch
+path for ``csr`` and ``bsr``. ``make_session`` checks every ``ai.dsf`` node before the session exists
+(``check_dsf_nodes``): its attributes against its inputs, and the runtime's own ``validate`` of the layout on every
+factor given as an initializer (monotone ``row_ptr`` ending at nnz, indices inside the matrix, bitmask popcounts),
+so a malformed model is a ``ValueError`` naming the file, node and input. A node whose factors are all
+initializers (every exported model) then keeps them *resident*: the validated arrays become torch tensors
+(``torch.from_numpy``, no copy) in a registry of this process, and the session's in-memory graph calls
+``ai.dsf::ResidentLinear(X)`` (an operator of the session only, never of a file) instead, so no call copies,
+casts or re-validates the weights, and float16 values reach the kernel as float16. A node fed by values computed at
+run time keeps its inputs and its kernel repeats the checks on every call; there a failed check ends the process
+with the message on stderr, because onnxruntime-extensions turns a Python exception into ``std::terminate``, but
+never reads out of bounds.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import warnings
+import weakref
 from collections.abc import Sequence
 from functools import cache
 from pathlib import Path
@@ -40,7 +49,7 @@ import onnx
 import torch
 from google.protobuf.message import DecodeError
 
-from dsf_runtime.formats import BitmaskMatrix, BSRMatrix, CSRMatrix, FormatError
+from dsf_runtime.formats import BitmaskMatrix, BSRMatrix, CSRMatrix, FormatError, PackedMatrix
 from dsf_runtime.modules import linear
 
 __all__ = [
@@ -61,9 +70,14 @@ DOMAIN = "ai.dsf"
 DOMAIN_VERSION = 1
 DSF_LINEAR = "DSFLinear"
 SPARSE_LINEAR = "SparseLinear"
+# The in-memory operator of a session whose factors are resident: ``ResidentLinear(X) -> Y``, attribute ``key``.
+RESIDENT_LINEAR = "ResidentLinear"
 # Layouts with an ``ai.dsf`` encoding, and the name of each one's index part.
 ONNX_LAYOUTS: dict[str, str] = {"csr": "col_idx", "bitmask": "bitmask", "bsr": "col_idx"}
 _MATRICES = {"csr": CSRMatrix, "bitmask": BitmaskMatrix, "bsr": BSRMatrix}
+# Validated factors of the resident nodes of live sessions, outermost first, by ``ResidentLinear`` key.
+_RESIDENT: dict[str, list[PackedMatrix]] = {}
+_SESSION_IDS = itertools.count()
 _REEXPORT = "re-export it with `dsf export --onnx`"
 _EXTENSIONS_HINT = "install it with `pip install onnxruntime-extensions` (needed to run ai.dsf custom ops)"
 
@@ -146,6 +160,19 @@ def _sparse_linear_kernel(x, w_values, w_index, w_row_ptr, **attrs) -> np.ndarra
     return linear(_tensor(x), factors).numpy()
 
 
+def _resident_linear_kernel(x, key: str) -> np.ndarray:
+    """``Y = F₀·(…·X)`` with the resident factors registered under ``key``; X [..., in] float32 -> Y [..., out]
+    float32 (``torch.from_numpy`` both ways, no copy)."""
+    factors = _RESIDENT.get(key)
+    if factors is None:
+        raise ValueError(f"{DOMAIN}::{RESIDENT_LINEAR}: no resident factors under key {key!r} (the session that "
+                         "registered them was closed)")
+    if x.shape[-1] != factors[-1].shape[1]:
+        raise ValueError(f"{DOMAIN}::{RESIDENT_LINEAR}: X has {x.shape[-1]} features, the factors expect "
+                         f"{factors[-1].shape[1]}")
+    return linear(_tensor(x), factors).numpy()
+
+
 def _node_attributes(node: onnx.NodeProto) -> dict:
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
     return {k: v.decode() if isinstance(v, bytes) else v for k, v in attrs.items()}
@@ -160,17 +187,24 @@ def _static_width(model: onnx.ModelProto, name: str) -> int | None:
     return None
 
 
-def check_dsf_nodes(model: onnx.ModelProto, path: Path) -> int:
+def check_dsf_nodes(model: onnx.ModelProto, path: Path) -> dict[int, list[PackedMatrix] | None]:
     """Check every ``ai.dsf`` node of ``model`` (loaded from ``path``, external data resolved next to it) before a
     session runs it: op type, attributes, the width of ``X`` where it is a graph input of fixed width, and every
-    factor given as initializers (``validate`` of its layout). Returns the number of nodes checked.
+    factor given as initializers (``validate`` of its layout).
+
+    Returns:
+        For every ``ai.dsf`` node, by its index in ``model.graph.node``: its validated factors (outermost first,
+        tensors sharing memory with the arrays read from the file) when all of them are initializers, else None.
 
     Raises:
         ValueError: ``"<path>: node '<name>': ai.dsf::<op>: <problem>; re-export it ..."``.
     """
     initializers = {t.name: t for t in model.graph.initializer}
-    nodes = [n for n in model.graph.node if n.domain == DOMAIN]
-    for node in nodes:
+    checked: dict[int, list[PackedMatrix] | None] = {}
+    for index, node in enumerate(model.graph.node):
+        if node.domain != DOMAIN:
+            continue
+        checked[index] = None
         try:
             if node.op_type not in (DSF_LINEAR, SPARSE_LINEAR):
                 raise ValueError(f"unknown operator {DOMAIN}::{node.op_type}, expected {DSF_LINEAR} or {SPARSE_LINEAR}")
@@ -181,10 +215,10 @@ def check_dsf_nodes(model: onnx.ModelProto, path: Path) -> int:
                 _check_width(node.op_type, width, attrs)
             if all(name in initializers for name in node.input[1:]):
                 arrays = [onnx.numpy_helper.to_array(initializers[n], str(path.parent)) for n in node.input[1:]]
-                _factors(node.op_type, attrs, arrays)
+                checked[index] = _factors(node.op_type, attrs, arrays)
         except (ValueError, OSError) as exc:
             raise ValueError(f"{path}: node {node.name or node.output[0]!r}: {exc}; {_REEXPORT}") from exc
-    return len(nodes)
+    return checked
 
 
 def _import_extensions():
@@ -197,9 +231,9 @@ def _import_extensions():
 
 @cache
 def register_python_ops() -> str:
-    """Register the float32 Python kernels of ``ai.dsf::DSFLinear`` and ``ai.dsf::SparseLinear`` (once per
-    process) and return the onnxruntime-extensions library path to pass to
-    ``SessionOptions.register_custom_ops_library``.
+    """Register the float32 Python kernels of ``ai.dsf::DSFLinear``, ``ai.dsf::SparseLinear`` and the
+    session-only ``ai.dsf::ResidentLinear`` (once per process) and return the onnxruntime-extensions library path to
+    pass to ``SessionOptions.register_custom_ops_library``.
 
     The index inputs are declared type-agnostic (int16, int32 or uint8 by layout). onnxruntime-extensions'
     Python ops cannot take float16 tensors; ``make_session`` inserts casts for float16 models.
@@ -220,11 +254,53 @@ def register_python_ops() -> str:
         outputs=[d.dt_float],
         attrs={"layout": d.dt_string, **ints},
     )(_sparse_linear_kernel)
+    ext.onnx_op(
+        op_type=f"{DOMAIN}::{RESIDENT_LINEAR}", inputs=[d.dt_float], outputs=[d.dt_float], attrs={"key": d.dt_string},
+    )(_resident_linear_kernel)
     return ext.get_library_path()
 
 
+def _make_resident(model: onnx.ModelProto, checked: dict[int, list[PackedMatrix] | None], session: int) -> list[str]:
+    """Replace every ``ai.dsf`` node whose factors ``check_dsf_nodes`` validated by ``ResidentLinear(X)`` (in place;
+    float16 ``X`` and ``Y`` through Casts, the Python kernels take float32), register its factors in ``_RESIDENT``
+    and drop the initializers no node reads any more (ONNX Runtime then never loads them). Returns the keys."""
+    graph = model.graph
+    keys, nodes, replaced = [], [], set()
+    for index, node in enumerate(graph.node):
+        factors = checked.get(index)
+        if factors is None:
+            nodes.append(node)
+            continue
+        key = f"{session}/{index}/{node.name or node.output[0]}"
+        _RESIDENT[key] = factors
+        keys.append(key)
+        replaced.update(node.input[1:])
+        x, y = node.input[0], node.output[0]
+        half = factors[0].dtype == torch.float16
+        if half:
+            nodes.append(onnx.helper.make_node("Cast", [x], [f"{key}/x_f32"], to=onnx.TensorProto.FLOAT))
+            x, y = f"{key}/x_f32", f"{key}/y_f32"
+        nodes.append(onnx.helper.make_node(RESIDENT_LINEAR, [x], [y], name=node.name, domain=DOMAIN, key=key))
+        if half:
+            nodes.append(onnx.helper.make_node("Cast", [y], [node.output[0]], to=onnx.TensorProto.FLOAT16))
+    del graph.node[:]
+    graph.node.extend(nodes)
+    used = {name for node in nodes for name in node.input}
+    for i in reversed(range(len(graph.initializer))):
+        if graph.initializer[i].name in replaced - used:
+            del graph.initializer[i]
+    return keys
+
+
+def _release(keys: list[str]) -> None:
+    """Drop the resident factors of a closed session."""
+    for key in keys:
+        _RESIDENT.pop(key, None)
+
+
 def _cast_float16_nodes(model: onnx.ModelProto) -> int:
-    """Wrap every float16 ``ai.dsf`` node in Casts to and from float32, in place; returns how many were wrapped.
+    """Wrap every float16 ``DSFLinear``/``SparseLinear`` node in Casts to and from float32, in place; returns how
+    many were wrapped.
 
     The values' dtype is read from the initializers feeding the node (``load_external_data=False`` is enough).
     """
@@ -232,7 +308,8 @@ def _cast_float16_nodes(model: onnx.ModelProto) -> int:
     dtypes = {t.name: t.data_type for t in graph.initializer}
     wrapped, nodes = 0, []
     for node in graph.node:
-        if node.domain != DOMAIN or dtypes.get(node.input[1]) != onnx.TensorProto.FLOAT16:
+        if (node.domain != DOMAIN or node.op_type == RESIDENT_LINEAR
+                or dtypes.get(node.input[1]) != onnx.TensorProto.FLOAT16):
             nodes.append(node)
             continue
         tag = f"{node.name or node.output[0]}_f32"
@@ -259,7 +336,9 @@ def make_session(
 ):
     """An ``onnxruntime.InferenceSession`` for an exported model, with the ``ai.dsf`` Python kernels registered.
 
-    Models without ``ai.dsf`` nodes (``--lowering standard``) need no registration and load as usual.
+    Models without ``ai.dsf`` nodes (``--lowering standard``) need no registration and load as usual. Nodes whose
+    factors are initializers become ``ResidentLinear`` nodes of the session's in-memory graph (the module
+    docstring); their factors stay registered in this process until the session is garbage-collected.
 
     Args:
         path: the ``.onnx`` file; its external data stays next to it and is resolved relative to it.
@@ -283,15 +362,26 @@ def make_session(
         model = onnx.load(str(path), load_external_data=False)
     except (DecodeError, OSError, ValueError, RuntimeError) as exc:
         raise ValueError(f"{path}: not a readable ONNX model ({type(exc).__name__}: {exc}); {_REEXPORT}") from exc
-    source: str | bytes = str(path)
-    if check_dsf_nodes(model, path):
-        options.register_custom_ops_library(register_python_ops())
-        if _cast_float16_nodes(model):
-            logger.info("%s: float16 ai.dsf nodes run through float32 casts (Python kernels take float32 only)", path)
-            options.add_session_config_entry(
-                "session.model_external_initializers_file_folder_path", str(path.resolve().parent)
-            )
-            source = model.SerializeToString()
+    checked = check_dsf_nodes(model, path)
+    if not checked:
+        return _session(ort, str(path), options, providers, path)
+    options.register_custom_ops_library(register_python_ops())
+    keys = _make_resident(model, checked, next(_SESSION_IDS))
+    if _cast_float16_nodes(model):
+        logger.info("%s: float16 ai.dsf nodes run through float32 casts (Python kernels take float32 only)", path)
+    options.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                     str(path.resolve().parent))
+    try:
+        session = _session(ort, model.SerializeToString(), options, providers, path)
+    except BaseException:
+        _release(keys)
+        raise
+    weakref.finalize(session, _release, keys)
+    return session
+
+
+def _session(ort, source: str | bytes, options, providers: list[str], path: Path):
+    """``ort.InferenceSession(source, ...)``, its refusal a ValueError naming ``path``."""
     try:
         return ort.InferenceSession(source, options, providers=providers)
     except _ort_errors() as exc:

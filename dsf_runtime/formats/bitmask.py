@@ -4,6 +4,7 @@ sparse-bitmask, with int32 row offsets so rows can be decoded independently."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, ClassVar
@@ -22,7 +23,7 @@ from dsf_runtime.formats._common import (
     part_name,
 )
 
-__all__ = ["BitmaskMatrix", "pack_bits", "unpack_bits"]
+__all__ = ["BitmaskMatrix", "cpu_linear", "pack_bits", "unpack_bits"]
 
 logger = logging.getLogger(__name__)
 _LOGGED: set[str] = set()  # fallback reasons already logged
@@ -54,6 +55,42 @@ def unpack_bits(bitmask: torch.Tensor, cols: int) -> torch.Tensor:
 
 # Popcount of every byte value.
 _POPCOUNT = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int32)
+
+
+def cpu_linear(factors: Sequence[object], x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor | None:
+    """``y = F₀·(F₁·(…·x))`` in one call of the compiled CPU kernel (``dsf_runtime.kernels.cpu.bitmask_linear``:
+    fp32 accumulation, fp32 intermediates kept in cache), or None when the kernel does not take it: a factor is
+    not a CPU ``BitmaskMatrix``, ``x`` is not on the CPU, more than ``CPU_KERNEL_MAX_TOKENS`` tokens (the
+    pure-torch unpack + GEMM is faster there), or, logged once with the reason, the kernel is not built or
+    autograd needs a graph. The caller then runs the pure-torch path.
+
+    Args:
+        factors: outermost first, chaining (``factors[k].shape[1] == factors[k + 1].shape[0]``).
+        x: ``[..., cols of the last factor]`` float16/bfloat16/float32.
+        out_dtype: dtype of ``y`` (default ``x.dtype``).
+
+    Returns:
+        ``[..., rows of factors[0]]`` in ``out_dtype``, or None.
+    """
+    cols = x.shape[-1]
+    if (x.device.type != "cpu" or x.numel() > CPU_KERNEL_MAX_TOKENS * cols
+            or not all(type(f) is BitmaskMatrix and f.values.device.type == "cpu" for f in factors)
+            or factors[-1].shape[1] != cols):
+        return None
+    from dsf_runtime.kernels import cpu
+
+    reason = cpu.available()
+    if reason is None and torch.is_grad_enabled() and (x.requires_grad or any(f.values.requires_grad for f in factors)):
+        reason = "the compiled CPU kernel has no backward"
+    if reason is not None:
+        if reason not in _LOGGED:
+            _LOGGED.add(reason)
+            logger.info("bitmask matmul on the CPU uses the pure-torch path: %s", reason)
+        return None
+    x32 = (x if x.dtype == torch.float32 else x.float()).contiguous()
+    y = cpu.bitmask_linear(x32, [(f.values, f.bitmask, f.row_ptr, f.shape[1]) for f in factors])
+    out_dtype = out_dtype or x.dtype
+    return y if out_dtype == torch.float32 else y.to(out_dtype)
 
 
 @dataclass(frozen=True, eq=False)
@@ -90,9 +127,8 @@ class BitmaskMatrix(PackedMixin):
         return cls(values=values, bitmask=pack_bits(mask), row_ptr=row_ptr, shape=tuple(dense.shape))
 
     def matmul(self, x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
-        """``y = x·Wᵀ``: on the CPU through the compiled kernel (``dsf_runtime.kernels.cpu``, fp32 accumulation)
-        for up to ``CPU_KERNEL_MAX_TOKENS`` tokens; else, or when the kernel is not built or autograd needs a
-        graph, ``PackedMixin.matmul``'s pure-torch path (the reference; a fallback reason is logged once).
+        """``y = x·Wᵀ``: on the CPU through the compiled kernel when ``cpu_linear`` takes it, else
+        ``PackedMixin.matmul``'s pure-torch path (the reference).
 
         Args:
             x: ``[..., cols]`` float16/bfloat16/float32 on the matrix's device.
@@ -101,23 +137,8 @@ class BitmaskMatrix(PackedMixin):
         Returns:
             ``[..., rows]`` in ``out_dtype``.
         """
-        rows, cols = self.shape
-        if (x.device.type == "cpu" and self.device.type == "cpu" and x.shape[-1] == cols
-                and x.numel() <= CPU_KERNEL_MAX_TOKENS * cols):
-            from dsf_runtime.kernels import cpu
-
-            reason = cpu.available()
-            if reason is None and torch.is_grad_enabled() and (x.requires_grad or self.values.requires_grad):
-                reason = "the compiled CPU kernel has no backward"
-            if reason is None:
-                x2 = x.reshape(-1, cols).to(torch.float32).contiguous()
-                y = cpu.bitmask_matmul(x2, self.values.contiguous(), self.bitmask.contiguous(),
-                                       self.row_ptr.contiguous(), rows, cols)
-                return y.to(out_dtype or x.dtype).reshape(*x.shape[:-1], rows)
-            if reason not in _LOGGED:
-                _LOGGED.add(reason)
-                logger.info("bitmask matmul on the CPU uses the pure-torch path: %s", reason)
-        return super().matmul(x, out_dtype)
+        y = cpu_linear((self,), x, out_dtype)
+        return super().matmul(x, out_dtype) if y is None else y
 
     @property
     def nnz(self) -> int:

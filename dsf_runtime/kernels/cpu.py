@@ -1,13 +1,17 @@
-"""Compiled CPU kernel for the ``bitmask`` layout (a C++ torch extension, ``kernels/cpu/bitmask_matmul.cpp``).
+"""Compiled CPU kernels for the ``bitmask`` layout (a C++ torch extension, ``kernels/cpu/bitmask_matmul.cpp``).
 
-- ``build(verbose)``: compile it (g++, ninja) into ``$DSF_CACHE/torch_extensions`` (default ``~/.cache/dsf``);
+- ``build(verbose, isa)``: compile it (g++, ninja) into ``$DSF_CACHE/torch_extensions`` (default ``~/.cache/dsf``);
   ``scripts/setup.sh`` runs ``python -m dsf_runtime.kernels.cpu build``.
 - ``available()``: why the kernel cannot run (None when it can). Loads an already-built extension; builds only
   when ``DSF_BUILD_CPU_KERNELS=1``.
-- ``bitmask_matmul(x, values, bitmask, row_ptr, rows, cols)``: ``y = x·Wᵀ`` in fp32.
+- ``bitmask_linear(x, factors)``: ``y = F₀·(F₁·(…·x))`` for bitmask factors in one call (a DSF layer is
+  ``A·(B·x)``), fp32 in, between and out; ``bitmask_matmul`` is the one-factor case.
+- ``half_linear(x, weight)``: ``y = x·Wᵀ`` for a dense fp16/bf16 ``W`` with fp32 ``x`` and ``y``.
 
-The build's name carries a hash of the source, the compiler flags, torch and Python, so a changed source or a
-new torch is never served by a stale binary. Nothing here imports the formats.
+The vector path is the best this CPU runs (``ISAS``: AVX-512 with VBMI2 expand-loads, AVX2+FMA+F16C, scalar);
+``isa`` picks a lower one (tests check every path the CPU can run). The build's name carries a hash of the source,
+the compiler flags, torch and Python, so a changed source or a new torch is never served by a stale binary.
+Nothing here imports the formats.
 """
 
 from __future__ import annotations
@@ -16,16 +20,23 @@ import hashlib
 import importlib.util
 import os
 import sys
+from collections.abc import Sequence
 from functools import cache
 from pathlib import Path
 from types import ModuleType
 
 import torch
 
-__all__ = ["available", "bitmask_matmul", "build", "build_dir"]
+__all__ = ["ISAS", "available", "bitmask_linear", "bitmask_matmul", "build", "build_dir", "half_linear", "isas"]
 
 SOURCE = Path(__file__).with_name("cpu") / "bitmask_matmul.cpp"
-_VECTOR_FLAGS = ("avx2", "fma", "f16c")  # /proc/cpuinfo flags the AVX2 path needs; -m<flag> each
+# Vector paths, best first: /proc/cpuinfo flags each needs -> the compiler flags that enable it.
+ISAS: dict[str, dict[str, str]] = {
+    "avx512": {"avx512f": "-mavx512f", "avx512bw": "-mavx512bw", "avx512vl": "-mavx512vl",
+               "avx512_vbmi2": "-mavx512vbmi2", "avx2": "-mavx2", "fma": "-mfma", "f16c": "-mf16c"},
+    "avx2": {"avx2": "-mavx2", "fma": "-mfma", "f16c": "-mf16c"},
+    "scalar": {},
+}
 _state: dict[str, ModuleType | str | None] = {}
 
 
@@ -35,8 +46,8 @@ def build_dir() -> Path:
 
 
 @cache
-def _cflags() -> tuple[str, ...]:
-    """``-O3 -fopenmp``, plus ``-mavx2 -mfma -mf16c`` when this CPU has all three."""
+def isas() -> tuple[str, ...]:
+    """The vector paths this CPU can run, best first (always ends with ``"scalar"``)."""
     try:
         words = next(
             (line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
@@ -45,13 +56,17 @@ def _cflags() -> tuple[str, ...]:
         )
     except OSError:
         words = []
-    vector = tuple(f"-m{flag}" for flag in _VECTOR_FLAGS) if set(_VECTOR_FLAGS) <= set(words) else ()
-    return ("-O3", "-fopenmp", *vector)
+    return tuple(isa for isa, flags in ISAS.items() if set(flags) <= set(words))
 
 
-def _name() -> str:
+def _cflags(isa: str) -> tuple[str, ...]:
+    """``-O3 -fopenmp`` plus the ``-m`` flags of vector path ``isa``."""
+    return ("-O3", "-fopenmp", *ISAS[isa].values())
+
+
+def _name(isa: str) -> str:
     """Extension name: ``dsf_cpu_`` + a hash of the source, flags, torch and Python versions."""
-    key = b"\0".join([SOURCE.read_bytes(), " ".join(_cflags()).encode(), torch.__version__.encode(),
+    key = b"\0".join([SOURCE.read_bytes(), " ".join(_cflags(isa)).encode(), torch.__version__.encode(),
                       sys.version.encode()])
     return "dsf_cpu_" + hashlib.sha256(key).hexdigest()[:12]
 
@@ -67,34 +82,42 @@ def _import(path: Path, name: str) -> ModuleType:
     return module
 
 
-def build(verbose: bool = False) -> ModuleType:
-    """Compile the extension (a no-op when this source, these flags and this torch are built already) and load it.
+def build(verbose: bool = False, isa: str | None = None) -> ModuleType:
+    """Compile the extension for vector path ``isa`` (default: the best this CPU runs; a no-op when this source,
+    these flags and this torch are built already) and load it. The default build becomes the one the runtime
+    uses; another ``isa`` is only returned (for tests).
 
     Raises:
+        ValueError: ``isa`` is not one this CPU runs.
         RuntimeError/OSError/subprocess errors: no compiler, no ninja, or a compile error (the message says which).
     """
     from torch.utils import cpp_extension
 
+    best = isas()[0]
+    if isa is not None and isa not in isas():
+        raise ValueError(f"this CPU runs the vector paths {list(isas())}, not {isa!r}")
     try:  # the PyPI ``ninja`` package's binary, when the venv's bin is not on PATH
         import ninja
 
         os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
     except ImportError:
         pass
-    name = _name()
+    isa = isa or best
+    name = _name(isa)
     directory = build_dir() / name
     directory.mkdir(parents=True, exist_ok=True)
     module = cpp_extension.load(
-        name=name, sources=[str(SOURCE)], extra_cflags=list(_cflags()), extra_ldflags=["-fopenmp"],
+        name=name, sources=[str(SOURCE)], extra_cflags=list(_cflags(isa)), extra_ldflags=["-fopenmp"],
         build_directory=str(directory), verbose=verbose,
     )
-    _state["module"], _state["reason"] = module, None
+    if isa == best:
+        _state["module"], _state["reason"] = module, None
     return module
 
 
 def _load() -> ModuleType | str:
-    """The extension, or why it is unavailable."""
-    name = _name()
+    """The extension of the best vector path, or why it is unavailable."""
+    name = _name(isas()[0])
     if _library(name).exists():
         try:
             return _import(_library(name), name)
@@ -117,31 +140,58 @@ def available() -> str | None:
     return _state["reason"]
 
 
-def bitmask_matmul(x: torch.Tensor, values: torch.Tensor, bitmask: torch.Tensor, row_ptr: torch.Tensor, rows: int,
-                   cols: int, out: torch.Tensor | None = None) -> torch.Tensor:
-    """``y = x·Wᵀ`` for ``W`` in the ``bitmask`` layout, on the CPU.
+def _module() -> ModuleType:
+    reason = available()
+    if reason is not None:
+        raise RuntimeError(reason)
+    return _state["module"]
+
+
+def bitmask_linear(x: torch.Tensor, factors: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]],
+                   out: torch.Tensor | None = None) -> torch.Tensor:
+    """``y = F₀·(F₁·(…·x))`` for bitmask factors, in one call; intermediates are fp32 buffers of ``[T, rows]``.
 
     Args:
-        x: ``[T, cols]`` float32, contiguous.
-        values: ``[nnz]`` float16/bfloat16/float32; bitmask: ``[rows, ceil(cols / 8)]`` uint8 (little bit order,
-            padding bits 0); row_ptr: ``[rows + 1]`` int32, consistent with the popcounts (``validate``).
-        out: optional ``[T, rows]`` float32 to write into.
+        x: ``[..., cols of the last factor]`` float32, contiguous.
+        factors: outermost first, each ``(values, bitmask, row_ptr, cols)``: values ``[nnz]``
+            float16/bfloat16/float32, bitmask ``[rows, ceil(cols / 8)]`` uint8 (little bit order, padding bits
+            0), row_ptr ``[rows + 1]`` int32 consistent with the popcounts (``BitmaskMatrix.validate``); each
+            factor's ``cols`` equals the next one's rows.
+        out: optional ``[..., rows of F₀]`` float32 to write into.
 
     Returns:
-        ``[T, rows]`` float32.
+        ``[..., rows of F₀]`` float32.
 
     Raises:
         RuntimeError: the kernel is unavailable (``available()`` says why), or an argument is mistyped (the
             kernel's check names it).
     """
-    reason = available()
-    if reason is not None:
-        raise RuntimeError(reason)
-    return _state["module"].bitmask_matmul(x, values, bitmask, row_ptr, rows, cols, out)
+    values, bitmasks, row_ptrs, cols = zip(*factors) if factors else ((), (), (), ())
+    return _module().bitmask_linear(x, list(values), list(bitmasks), list(row_ptrs), list(cols), out)
+
+
+def bitmask_matmul(x: torch.Tensor, values: torch.Tensor, bitmask: torch.Tensor, row_ptr: torch.Tensor, cols: int,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
+    """``y = x·Wᵀ`` for one ``W`` in the ``bitmask`` layout: ``bitmask_linear`` with one factor."""
+    return _module().bitmask_linear(x, [values], [bitmask], [row_ptr], [cols], out)
+
+
+def half_linear(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``y = x·Wᵀ`` for a dense ``W`` kept in 16 bits (a tied lm_head), computed in fp32.
+
+    Args:
+        x: ``[..., in]`` float32, contiguous. weight: ``[out, in]`` float16/bfloat16/float32, contiguous.
+        out: optional ``[..., out]`` float32 to write into.
+
+    Returns:
+        ``[..., out]`` float32.
+    """
+    return _module().half_linear(x, weight, out)
 
 
 def simd() -> str | None:
-    """The vector path the loaded build uses (``"avx2+fma+f16c"`` or ``"scalar"``), None when unavailable."""
+    """The vector path the loaded build uses (``"avx512"``, ``"avx2+fma+f16c"`` or ``"scalar"``), None when
+    unavailable."""
     return None if available() else _state["module"].simd()
 
 
@@ -157,7 +207,7 @@ def main(argv: list[str]) -> int:
         print(f"[dsf] CPU kernel not built ({type(exc).__name__}: {str(exc)[-800:]}); "
               "the pure-torch CPU path will be used", file=sys.stderr)
         return 1
-    print(f"[dsf] CPU kernel built in {build_dir() / _name()} ({simd()})")
+    print(f"[dsf] CPU kernel built in {build_dir() / _name(isas()[0])} ({simd()})")
     return 0
 
 

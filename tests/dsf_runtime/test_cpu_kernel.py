@@ -1,5 +1,6 @@
-"""The compiled CPU kernel of the ``bitmask`` layout (``dsf_runtime.kernels.cpu``) against a float64 reference,
-and ``BitmaskMatrix.matmul`` taking it. Builds the extension when it is not built (tens of seconds, once)."""
+"""The compiled CPU kernels (``dsf_runtime.kernels.cpu``) against float64 references, for every vector path this
+CPU runs (AVX-512, AVX2, scalar), and the runtime taking them (``BitmaskMatrix.matmul``, ``modules.linear``).
+Builds the extensions that are not built yet (about a minute each, once)."""
 
 from __future__ import annotations
 
@@ -8,65 +9,128 @@ import shutil
 import pytest
 import torch
 
-from dsf_runtime.formats.bitmask import BitmaskMatrix
 from dsf_runtime.formats._common import PackedMixin
+from dsf_runtime.formats.bitmask import CPU_KERNEL_MAX_TOKENS, BitmaskMatrix
 from dsf_runtime.kernels import cpu
+from dsf_runtime.modules import linear
+
+DTYPES = [torch.float16, torch.bfloat16, torch.float32]
+TOL = {"rtol": 1e-5, "atol": 1e-5}
+
+
+def _need_compiler():
+    if shutil.which("g++") is None and shutil.which("c++") is None:
+        pytest.skip("no C++ compiler (g++): the CPU kernel cannot be built; scripts/setup.sh installs it")
 
 
 @pytest.fixture(scope="module")
 def kernel():
-    if shutil.which("g++") is None and shutil.which("c++") is None:
-        pytest.skip("no C++ compiler (g++): the CPU kernel cannot be built; scripts/setup.sh installs it")
+    """The runtime's build (the best vector path)."""
+    _need_compiler()
     if cpu.available() is not None:
         cpu.build()
     assert cpu.available() is None
     return cpu
 
 
-def _matrix(rows: int, cols: int, dtype: torch.dtype, seed: int = 0) -> BitmaskMatrix:
-    """Random ~50% sparse matrix with an empty first row and an all-dense last row."""
+@pytest.fixture(scope="module", params=cpu.isas())
+def ext(request):
+    """The extension module of one vector path."""
+    _need_compiler()
+    return cpu.build(isa=request.param)
+
+
+def _matrix(rows: int, cols: int, dtype: torch.dtype, seed: int = 0, density: float = 0.5) -> BitmaskMatrix:
+    """Random sparse matrix with an empty first row and an all-dense last row."""
     gen = torch.Generator().manual_seed(seed)
     dense = torch.randn(rows, cols, generator=gen)
-    dense[torch.rand(rows, cols, generator=gen) < 0.5] = 0
+    dense[torch.rand(rows, cols, generator=gen) >= density] = 0
     dense[0] = 0
-    dense[-1] = torch.randn(cols, generator=gen).clamp(min=0.01)
+    dense[-1] = torch.randn(cols, generator=gen).abs() + 0.01
     return BitmaskMatrix.from_dense(dense, dtype=dtype)
 
 
-def _run(m: BitmaskMatrix, x: torch.Tensor, **kw) -> torch.Tensor:
-    return cpu.bitmask_matmul(x, m.values, m.bitmask, m.row_ptr, *m.shape, **kw)
+def _parts(m: BitmaskMatrix) -> tuple:
+    return m.values, m.bitmask, m.row_ptr, m.shape[1]
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("tokens", [1, 3, 17])
-@pytest.mark.parametrize("shape", [(2, 1), (7, 13), (33, 130), (70, 200), (5, 64)])
-def test_matches_float64_reference(kernel, dtype, tokens, shape):
+def _run(ext, factors: list[BitmaskMatrix], x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    values, bitmasks, row_ptrs, cols = zip(*map(_parts, factors))
+    return ext.bitmask_linear(x, list(values), list(bitmasks), list(row_ptrs), list(cols), out)
+
+
+def _close(y: torch.Tensor, reference: torch.Tensor) -> None:
+    """``y`` equals the float64 ``reference`` within 1e-5 of the reference's largest magnitude (fp32
+    accumulation and fp32 intermediates: the error scales with the values, not with each element)."""
+    scale = max(reference.abs().max().item(), 1.0)
+    torch.testing.assert_close(y.double() / scale, reference / scale, rtol=0, atol=1e-5)
+
+
+def _reference(factors: list[BitmaskMatrix], x: torch.Tensor) -> torch.Tensor:
+    h = x.double()
+    for f in reversed(factors):
+        h = h @ f.to_dense(torch.float64).T
+    return h
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens", [1, 3, 8, 9, 17])
+@pytest.mark.parametrize("shape", [(2, 1), (7, 13), (33, 130), (70, 200), (5, 64), (6, 65), (4, 127), (3, 576)])
+def test_one_factor_matches_float64(ext, dtype, tokens, shape):
     m = _matrix(*shape, dtype)
     x = torch.randn(tokens, shape[1], generator=torch.Generator().manual_seed(1))
-    y = _run(m, x)
-    ref = x.double() @ m.to_dense(torch.float64).T
+    y = _run(ext, [m], x)
     assert y.dtype == torch.float32 and y.shape == (tokens, shape[0])
-    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
+    _close(y, _reference([m], x))
     assert (y[:, 0] == 0).all()  # the empty row
 
 
-def test_all_empty_and_all_dense(kernel):
+@pytest.mark.parametrize("tokens", range(1, 18))
+def test_chain_matches_float64_every_token_count(ext, tokens):
+    A, B = _matrix(70, 45, torch.float16, seed=2, density=0.3), _matrix(45, 131, torch.bfloat16, seed=3)
+    x = torch.randn(tokens, 131, generator=torch.Generator().manual_seed(tokens))
+    _close(_run(ext, [A, B], x), _reference([A, B], x))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_three_factors_and_leading_dims(ext, dtype):
+    fs = [_matrix(9, 33, dtype, seed=4), _matrix(33, 64, dtype, seed=5), _matrix(64, 200, dtype, seed=6)]
+    x = torch.randn(2, 3, 200)
+    y = _run(ext, fs, x)
+    assert y.shape == (2, 3, 9)
+    _close(y, _reference(fs, x))
+
+
+def test_all_empty_and_all_dense(ext):
     x = torch.randn(3, 100)
     empty = BitmaskMatrix.from_dense(torch.zeros(9, 100), dtype=torch.float16)
-    assert (_run(empty, x) == 0).all()
+    assert (_run(ext, [empty], x) == 0).all()
     full = BitmaskMatrix.from_dense(torch.randn(9, 100).abs() + 0.1, dtype=torch.bfloat16)
-    torch.testing.assert_close(_run(full, x).double(), x.double() @ full.to_dense(torch.float64).T,
-                               rtol=1e-5, atol=1e-5)
+    _close(_run(ext, [full], x), _reference([full], x))
+    empty_inner = BitmaskMatrix.from_dense(torch.zeros(100, 100), dtype=torch.float32)
+    assert (_run(ext, [full, empty_inner], x) == 0).all()
 
 
 @pytest.mark.parametrize("tokens", [1, 17])
-def test_out_overwrites_nan_poison(kernel, tokens):
-    m = _matrix(40, 75, torch.float16)
+def test_out_overwrites_nan_poison(ext, tokens):
+    A, B = _matrix(40, 75, torch.float16), _matrix(75, 75, torch.float16, seed=1)
     x = torch.randn(tokens, 75)
     out = torch.full((tokens, 40), float("nan"))
-    y = _run(m, x, out=out)
+    y = _run(ext, [A, B], x, out)
     assert y.data_ptr() == out.data_ptr() and not out.isnan().any()
-    torch.testing.assert_close(out, _run(m, x))
+    torch.testing.assert_close(out, _run(ext, [A, B], x))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens", [1, 2, 9, 17])
+@pytest.mark.parametrize("shape", [(3, 1), (50, 64), (37, 200), (5, 577)])
+def test_half_linear_matches_float64(ext, dtype, tokens, shape):
+    w = torch.randn(*shape).to(dtype)
+    x = torch.randn(tokens, shape[1])
+    out = torch.full((tokens, shape[0]), float("nan"))
+    y = ext.half_linear(x, w, out)
+    assert y.data_ptr() == out.data_ptr()
+    _close(y, x.double() @ w.double().T)
 
 
 @pytest.mark.parametrize(
@@ -87,43 +151,71 @@ def test_bad_inputs_raise(kernel, change, message):
     args = {"x": torch.randn(2, 20), "values": m.values, "bitmask": m.bitmask, "row_ptr": m.row_ptr, "out": None}
     args.update(change)
     with pytest.raises(RuntimeError, match=message):
-        cpu.bitmask_matmul(args["x"], args["values"], args["bitmask"], args["row_ptr"], 10, 20, out=args["out"])
+        cpu.bitmask_matmul(args["x"], args["values"], args["bitmask"], args["row_ptr"], 20, out=args["out"])
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_factors_that_do_not_chain_raise(kernel):
+    A, B = _matrix(10, 20, torch.float16), _matrix(21, 30, torch.float16)
+    with pytest.raises(RuntimeError, match="factor 0 has 20 columns but factor 1 has 21 rows"):
+        cpu.bitmask_linear(torch.randn(1, 30), [_parts(A), _parts(B)])
+
+
+def _count_calls(monkeypatch) -> list:
+    calls = []
+    real = cpu.bitmask_linear
+    monkeypatch.setattr(cpu, "bitmask_linear", lambda *a, **k: calls.append(a) or real(*a, **k))
+    return calls
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_bitmask_matmul_takes_the_kernel(kernel, monkeypatch, dtype):
     m = _matrix(48, 96, dtype)
     x = torch.randn(2, 3, 96, dtype=torch.bfloat16)
-    calls = []
-    real = cpu.bitmask_matmul
-    monkeypatch.setattr(cpu, "bitmask_matmul", lambda *a, **k: calls.append(a) or real(*a, **k))
+    calls = _count_calls(monkeypatch)
     y = m.matmul(x, torch.float32)
     assert len(calls) == 1 and y.shape == (2, 3, 48) and y.dtype == torch.float32
-    torch.testing.assert_close(y, PackedMixin.matmul(m, x, torch.float32), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y, PackedMixin.matmul(m, x, torch.float32), **TOL)
     assert m.matmul(x).dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("x_dtype", DTYPES)
+def test_linear_runs_a_dsf_layer_in_one_call(kernel, monkeypatch, x_dtype):
+    A, B = _matrix(40, 30, torch.float16, seed=7), _matrix(30, 64, torch.float16, seed=8)
+    bias = torch.randn(40)
+    x = torch.randn(1, 5, 64).to(x_dtype)
+    calls = _count_calls(monkeypatch)
+    y = linear(x, [A, B], bias)
+    assert len(calls) == 1 and y.dtype == x_dtype and y.shape == (1, 5, 40)
+    reference = _reference([A, B], x) + bias.double()
+    scale = reference.abs().max().item()
+    atol = 1e-5 if x_dtype == torch.float32 else 2 * torch.finfo(x_dtype).eps  # y is rounded to x's dtype
+    torch.testing.assert_close(y.double() / scale, reference / scale, rtol=0, atol=atol)
+
+
 def test_falls_back_with_a_reason(monkeypatch, caplog):
-    m = _matrix(8, 16, torch.float16)
+    A, B = _matrix(8, 16, torch.float16), _matrix(16, 16, torch.float16, seed=1)
     x = torch.randn(2, 16)
     monkeypatch.setattr(cpu, "available", lambda: "not built (test)")
     with caplog.at_level("INFO", logger="dsf_runtime.formats.bitmask"):
-        y = m.matmul(x)
-    torch.testing.assert_close(y, PackedMixin.matmul(m, x))
+        y = linear(x, [A, B])
+    torch.testing.assert_close(y, PackedMixin.matmul(A, PackedMixin.matmul(B, x)), **TOL)
     assert "not built (test)" in caplog.text
 
 
-def test_many_tokens_take_the_dense_gemm_path(kernel, monkeypatch):
-    from dsf_runtime.formats.bitmask import CPU_KERNEL_MAX_TOKENS
+def test_autograd_takes_the_pure_torch_path(kernel, monkeypatch):
+    m = _matrix(8, 16, torch.float32)
+    x = torch.randn(2, 16, requires_grad=True)
+    calls = _count_calls(monkeypatch)
+    m.matmul(x).sum().backward()
+    assert not calls and x.grad is not None
 
+
+def test_many_tokens_take_the_dense_gemm_path(kernel, monkeypatch):
     m = _matrix(48, 96, torch.float16)
-    calls = []
-    real = cpu.bitmask_matmul
-    monkeypatch.setattr(cpu, "bitmask_matmul", lambda *a, **k: calls.append(a) or real(*a, **k))
+    calls = _count_calls(monkeypatch)
     at_limit, above = torch.randn(CPU_KERNEL_MAX_TOKENS, 96), torch.randn(CPU_KERNEL_MAX_TOKENS + 1, 96)
     m.matmul(at_limit)
     assert len(calls) == 1
     y = m.matmul(above)
     assert len(calls) == 1  # unpack + GEMM, the same numbers
-    reference = above.double() @ m.to_dense(torch.float64).t()
-    torch.testing.assert_close(y.double(), reference, rtol=1e-5, atol=1e-5)
+    _close(y, _reference([m], above))

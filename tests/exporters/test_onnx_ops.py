@@ -101,7 +101,7 @@ def test_onnx_runtime_folds_the_standard_lowering_to_one_dense_weight(tmp_path: 
     ("config", "message"),
     [
         (ExportConfig(layout="dense"), "--layout 'dense' has no ONNX encoding; use one of bitmask, bsr, csr"),
-        (ExportConfig(dtype="bfloat16"), "--dtype 'bfloat16' is not supported by the ONNX export; use float32 or float16"),
+        (ExportConfig(layout="bitmask", dtype="bfloat16"), "--dtype 'bfloat16' is not supported by the ONNX export; use float32 or float16"),
     ],
 )
 def test_layouts_and_dtypes_without_onnx_encoding_name_their_flag(config: ExportConfig, message: str) -> None:
@@ -115,3 +115,36 @@ def test_standard_lowering_needs_opset_18() -> None:
     model.opset_import[0].version = 17
     with pytest.raises(ValueError, match=r"--lowering standard needs opset >= 18 \(BitwiseAnd\), the model has 17"):
         lower_to_standard(model)
+
+
+def test_initializer_factors_stay_resident_until_the_session_goes(tmp_path: Path) -> None:
+    """make_session keeps validated initializer factors as torch tensors (no per-call copies) and frees them with
+    the session."""
+    import gc
+
+    from exporters import onnx_ops
+
+    before = set(onnx_ops._RESIDENT)
+    model = layer_model(_layer("dsf"), ExportConfig(layout="csr"))
+    session = make_session(_save(model, tmp_path / "m.onnx"), session_options=_options())
+    added = set(onnx_ops._RESIDENT) - before
+    assert len(added) == 1 and [f.layout for f in onnx_ops._RESIDENT[added.pop()]] == ["csr", "csr"]
+    x = np.ones((2, SHAPES["dsf"][1]), np.float32)
+    assert session.run(None, {"x": x})[0].shape == (2, SHAPES["dsf"][0])
+    del session
+    gc.collect()
+    assert set(onnx_ops._RESIDENT) == before
+
+
+def test_factors_computed_at_run_time_are_checked_per_call(tmp_path: Path) -> None:
+    """A node whose values come from another node (not an initializer) keeps its inputs and the per-call kernel."""
+    config = ExportConfig(layout="csr")
+    layer = _layer("dsf")
+    model = layer_model(layer, config)
+    node = model.graph.node[0]
+    node.input[1] = "A.values_computed"
+    model.graph.node.insert(0, onnx.helper.make_node("Identity", ["A.values"], ["A.values_computed"]))
+    session = make_session(_save(model, tmp_path / "m.onnx"), session_options=_options())
+    x = torch.randn(3, SHAPES["dsf"][1], generator=torch.Generator().manual_seed(6))
+    expected = x @ convert_layer(layer, config).weight(torch.float32).T
+    np.testing.assert_allclose(session.run(None, {"x": x.numpy()})[0], expected.numpy(), rtol=0, atol=1e-5)

@@ -1,18 +1,29 @@
-// y[t, i] = sum_j x[t, j] * W[i, j] for W in the ``bitmask`` layout (docs/format.md): one presence bit per
-// element (bit j & 7 of byte j >> 3 of row i), the non-zeros row by row in ``values`` from ``row_ptr[i]``.
+// Matrix products on the CPU for the ``bitmask`` layout (docs/format.md): one presence bit per element (bit j & 7
+// of byte j >> 3 of row i), the non-zeros row by row in ``values`` from ``row_ptr[i]``.
 //
-// Each thread takes a range of rows; a row's mask bytes and values are read from memory once and reused from L1
-// for every block of tokens. Values (fp16/bf16/fp32) become fp32 in registers; x, the accumulators and y are fp32.
-// With AVX2+FMA+F16C (compiled with -mavx2 -mfma -mf16c), eight columns go per step: the next eight values are
-// placed at the set bits of the mask byte by a permutation table and FMA'd with x, a 64-bit mask word per loop.
-// Otherwise, and for the last columns, set bits are visited with __builtin_ctzll over 64-bit mask words.
+// bitmask_linear: y = F0·(F1·(…·x)) for a chain of bitmask factors (a DSF layer A·(B·x) is one call); the fp32
+//   intermediates stay in a small buffer that is still in cache when the next factor reads it.
+// half_linear: y = x·Wᵀ for a dense fp16/bf16/fp32 W (a tied lm_head kept in 16 bits), fp32 in and out.
+//
+// Each factor is split over threads by rows; a row's mask bytes and values are read from memory once and reused
+// from L1 for every block of tokens. Values become fp32 in registers; x, accumulators, intermediates and y are
+// fp32. Vector paths, picked at compile time (kernels/cpu.py passes the -m flags this CPU supports):
+// - AVX-512 (F, BW, VL, VBMI2): 32 columns per step: one masked expand-load puts the next popcount(mask) 16-bit
+//   values at the set bits of a 32-bit mask word (fp32 values: two 16-lane expand-loads); expand-loads read
+//   exactly the values they place, so nothing past a row's values is touched.
+// - AVX2 (+FMA, F16C): eight columns per step through a permutation table, a 64-bit mask word per loop.
+// - scalar: set bits visited with __builtin_ctzll over 64-bit mask words (also the AVX2 path's last columns).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
-#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VBMI2__)
+#include <immintrin.h>
+#define DSF_AVX512 1
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
 #define DSF_AVX2 1
 #endif
@@ -21,15 +32,24 @@ namespace {
 
 constexpr int64_t kTokenBlock = 8;  // tokens whose accumulators stay in registers during one pass over a row
 
+// One bitmask factor: ``rows`` x ``cols``, ``nbytes = ceil(cols / 8)`` mask bytes per row.
+struct Factor {
+  const void* values;
+  const uint8_t* mask;
+  const int32_t* row_ptr;
+  int64_t rows, cols, nbytes, nnz;
+  at::ScalarType dtype;
+};
+
 inline float to_float(float v) { return v; }
 inline float to_float(c10::Half v) { return static_cast<float>(v); }
 inline float to_float(c10::BFloat16 v) { return static_cast<float>(v); }
 
 // Adds the contributions of mask bytes [b0, b1) of one row to acc[t] (t < nt); ``vals`` points at the value of
-// the first set bit in byte b0. Returns the pointer past the last value used.
+// the first set bit in byte b0.
 template <typename V>
-const V* row_scalar(const uint8_t* mask, int64_t b0, int64_t b1, const V* vals, const float* x, int64_t cols,
-                    int64_t nt, float* acc) {
+void row_scalar(const uint8_t* mask, int64_t b0, int64_t b1, const V* vals, const float* x, int64_t cols,
+                int64_t nt, float* acc) {
   for (int64_t b = b0; b < b1; b += 8) {
     uint64_t word = 0;
     std::memcpy(&word, mask + b, static_cast<size_t>(std::min<int64_t>(8, b1 - b)));
@@ -40,10 +60,86 @@ const V* row_scalar(const uint8_t* mask, int64_t b0, int64_t b1, const V* vals, 
       for (int64_t t = 0; t < nt; ++t) acc[t] += w * x[t * cols + j];
     }
   }
-  return vals;
 }
 
-#ifdef DSF_AVX2
+#if defined(DSF_AVX512)
+inline __m512 bf16_to_ps(__m256i h) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+// The 32 columns of mask word m as two fp32 vectors (columns 0-15, 16-31), zero where the bit is clear; reads
+// exactly popcount(m) values from p. DENSE: every bit of m is set, a plain load does (no expand).
+template <bool DENSE>
+inline void expand32(const c10::Half* p, uint32_t m, __m512& lo, __m512& hi) {
+  const __m512i w = DENSE ? _mm512_loadu_si512(p) : _mm512_maskz_expandloadu_epi16(m, p);
+  lo = _mm512_cvtph_ps(_mm512_castsi512_si256(w));
+  hi = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(w, 1));
+}
+template <bool DENSE>
+inline void expand32(const c10::BFloat16* p, uint32_t m, __m512& lo, __m512& hi) {
+  const __m512i w = DENSE ? _mm512_loadu_si512(p) : _mm512_maskz_expandloadu_epi16(m, p);
+  lo = bf16_to_ps(_mm512_castsi512_si256(w));
+  hi = bf16_to_ps(_mm512_extracti64x4_epi64(w, 1));
+}
+template <bool DENSE>
+inline void expand32(const float* p, uint32_t m, __m512& lo, __m512& hi) {
+  if constexpr (DENSE) {
+    lo = _mm512_loadu_ps(p);
+    hi = _mm512_loadu_ps(p + 16);
+  } else {
+    lo = _mm512_maskz_expandloadu_ps(static_cast<__mmask16>(m), p);
+    hi = _mm512_maskz_expandloadu_ps(static_cast<__mmask16>(m >> 16), p + __builtin_popcount(m & 0xffffu));
+  }
+}
+
+// 16 columns of x; in the last (TAIL) word only the columns below ``cols`` are read (lanes of ``valid``).
+template <bool TAIL>
+inline __m512 load_x(const float* x, uint64_t valid, int k) {
+  if constexpr (TAIL) return _mm512_maskz_loadu_ps(static_cast<__mmask16>(valid >> (16 * k)), x);
+  return _mm512_loadu_ps(x);
+}
+
+// Adds one 64-column mask word of a row to the NT tokens' K accumulators; returns the values it used. DENSE:
+// the word has every bit set (a dense row; only the TAIL word goes through the expand).
+template <int NT, int K, bool TAIL, bool DENSE, typename V>
+inline int step64(uint64_t word, const V* vals, const float* x, int64_t cols, uint64_t valid, __m512 (&sum)[NT][K]) {
+  const uint32_t m0 = static_cast<uint32_t>(word), m1 = static_cast<uint32_t>(word >> 32);
+  constexpr bool plain = DENSE && !TAIL;
+  __m512 w[4];
+  expand32<plain>(vals, m0, w[0], w[1]);
+  expand32<plain>(vals + __builtin_popcount(m0), m1, w[2], w[3]);
+#pragma GCC unroll 4
+  for (int k = 0; k < 4; ++k)
+    for (int t = 0; t < NT; ++t)
+      sum[t][k % K] = _mm512_fmadd_ps(w[k], load_x<TAIL>(x + t * cols + 16 * k, valid, k), sum[t][k % K]);
+  return __builtin_popcountll(word);
+}
+
+// One row for exactly NT tokens: the row's dot products in acc[0..NT). DENSE: every bit of the row is set.
+template <int NT, bool DENSE, typename V>
+void row_vector(const uint8_t* mask, const V* vals, const float* x, int64_t cols, float* acc) {
+  constexpr int K = NT <= 4 ? 4 : 2;  // independent accumulators per token (FMA latency vs registers)
+  __m512 sum[NT][K];
+  for (int t = 0; t < NT; ++t)
+    for (int k = 0; k < K; ++k) sum[t][k] = _mm512_setzero_ps();
+  const int64_t full = cols / 64, rest = cols % 64;
+  for (int64_t wi = 0; wi < full; ++wi) {
+    uint64_t word = ~0ull;
+    if constexpr (!DENSE) std::memcpy(&word, mask + 8 * wi, 8);
+    vals += step64<NT, K, false, DENSE>(word, vals, x + 64 * wi, cols, ~0ull, sum);
+  }
+  if (rest) {
+    uint64_t word = 0;
+    std::memcpy(&word, mask + 8 * full, static_cast<size_t>((rest + 7) / 8));
+    step64<NT, K, true, DENSE>(word, vals, x + 64 * full, cols, (1ull << rest) - 1, sum);
+  }
+  for (int t = 0; t < NT; ++t) {
+    __m512 total = sum[t][0];
+    for (int k = 1; k < K; ++k) total = _mm512_add_ps(total, sum[t][k]);
+    acc[t] = _mm512_reduce_add_ps(total);
+  }
+}
+#elif defined(DSF_AVX2)
 // kExpand[m]: lane k takes the value of rank popcount(m & ((1 << k) - 1)) among the set bits of byte m.
 struct ExpandTable {
   alignas(32) int32_t idx[256][8];
@@ -65,7 +161,7 @@ inline __m256 load8(const c10::BFloat16* p) {
   return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
 }
 
-// The eight columns of mask byte m as an fp32 vector, zero where the bit is clear.
+// The eight columns of mask byte m as an fp32 vector, zero where the bit is clear (reads eight values).
 template <typename V>
 inline __m256 expand8(const V* vals, unsigned m) {
   const __m256i bits = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
@@ -74,13 +170,11 @@ inline __m256 expand8(const V* vals, unsigned m) {
   return _mm256_and_ps(_mm256_permutevar8x32_ps(load8(vals), idx), _mm256_castsi256_ps(set));
 }
 
-// One row for exactly NT tokens: whole 64-bit mask words (64 columns) eight columns at a time while 64 values
-// can be read without passing ``vals_end``, the rest with row_scalar. The value offsets of the eight bytes of a
-// word are independent popcounts and each token has two accumulators, so no step waits on the previous one.
-// Returns the row's dot products in acc[0..NT).
+// One row for exactly NT tokens: whole 64-bit mask words eight columns at a time while 64 values can be read
+// without passing ``vals_end`` (expand8 reads eight values whatever the mask), the rest with row_scalar.
 template <int NT, typename V>
-void row_avx2(const uint8_t* mask, int64_t nbytes, const V* vals, const V* vals_end, const float* x, int64_t cols,
-              float* acc) {
+void row_vector(const uint8_t* mask, int64_t nbytes, const V* vals, const V* vals_end, const float* x,
+                int64_t cols, float* acc) {
   __m256 sum[NT][2];
   for (int t = 0; t < NT; ++t) sum[t][0] = sum[t][1] = _mm256_setzero_ps();
   const int64_t words = cols / 64;
@@ -106,104 +200,183 @@ void row_avx2(const uint8_t* mask, int64_t nbytes, const V* vals, const V* vals_
     const __m128 h = _mm_add_ps(s, _mm_movehl_ps(s, s));
     acc[t] = _mm_cvtss_f32(_mm_add_ss(h, _mm_shuffle_ps(h, h, 1)));
   }
-  row_scalar(mask, b, nbytes, vals, x, cols, NT, acc);
+  row_scalar(mask, b, (cols + 7) / 8, vals, x, cols, NT, acc);
 }
 #endif
 
-// One row for nt tokens (any count), written to y[t * rows + i].
-template <typename V>
-void row(const uint8_t* mask, int64_t nbytes, const V* vals, const V* vals_end, const float* x, int64_t cols,
-         int64_t nt, float* y, int64_t rows) {
+// Dot products of row i of f with nt tokens (any count), written to y[t * f.rows + i]. DENSE: every bit of f's
+// mask is set (only the AVX-512 path skips the mask for it).
+template <typename V, bool DENSE = false>
+void row(const Factor& f, int64_t i, const float* x, int64_t nt, float* y) {
+  const uint8_t* mask = f.mask + i * f.nbytes;
+  const V* vals = static_cast<const V*>(f.values) + f.row_ptr[i];
   for (int64_t t0 = 0; t0 < nt; t0 += kTokenBlock) {
     const int64_t n = std::min(kTokenBlock, nt - t0);
-    const float* xb = x + t0 * cols;
+    const float* xb = x + t0 * f.cols;
     float acc[kTokenBlock] = {0.f};
-#ifdef DSF_AVX2
-    switch (n) {
-      case 1: row_avx2<1>(mask, nbytes, vals, vals_end, xb, cols, acc); break;
-      case 2: row_avx2<2>(mask, nbytes, vals, vals_end, xb, cols, acc); break;
-      case 3: row_avx2<3>(mask, nbytes, vals, vals_end, xb, cols, acc); break;
-      case 4: row_avx2<4>(mask, nbytes, vals, vals_end, xb, cols, acc); break;
-      case 5: row_avx2<5>(mask, nbytes, vals, vals_end, xb, cols, acc); break;
-      case 6: row_avx2<6>(mask, nbytes, vals, vals_end, xb, cols, acc); break;
-      case 7: row_avx2<7>(mask, nbytes, vals, vals_end, xb, cols, acc); break;
-      default: row_avx2<8>(mask, nbytes, vals, vals_end, xb, cols, acc); break;
-    }
-#else
-    (void)vals_end;
-    row_scalar(mask, 0, nbytes, vals, xb, cols, n, acc);
+#if defined(DSF_AVX512)
+#define DSF_ROW(N) row_vector<N, DENSE>(mask, vals, xb, f.cols, acc)
+#elif defined(DSF_AVX2)
+    const V* vals_end = static_cast<const V*>(f.values) + f.nnz;
+#define DSF_ROW(N) row_vector<N>(mask, f.nbytes, vals, vals_end, xb, f.cols, acc)
 #endif
-    for (int64_t t = 0; t < n; ++t) y[(t0 + t) * rows] = acc[t];
+#ifdef DSF_ROW
+    switch (n) {
+      case 1: DSF_ROW(1); break;
+      case 2: DSF_ROW(2); break;
+      case 3: DSF_ROW(3); break;
+      case 4: DSF_ROW(4); break;
+      case 5: DSF_ROW(5); break;
+      case 6: DSF_ROW(6); break;
+      case 7: DSF_ROW(7); break;
+      default: DSF_ROW(8); break;
+    }
+#undef DSF_ROW
+#else
+    row_scalar(mask, 0, f.nbytes, vals, xb, f.cols, n, acc);
+#endif
+    for (int64_t t = 0; t < n; ++t) y[(t0 + t) * f.rows + i] = acc[t];
   }
 }
 
-template <typename V>
-void run(const torch::Tensor& x, const torch::Tensor& values, const torch::Tensor& bitmask,
-         const torch::Tensor& row_ptr, int64_t rows, int64_t cols, torch::Tensor& y) {
-  const int64_t nt = x.size(0), nbytes = bitmask.size(1);
-  const float* xp = x.data_ptr<float>();
-  const V* vp = reinterpret_cast<const V*>(values.data_ptr());
-  const V* vend = vp + values.numel();
-  const uint8_t* mp = bitmask.data_ptr<uint8_t>();
-  const int32_t* rp = row_ptr.data_ptr<int32_t>();
-  float* yp = y.data_ptr<float>();
-  // About 64 KiB of weights per task so that small matrices do not pay for threads they cannot use.
-  const int64_t grain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(1, nbytes + cols * nt));
-  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i)
-      row(mp + i * nbytes, nbytes, vp + rp[i], vend, xp, cols, nt, yp + i, rows);
+// y[nt, f.rows] = x[nt, f.cols]·fᵀ, rows split over threads (about 64 KiB of weights and x per task, so small
+// factors do not pay for threads they cannot use).
+void apply(const Factor& f, const float* x, int64_t nt, float* y) {
+  const int64_t grain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(1, f.nbytes + f.cols * nt));
+  at::parallel_for(0, f.rows, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      switch (f.dtype) {
+        case at::kHalf: row<c10::Half>(f, i, x, nt, y); break;
+        case at::kBFloat16: row<c10::BFloat16>(f, i, x, nt, y); break;
+        default: row<float>(f, i, x, nt, y); break;
+      }
+    }
   });
+}
+
+void check_cpu(const torch::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.is_contiguous(), "bitmask_linear: ", name,
+              " must be a contiguous CPU tensor");
+}
+
+bool value_dtype(at::ScalarType t) { return t == at::kHalf || t == at::kBFloat16 || t == at::kFloat; }
+
+// Checks one factor's tensors (dtypes, shapes, row_ptr from 0 to nnz; popcounts are the caller's contract).
+Factor factor(const torch::Tensor& values, const torch::Tensor& bitmask, const torch::Tensor& row_ptr,
+              int64_t cols, size_t index) {
+  check_cpu(values, "values");
+  check_cpu(bitmask, "bitmask");
+  check_cpu(row_ptr, "row_ptr");
+  TORCH_CHECK(cols >= 0, "bitmask_linear: factor ", index, ": cols must be >= 0, got ", cols);
+  TORCH_CHECK(values.dim() == 1 && value_dtype(values.scalar_type()), "bitmask_linear: factor ", index,
+              ": values must be 1-D float16, bfloat16 or float32, got ", values.scalar_type(), " ", values.sizes());
+  TORCH_CHECK(bitmask.scalar_type() == at::kByte && bitmask.dim() == 2 && bitmask.size(1) == (cols + 7) / 8,
+              "bitmask_linear: factor ", index, ": bitmask must be uint8 [rows, ", (cols + 7) / 8, "], got ",
+              bitmask.scalar_type(), " ", bitmask.sizes());
+  const int64_t rows = bitmask.size(0);
+  TORCH_CHECK(row_ptr.scalar_type() == at::kInt && row_ptr.dim() == 1 && row_ptr.size(0) == rows + 1,
+              "bitmask_linear: factor ", index, ": row_ptr must be int32 [", rows + 1, "], got ",
+              row_ptr.scalar_type(), " ", row_ptr.sizes());
+  const int32_t* rp = row_ptr.data_ptr<int32_t>();
+  TORCH_CHECK(rp[0] == 0 && rp[rows] == values.numel(), "bitmask_linear: factor ", index,
+              ": row_ptr must run from 0 to nnz = ", values.numel(), ", got ", rp[0], " to ", rp[rows]);
+  return {values.data_ptr(), bitmask.data_ptr<uint8_t>(), rp, rows, cols, (cols + 7) / 8, values.numel(),
+          values.scalar_type()};
+}
+
+// The [..., rows] output: ``out`` after checking it, else a new tensor.
+torch::Tensor output(const torch::Tensor& x, int64_t rows, const c10::optional<torch::Tensor>& out) {
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = rows;
+  if (!out.has_value()) return torch::empty(shape, x.options());
+  const torch::Tensor& y = *out;
+  TORCH_CHECK(y.device().is_cpu() && y.is_contiguous() && y.scalar_type() == at::kFloat &&
+                  y.sizes() == at::IntArrayRef(shape),
+              "bitmask_linear: out must be a contiguous float32 CPU tensor ", at::IntArrayRef(shape), ", got ",
+              y.scalar_type(), " ", y.sizes());
+  return y;
 }
 
 }  // namespace
 
-// x: [T, cols] fp32; values: [nnz] fp16/bf16/fp32; bitmask: [rows, ceil(cols / 8)] uint8; row_ptr: [rows + 1]
-// int32 (row_ptr[0] == 0, row_ptr[rows] == nnz, popcounts as validated by BitmaskMatrix.validate).
-// out: optional [T, rows] fp32 to write into. Returns y: [T, rows] fp32.
-torch::Tensor bitmask_matmul(const torch::Tensor& x, const torch::Tensor& values, const torch::Tensor& bitmask,
-                             const torch::Tensor& row_ptr, int64_t rows, int64_t cols,
-                             const c10::optional<torch::Tensor>& out) {
-  TORCH_CHECK(rows >= 0 && cols >= 0, "bitmask_matmul: rows and cols must be >= 0, got ", rows, ", ", cols);
-  for (const auto* t : {&x, &values, &bitmask, &row_ptr}) {
-    TORCH_CHECK(t->device().is_cpu(), "bitmask_matmul: every tensor must be on the CPU, got ", t->device());
-    TORCH_CHECK(t->is_contiguous(), "bitmask_matmul: every tensor must be contiguous");
-  }
-  TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2 && x.size(1) == cols,
-              "bitmask_matmul: x must be float32 [T, ", cols, "], got ", x.scalar_type(), " ", x.sizes());
-  const auto vt = values.scalar_type();
-  TORCH_CHECK(values.dim() == 1 && (vt == at::kHalf || vt == at::kBFloat16 || vt == at::kFloat),
-              "bitmask_matmul: values must be 1-D float16, bfloat16 or float32, got ", vt, " ", values.sizes());
-  TORCH_CHECK(bitmask.scalar_type() == at::kByte && bitmask.dim() == 2 && bitmask.size(0) == rows &&
-                  bitmask.size(1) == (cols + 7) / 8,
-              "bitmask_matmul: bitmask must be uint8 [", rows, ", ", (cols + 7) / 8, "], got ",
-              bitmask.scalar_type(), " ", bitmask.sizes());
-  TORCH_CHECK(row_ptr.scalar_type() == at::kInt && row_ptr.dim() == 1 && row_ptr.size(0) == rows + 1,
-              "bitmask_matmul: row_ptr must be int32 [", rows + 1, "], got ", row_ptr.scalar_type(), " ",
-              row_ptr.sizes());
-  const int32_t* rp = row_ptr.data_ptr<int32_t>();
-  TORCH_CHECK(rp[0] == 0 && rp[rows] == values.numel(), "bitmask_matmul: row_ptr must run from 0 to nnz = ",
-              values.numel(), ", got ", rp[0], " to ", rp[rows]);
-  torch::Tensor y;
-  if (out.has_value()) {
-    y = *out;
-    TORCH_CHECK(y.device().is_cpu() && y.is_contiguous() && y.scalar_type() == at::kFloat && y.dim() == 2 &&
-                    y.size(0) == x.size(0) && y.size(1) == rows,
-                "bitmask_matmul: out must be a contiguous float32 CPU tensor [", x.size(0), ", ", rows, "]");
-  } else {
-    y = torch::empty({x.size(0), rows}, x.options());
-  }
+// y = F0·(F1·(…·Fn-1·x)) for bitmask factors given outermost first (values[k], bitmasks[k], row_ptrs[k], cols[k]:
+// values [nnz] fp16/bf16/fp32, bitmask [rows, ceil(cols / 8)] uint8, row_ptr [rows + 1] int32 from 0 to nnz with
+// popcounts as validated by BitmaskMatrix.validate). x: [..., cols[n-1]] fp32, contiguous; out: optional
+// [..., rows[0]] fp32 to write into. Returns y: [..., rows[0]] fp32; intermediates are fp32.
+torch::Tensor bitmask_linear(const torch::Tensor& x, const std::vector<torch::Tensor>& values,
+                             const std::vector<torch::Tensor>& bitmasks, const std::vector<torch::Tensor>& row_ptrs,
+                             const std::vector<int64_t>& cols, const c10::optional<torch::Tensor>& out) {
+  const size_t n = values.size();
+  TORCH_CHECK(n >= 1 && bitmasks.size() == n && row_ptrs.size() == n && cols.size() == n,
+              "bitmask_linear: values, bitmasks, row_ptrs and cols must list the same factors (at least one)");
+  std::vector<Factor> fs;
+  fs.reserve(n);
+  for (size_t k = 0; k < n; ++k) fs.push_back(factor(values[k], bitmasks[k], row_ptrs[k], cols[k], k));
+  for (size_t k = 0; k + 1 < n; ++k)
+    TORCH_CHECK(fs[k].cols == fs[k + 1].rows, "bitmask_linear: factor ", k, " has ", fs[k].cols,
+                " columns but factor ", k + 1, " has ", fs[k + 1].rows, " rows");
+  check_cpu(x, "x");
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() >= 1 && x.size(-1) == fs.back().cols,
+              "bitmask_linear: x must be float32 [..., ", fs.back().cols, "], got ", x.scalar_type(), " ",
+              x.sizes());
+  torch::Tensor y = output(x, fs.front().rows, out);
+  const int64_t nt = fs.front().rows ? y.numel() / fs.front().rows : 0;
   if (y.numel() == 0) return y;
-  switch (vt) {
-    case at::kHalf: run<c10::Half>(x, values, bitmask, row_ptr, rows, cols, y); break;
-    case at::kBFloat16: run<c10::BFloat16>(x, values, bitmask, row_ptr, rows, cols, y); break;
-    default: run<float>(x, values, bitmask, row_ptr, rows, cols, y); break;
+  const float* h = x.data_ptr<float>();
+  torch::Tensor buffers[2];
+  for (size_t k = n; k-- > 0;) {
+    float* dst = y.data_ptr<float>();
+    if (k) {
+      buffers[k & 1] = torch::empty({nt, fs[k].rows}, x.options());
+      dst = buffers[k & 1].data_ptr<float>();
+    }
+    apply(fs[k], h, nt, dst);
+    h = dst;
   }
+  return y;
+}
+
+// y[..., out] = x[..., in]·Wᵀ for a dense W [out, in] in fp16/bf16/fp32; x, y fp32 (out: optional y to write).
+torch::Tensor half_linear(const torch::Tensor& x, const torch::Tensor& weight, const c10::optional<torch::Tensor>& out) {
+  check_cpu(x, "x");
+  check_cpu(weight, "weight");
+  TORCH_CHECK(weight.dim() == 2 && value_dtype(weight.scalar_type()),
+              "half_linear: weight must be 2-D float16, bfloat16 or float32, got ", weight.scalar_type(), " ",
+              weight.sizes());
+  const int64_t rows = weight.size(0), cols = weight.size(1);
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() >= 1 && x.size(-1) == cols, "half_linear: x must be float32 [..., ",
+              cols, "], got ", x.scalar_type(), " ", x.sizes());
+  torch::Tensor y = output(x, rows, out);
+  if (y.numel() == 0) return y;
+  // A dense row is a one-row bitmask factor with every bit set: each row of W reuses one all-ones mask.
+  const int64_t nt = y.numel() / rows, nbytes = (cols + 7) / 8;
+  std::vector<uint8_t> ones(static_cast<size_t>(nbytes), 0xff);
+  if (cols % 8) ones.back() = static_cast<uint8_t>((1u << (cols % 8)) - 1);
+  const float* xp = x.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const int64_t grain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(1, cols * (2 + nt)));
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+    const int32_t rp[2] = {0, static_cast<int32_t>(cols)};
+    std::vector<float> acc(static_cast<size_t>(nt));
+    for (int64_t i = begin; i < end; ++i) {
+      const auto* base = static_cast<const uint8_t*>(weight.data_ptr()) + i * cols * weight.element_size();
+      const Factor f{base, ones.data(), rp, 1, cols, nbytes, cols, weight.scalar_type()};
+      switch (f.dtype) {
+        case at::kHalf: row<c10::Half, true>(f, 0, xp, nt, acc.data()); break;
+        case at::kBFloat16: row<c10::BFloat16, true>(f, 0, xp, nt, acc.data()); break;
+        default: row<float, true>(f, 0, xp, nt, acc.data()); break;
+      }
+      for (int64_t t = 0; t < nt; ++t) yp[t * rows + i] = acc[t];
+    }
+  });
   return y;
 }
 
 // Which vector path this build compiled in (for logs and benchmarks).
 std::string simd() {
-#ifdef DSF_AVX2
+#if defined(DSF_AVX512)
+  return "avx512";
+#elif defined(DSF_AVX2)
   return "avx2+fma+f16c";
 #else
   return "scalar";
@@ -211,8 +384,10 @@ std::string simd() {
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("bitmask_matmul", &bitmask_matmul, "y[T, rows] = x[T, cols] @ W.T for a bitmask-layout W (fp32 out)",
-        py::arg("x"), py::arg("values"), py::arg("bitmask"), py::arg("row_ptr"), py::arg("rows"), py::arg("cols"),
+  m.def("bitmask_linear", &bitmask_linear, "y = F0·(F1·(…·x)) for bitmask factors, outermost first (fp32 out)",
+        py::arg("x"), py::arg("values"), py::arg("bitmasks"), py::arg("row_ptrs"), py::arg("cols"),
         py::arg("out") = py::none());
+  m.def("half_linear", &half_linear, "y = x @ W.T for a dense fp16/bf16/fp32 W (fp32 in and out)", py::arg("x"),
+        py::arg("weight"), py::arg("out") = py::none());
   m.def("simd", &simd, "the vector path compiled in");
 }
