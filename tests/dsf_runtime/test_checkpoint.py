@@ -105,7 +105,7 @@ def test_records(saved: Path) -> None:
     r = records["blocks.2.single"]
     summary = (r["kind"], r["method"], r["layouts"], r["shape"], r["inner_dim"])
     assert summary == ("single", "wanda", "bitmask", (24, 40), None)
-    assert r["bytes"] == layer.nbytes and r["dense_fp16_bytes"] == 2 * 24 * 40
+    assert r["bytes"] == layer.nbytes and r["dense_fp16_bytes"] == 2 * 24 * 40 + (2 * 24 if layer.bias is not None else 0)
     assert records["blocks.1.bsr"]["layouts"] == "bsr/bsr" and records["blocks.0.dense"]["relative_error"] == 0.01
 
 
