@@ -11,7 +11,7 @@ reports the median ``tok_s`` and the largest ``peak_rss_mb`` and ``load_s`` of i
 them all). The machine string records the load average before and after. The DSF models have random balanced
 factors at density 0.5 (``benchmarks.e2e_models.random_dsf_factors``, k = min(out, in)) in place of every decoder
 linear, fp16 values, the rest of the state dict in fp32: their text is meaningless, their bytes and speed are the
-real ones. ``csr`` runs the pure-torch path at well under 1 tok/s: it generates ``--slow-tokens`` tokens.
+real ones.
 
     python -m benchmarks.cpu_decode --out benchmarks/results/cpu-decode-smollm2.json --threads 2 --repeats 3
 """
@@ -37,7 +37,6 @@ from compress.assets import cache_dir, smollm2_dir
 # that layout with values in that dtype.
 ROWS = (("dense", "dense", "float32"), ("dense", "dense", "bfloat16"), ("dsf-0.5", "bitmask", "float16"),
         ("dsf-0.5", "csr", "float16"))
-SLOW_LAYOUTS = ("csr",)  # pure-torch path: --slow-tokens
 PROMPT = "The quick brown fox jumps over the lazy dog. Once upon a time"
 
 
@@ -142,7 +141,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="JSON output (the parent run)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--new-tokens", type=int, default=20)
-    parser.add_argument("--slow-tokens", type=int, default=2, help="new tokens of the pure-torch layouts")
     parser.add_argument("--repeats", type=int, default=3, help="runs per row, interleaved")
     parser.add_argument("--rows", nargs="+", help="only these rows, as MODEL:LAYOUT:DTYPE")
     parser.add_argument("--row", nargs=3, metavar=("MODEL", "LAYOUT", "DTYPE"), help=argparse.SUPPRESS)
@@ -160,9 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     runs: dict[tuple, list[dict]] = {row: [] for row in rows}
     for _ in range(args.repeats):
         for row in rows:
-            tokens = args.slow_tokens if row[1] in SLOW_LAYOUTS else args.new_tokens
             cmd = [sys.executable, "-m", "benchmarks.cpu_decode", "--threads", str(args.threads), "--new-tokens",
-                   str(tokens), "--row", *row]
+                   str(args.new_tokens), "--row", *row]
             done = subprocess.run(cmd, check=True, capture_output=True, text=True)
             runs[row].append(json.loads(done.stdout.strip().splitlines()[-1]))
             print(runs[row][-1], flush=True)

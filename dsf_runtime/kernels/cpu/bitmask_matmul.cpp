@@ -337,15 +337,16 @@ torch::Tensor bitmask_linear(const torch::Tensor& x, const std::vector<torch::Te
 }
 
 // y[..., out] = x[..., in]·Wᵀ for a dense W [out, in] in fp16/bf16/fp32; x, y fp32 (out: optional y to write).
-torch::Tensor half_linear(const torch::Tensor& x, const torch::Tensor& weight, const c10::optional<torch::Tensor>& out) {
+torch::Tensor half_linear(const torch::Tensor& x, const torch::Tensor& weight,
+                          const c10::optional<torch::Tensor>& out) {
   check_cpu(x, "x");
   check_cpu(weight, "weight");
   TORCH_CHECK(weight.dim() == 2 && value_dtype(weight.scalar_type()),
               "half_linear: weight must be 2-D float16, bfloat16 or float32, got ", weight.scalar_type(), " ",
               weight.sizes());
   const int64_t rows = weight.size(0), cols = weight.size(1);
-  TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() >= 1 && x.size(-1) == cols, "half_linear: x must be float32 [..., ",
-              cols, "], got ", x.scalar_type(), " ", x.sizes());
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() >= 1 && x.size(-1) == cols,
+              "half_linear: x must be float32 [..., ", cols, "], got ", x.scalar_type(), " ", x.sizes());
   torch::Tensor y = output(x, rows, out);
   if (y.numel() == 0) return y;
   // A dense row is a one-row bitmask factor with every bit set: each row of W reuses one all-ones mask.
