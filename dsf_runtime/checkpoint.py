@@ -205,6 +205,18 @@ def _check_entry(fqn: str, entry: Any) -> str | None:
             or _count_problem(entry))
 
 
+_FINITE_CHUNK = 1 << 20  # elements checked at a time: isfinite's temporaries stay ~1 MB, not a few times the tensor
+
+
+def all_finite(tensor: torch.Tensor) -> bool:
+    """Whether floating ``tensor`` holds no NaN or Inf; on the CPU checked ``_FINITE_CHUNK`` elements at a time (a
+    whole-tensor ``isfinite`` of a 16-bit embedding allocates a few times its size there)."""
+    if tensor.device.type != "cpu":
+        return bool(torch.isfinite(tensor).all())
+    flat = tensor.reshape(-1)
+    return all(bool(torch.isfinite(chunk).all()) for chunk in flat.split(_FINITE_CHUNK))
+
+
 @dataclass
 class CompressedCheckpoint:
     """An opened compressed directory (``open_compressed``); tensors are read on demand.
@@ -251,7 +263,7 @@ class CompressedCheckpoint:
     def check_finite(self, name: str, tensor: torch.Tensor) -> None:
         """Raise a CheckpointError naming the file and ``name`` when floating ``tensor`` holds NaN or Inf (unless
         ``allow_nonfinite``)."""
-        if self.allow_nonfinite or not tensor.is_floating_point() or bool(torch.isfinite(tensor).all()):
+        if self.allow_nonfinite or not tensor.is_floating_point() or all_finite(tensor):
             return
         raise CheckpointError(
             f"{self.file_of(name)}: '{name}' holds NaN or Inf values; {_FIX} from finite weights, or pass "

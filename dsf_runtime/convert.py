@@ -12,9 +12,11 @@ from torch import nn
 from dsf_runtime.formats import kernel_layout
 from dsf_runtime.kernels import unavailable_reason
 from dsf_runtime.layer import CompressedLayer
-from dsf_runtime.modules import FactorizedLinear, SparseLinear
+from dsf_runtime.modules import FactorizedLinear, HalfWeightLinear, SparseLinear
 
-__all__ = ["compressed_modules", "kernel_layer", "use_kernels"]
+__all__ = ["compressed_modules", "float32_activations_on_cpu", "kernel_layer", "use_kernels"]
+
+_HALF = (torch.float16, torch.bfloat16)
 
 
 def kernel_layer(layer: CompressedLayer) -> CompressedLayer:
@@ -47,3 +49,27 @@ def use_kernels(model: nn.Module, dtype: torch.dtype | None = None) -> int:
             module.set_factors(new)
             converted += 1
     return converted
+
+
+def _upcast_on_cpu(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+    """Forward hook of a 16-bit input embedding: its CPU output in fp32."""
+    return output.float() if output.device.type == "cpu" and output.dtype in _HALF else output
+
+
+def float32_activations_on_cpu(model: nn.Module) -> nn.Module:
+    """Make a model with 16-bit weights compute in fp32 when it runs on the CPU, keeping the weights in 16 bits:
+    the input embedding's CPU output is cast to fp32 (a forward hook), and a 16-bit ``nn.Linear`` output layer
+    becomes a ``HalfWeightLinear`` over the same parameters (a tied weight stays tied). The compressed linears
+    already return ``x.dtype``; norms promote to fp32. On CUDA nothing changes. Returns ``model`` (idempotent).
+
+    Why: CPU arithmetic in fp16/bf16 is slow (no native 16-bit FMA in the vector units torch uses), while the
+    weight bytes, which bound decode speed, stay halved (docs/kernels.md).
+    """
+    embedding = model.get_input_embeddings()
+    if embedding is not None and embedding.weight.dtype in _HALF and not getattr(embedding, "_dsf_upcast", False):
+        embedding.register_forward_hook(_upcast_on_cpu)
+        embedding._dsf_upcast = True
+    head = model.get_output_embeddings()
+    if type(head) is nn.Linear and head.weight.dtype in _HALF:
+        model.set_output_embeddings(HalfWeightLinear(head.weight, head.bias))
+    return model

@@ -42,10 +42,11 @@ from dsf_runtime.checkpoint import (
     MANIFEST_NAME,
     QUANT_METHOD,
     CheckpointError,
+    all_finite,
     open_compressed,
     save_compressed,
 )
-from dsf_runtime.convert import compressed_modules, use_kernels
+from dsf_runtime.convert import compressed_modules, float32_activations_on_cpu, use_kernels
 from dsf_runtime.formats import FormatError, check_meta
 from dsf_runtime.kernels import unavailable_reason
 from dsf_runtime.layer import CompressedLayer
@@ -132,13 +133,13 @@ class DsfQuantizer(HfQuantizer):
                     check_meta(factor, f"{name}.{key}", records[name]["factors"][key])
                 except FormatError as exc:
                     raise CheckpointError(str(exc)) from exc
-                if factor.values.is_floating_point() and not bool(torch.isfinite(factor.values).all()):
+                if factor.values.is_floating_point() and not all_finite(factor.values):
                     raise CheckpointError(f"'{name}.{key}.values' holds NaN or Inf values; re-export the checkpoint "
                                           "from finite weights")
         device = next(model.parameters()).device
         if device.type == "cuda" and unavailable_reason(device) is None:
             use_kernels(model)
-        attach(model, self._manifest)
+        attach(float32_activations_on_cpu(model), self._manifest)
         return model
 
     def is_serializable(self) -> bool:

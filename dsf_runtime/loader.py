@@ -35,7 +35,7 @@ from dsf_runtime.checkpoint import (
     quantization_config,
     read_json,
 )
-from dsf_runtime.convert import compressed_modules, kernel_layer, use_kernels
+from dsf_runtime.convert import compressed_modules, float32_activations_on_cpu, kernel_layer, use_kernels
 from dsf_runtime.hf import attach
 from dsf_runtime.kernels import unavailable_reason
 from dsf_runtime.layer import FACTOR_NAMES
@@ -102,7 +102,7 @@ def from_pretrained(
         model.generation_config = GenerationConfig.from_pretrained(directory)
     if dtype is not None:
         model.config.dtype = dtype
-    return attach(model.eval(), ckpt.manifest)
+    return attach(float32_activations_on_cpu(model.eval()), ckpt.manifest)
 
 
 def _config_error(path: Path, field: str, value: Any, expected: str) -> CheckpointError:

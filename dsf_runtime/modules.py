@@ -12,16 +12,21 @@ pure-torch ``matmul``. Nothing converts here: ``dsf_runtime.loader`` converts at
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
 
 from dsf_runtime.formats import PackedMatrix
-from dsf_runtime.formats.bitmask import cpu_linear
+from dsf_runtime.formats.bitmask import CPU_KERNEL_MAX_TOKENS, cpu_linear
 from dsf_runtime.layer import CompressedLayer
 
-__all__ = ["FactorizedLinear", "PackedFactor", "SparseLinear", "linear", "module_from_layer", "replace_linear"]
+__all__ = ["FactorizedLinear", "HalfWeightLinear", "PackedFactor", "SparseLinear", "linear", "module_from_layer",
+           "replace_linear"]
+
+logger = logging.getLogger(__name__)
+_LOGGED: set[str] = set()  # fallback reasons already logged
 
 
 def linear(x: torch.Tensor, factors: Sequence[PackedMatrix], bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -75,9 +80,13 @@ class PackedFactor(nn.Module):
         """The matrix over the current tensors (no copy); the same object until a tensor is replaced or converted
         (``.to()``, ``load_state_dict(assign=True)``, a loader's ``setattr``)."""
         cached = self._packed
-        current = {p: getattr(self, p) for p in cached.parts}
-        if any(getattr(cached, p) is not t for p, t in current.items()):
-            cached = self._packed = dataclasses.replace(cached, **current)
+        tensors = self._parameters, self._buffers  # read directly: nn.Module.__getattr__ costs ~1 µs a part
+        for part in cached.parts:
+            held = tensors[0].get(part) if part == "values" else tensors[1].get(part)
+            if held is not getattr(cached, part):
+                current = {p: getattr(self, p) for p in cached.parts}
+                cached = self._packed = dataclasses.replace(cached, **current)
+                break
         return cached
 
     def _apply(self, fn, recurse: bool = True):
@@ -149,6 +158,47 @@ class SparseLinear(_CompressedLinear):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}"
+
+
+class HalfWeightLinear(nn.Module):
+    """A dense linear (a tied lm_head) whose weight stays in 16 bits while CPU activations are fp32.
+
+    On the CPU with fp32 ``x`` and a 16-bit weight, ``y = x·Wᵀ + b`` is computed in fp32 by the compiled kernel
+    (``dsf_runtime.kernels.cpu.half_linear``, which reads the 16-bit weight once) up to ``CPU_KERNEL_MAX_TOKENS``
+    tokens, and by a dense fp32 GEMM over a temporary fp32 copy above that (a long prompt's logits). Without the
+    kernel, the product runs in the weight's dtype (the reason is logged once). Elsewhere it is ``F.linear``.
+    The weight is the module's ``weight`` parameter, shared with the embedding when tied.
+
+    Shapes: ``x`` ``[..., in]`` -> ``[..., out]`` in ``x.dtype``.
+    """
+
+    def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None = None) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.weight = weight
+        self.bias = bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        if x.device.type != "cpu" or x.dtype != torch.float32 or w.dtype == torch.float32:
+            return nn.functional.linear(x, w, self.bias)
+        if x.numel() > CPU_KERNEL_MAX_TOKENS * self.in_features:
+            y = nn.functional.linear(x, w.float())
+        else:
+            from dsf_runtime.kernels import cpu
+
+            reason = cpu.available()
+            if reason is None:
+                y = cpu.half_linear(x.contiguous(), w)
+            else:
+                if reason not in _LOGGED:
+                    _LOGGED.add(reason)
+                    logger.info("the 16-bit output layer runs in %s on the CPU: %s", w.dtype, reason)
+                y = nn.functional.linear(x.to(w.dtype), w).float()
+        return y if self.bias is None else y + self.bias.float()
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, dtype={self.weight.dtype}"
 
 
 def module_from_layer(

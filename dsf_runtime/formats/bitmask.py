@@ -54,7 +54,12 @@ def unpack_bits(bitmask: torch.Tensor, cols: int) -> torch.Tensor:
 
 
 # Popcount of every byte value.
-_POPCOUNT = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int32)
+def popcount_rows(bitmask: torch.Tensor) -> torch.Tensor:
+    """Set bits per row of a uint8 ``[rows, nbytes]`` bitmask, as int32 ``[rows]``; the temporaries are uint8 of the
+    bitmask's size (a lookup table indexed by the bytes would need int64 indices, eight times the size)."""
+    b = bitmask - ((bitmask >> 1) & 0x55)
+    b = (b & 0x33) + ((b >> 2) & 0x33)
+    return ((b + (b >> 4)) & 0x0F).sum(dim=1, dtype=torch.int32)
 
 
 def cpu_linear(factors: Sequence[object], x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor | None:
@@ -166,7 +171,7 @@ class BitmaskMatrix(PackedMixin):
             if bad.numel():
                 row = int(bad[0, 0])
                 raise FormatError(name("bitmask"), f"sets padding bits beyond column {cols - 1} in row {row}")
-        popcount = _POPCOUNT.to(self.bitmask.device)[self.bitmask.long()].sum(dim=1)
+        popcount = popcount_rows(self.bitmask)
         bad = torch.nonzero(popcount != (self.row_ptr[1:] - self.row_ptr[:-1]))
         if bad.numel():
             i = int(bad[0, 0])

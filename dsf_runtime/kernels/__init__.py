@@ -30,10 +30,10 @@ def unavailable_reason(device: torch.device | str) -> str | None:
     be set (the kernel tests set both), so that other CPU work keeps the fast pure-torch path.
     """
     kind = device.type if isinstance(device, torch.device) else torch.device(device).type  # per forward: no parse
+    if kind == "cpu" and os.environ.get("DSF_INTERPRET_KERNELS") != "1":  # decided before Triton is imported
+        return "on the CPU the kernels run only in Triton's interpreter, for tests (DSF_INTERPRET_KERNELS=1)"
     if kind not in _REASONS:
         _REASONS[kind] = _reason(kind)
-    if kind == "cpu" and _REASONS[kind] is None and os.environ.get("DSF_INTERPRET_KERNELS") != "1":
-        return "on the CPU the kernels run only in Triton's interpreter, for tests (DSF_INTERPRET_KERNELS=1)"
     return _REASONS[kind]
 
 

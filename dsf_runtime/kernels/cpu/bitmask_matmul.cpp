@@ -31,6 +31,13 @@
 namespace {
 
 constexpr int64_t kTokenBlock = 8;  // tokens whose accumulators stay in registers during one pass over a row
+// Software prefetch distances: values this many bytes ahead of the word being read, masks this many rows ahead.
+// Streaming SmolLM2's factors from memory (2 threads), they took the kernel from 8 to 12-15 GB/s
+// (docs/kernels.md); the hardware prefetcher alone does not run far enough ahead of two interleaved streams.
+constexpr int64_t kValuePrefetchBytes = 3072;
+constexpr int64_t kMaskPrefetchRows = 16;
+
+inline void prefetch(const void* p) { __builtin_prefetch(p, 0, 3); }
 
 // One bitmask factor: ``rows`` x ``cols``, ``nbytes = ceil(cols / 8)`` mask bytes per row.
 struct Factor {
@@ -105,6 +112,7 @@ template <int NT, int K, bool TAIL, bool DENSE, typename V>
 inline int step64(uint64_t word, const V* vals, const float* x, int64_t cols, uint64_t valid, __m512 (&sum)[NT][K]) {
   const uint32_t m0 = static_cast<uint32_t>(word), m1 = static_cast<uint32_t>(word >> 32);
   constexpr bool plain = DENSE && !TAIL;
+  prefetch(reinterpret_cast<const char*>(vals) + kValuePrefetchBytes);
   __m512 w[4];
   expand32<plain>(vals, m0, w[0], w[1]);
   expand32<plain>(vals + __builtin_popcount(m0), m1, w[2], w[3]);
@@ -182,6 +190,7 @@ void row_vector(const uint8_t* mask, int64_t nbytes, const V* vals, const V* val
   for (int64_t wi = 0; wi < words && vals + 64 <= vals_end; ++wi, b += 8) {
     uint64_t word;
     std::memcpy(&word, mask + b, 8);
+    prefetch(reinterpret_cast<const char*>(vals) + kValuePrefetchBytes);
     if (!word) continue;
     const float* xw = x + b * 8;
 #pragma GCC unroll 8
@@ -210,6 +219,7 @@ template <typename V, bool DENSE = false>
 void row(const Factor& f, int64_t i, const float* x, int64_t nt, float* y) {
   const uint8_t* mask = f.mask + i * f.nbytes;
   const V* vals = static_cast<const V*>(f.values) + f.row_ptr[i];
+  for (int64_t b = 0; b < f.nbytes; b += 64) prefetch(mask + kMaskPrefetchRows * f.nbytes + b);
   for (int64_t t0 = 0; t0 < nt; t0 += kTokenBlock) {
     const int64_t n = std::min(kTokenBlock, nt - t0);
     const float* xb = x + t0 * f.cols;
