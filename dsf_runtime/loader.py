@@ -61,6 +61,7 @@ def from_pretrained(
     *,
     kernels: bool | None = None,
     allow_nonfinite: bool = False,
+    float32_on_cpu: bool = True,
 ):
     """Load a compressed directory (any layout) as a ``transformers`` causal LM in eval mode.
 
@@ -73,6 +74,8 @@ def from_pretrained(
             stored layouts (logging why on CUDA); True: always (raises when they cannot run, e.g. on the CPU
             outside ``TRITON_INTERPRET=1``); False: never convert.
         allow_nonfinite: load NaN/Inf weights instead of raising (``open_compressed``).
+        float32_on_cpu: 16-bit weights compute in fp32 when the model runs on the CPU
+            (``convert.float32_activations_on_cpu``); False keeps one dtype throughout (an ONNX export).
 
     Returns:
         A ``PreTrainedModel``; ``generate()`` works.
@@ -102,7 +105,9 @@ def from_pretrained(
         model.generation_config = GenerationConfig.from_pretrained(directory)
     if dtype is not None:
         model.config.dtype = dtype
-    return attach(float32_activations_on_cpu(model.eval()), ckpt.manifest)
+    if float32_on_cpu:
+        float32_activations_on_cpu(model)
+    return attach(model.eval(), ckpt.manifest)
 
 
 def _config_error(path: Path, field: str, value: Any, expected: str) -> CheckpointError:

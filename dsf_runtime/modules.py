@@ -165,7 +165,8 @@ class HalfWeightLinear(nn.Module):
 
     On the CPU with fp32 ``x`` and a 16-bit weight, ``y = x·Wᵀ + b`` is computed in fp32 by the compiled kernel
     (``dsf_runtime.kernels.cpu.half_linear``, which reads the 16-bit weight once) up to ``CPU_KERNEL_MAX_TOKENS``
-    tokens, and by a dense fp32 GEMM over a temporary fp32 copy above that (a long prompt's logits). Without the
+    tokens, and by a dense fp32 GEMM over a temporary fp32 copy above that (a long prompt's logits) and when traced
+    (``torch.export``, ``torch.compile``: the ONNX exporter). Without the
     kernel, the product runs in the weight's dtype (the reason is logged once). Elsewhere it is ``F.linear``.
     The weight is the module's ``weight`` parameter, shared with the embedding when tied.
 
@@ -182,8 +183,8 @@ class HalfWeightLinear(nn.Module):
         w = self.weight
         if x.device.type != "cpu" or x.dtype != torch.float32 or w.dtype == torch.float32:
             return nn.functional.linear(x, w, self.bias)
-        if x.numel() > CPU_KERNEL_MAX_TOKENS * self.in_features:
-            y = nn.functional.linear(x, w.float())
+        if x.numel() > CPU_KERNEL_MAX_TOKENS * self.in_features or torch.compiler.is_compiling():
+            y = nn.functional.linear(x, w.float())  # also what torch.export/compile trace (no opaque kernel call)
         else:
             from dsf_runtime.kernels import cpu
 

@@ -306,7 +306,7 @@ def export_onnx(
     _check_options(config, lowering, opset)
     src, out = Path(src), Path(out)
     check_destination(out, overwrite=overwrite, sources=(src,))  # before the minutes of loading and tracing
-    model = from_pretrained(src, device="cpu", dtype=config.torch_dtype)
+    model = from_pretrained(src, device="cpu", dtype=config.torch_dtype, float32_on_cpu=False)  # one dtype
     swapped = prepare_for_onnx(model, config)
     cached = CachedLM(model)
     inputs, shapes = cached.example()
