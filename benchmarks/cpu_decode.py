@@ -9,7 +9,7 @@ included): load the model (``load_s``), generate ``new_tokens`` greedily after a
 tokens / seconds of that generation call (its prompt prefill included), ``decode_tok_s`` the decode steps alone,
 ``prefill_ms`` the prompt's forward. ``--repeats`` runs every row that many
 times, interleaved (row 1, row 2, ..., row 1, ...), so that load from other processes spreads over all rows; a row
-reports the median ``tok_s`` and the largest ``peak_rss_mb`` and ``load_s`` of its runs (``tok_s_runs`` lists
+reports the median ``tok_s``, ``decode_tok_s`` and ``prefill_ms`` and the largest ``peak_rss_mb`` and ``load_s`` of its runs (``tok_s_runs`` lists
 them all). The machine string records the load average before and after. The DSF models have random balanced
 factors at density 0.5 (``benchmarks.e2e_models.random_dsf_factors``, k = min(out, in)) in place of every decoder
 linear, fp16 values and the rest of the state dict in fp16 (what ``dsf compress`` writes by default; the loader
@@ -122,7 +122,8 @@ def machine(threads: int, load_before: tuple[float, ...]) -> str:
 
 
 def summarize(runs: list[dict]) -> dict:
-    """One row from the runs of one configuration: median tok_s, largest peak RSS and load time."""
+    """One row from the runs of one configuration: median tok_s, decode_tok_s and prefill_ms, largest peak RSS and
+    load time."""
     row = dict(runs[0])
     row["tok_s"] = statistics.median(r["tok_s"] for r in runs)
     row["decode_tok_s"] = statistics.median(r["decode_tok_s"] for r in runs)

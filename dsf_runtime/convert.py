@@ -63,7 +63,7 @@ def float32_activations_on_cpu(model: nn.Module) -> nn.Module:
     already return ``x.dtype``; norms promote to fp32. On CUDA nothing changes. Returns ``model`` (idempotent).
 
     Why: CPU arithmetic in fp16/bf16 is slow (no native 16-bit FMA in the vector units torch uses), while the
-    weight bytes, which bound decode speed, stay halved (docs/kernels.md).
+    weight bytes, which bound decode speed, stay halved (docs/kernels-notes.md).
     """
     embedding = model.get_input_embeddings()
     if embedding is not None and embedding.weight.dtype in _HALF and not getattr(embedding, "_dsf_upcast", False):

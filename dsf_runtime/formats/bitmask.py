@@ -53,7 +53,6 @@ def unpack_bits(bitmask: torch.Tensor, cols: int) -> torch.Tensor:
     return bits.view(bitmask.shape[0], bitmask.shape[1] * 8)[:, :cols].bool()
 
 
-# Popcount of every byte value.
 def popcount_rows(bitmask: torch.Tensor) -> torch.Tensor:
     """Set bits per row of a uint8 ``[rows, nbytes]`` bitmask, as int32 ``[rows]``; the temporaries are uint8 of the
     bitmask's size (a lookup table indexed by the bytes would need int64 indices, eight times the size)."""

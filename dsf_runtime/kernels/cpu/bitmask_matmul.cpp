@@ -32,8 +32,8 @@ namespace {
 
 constexpr int64_t kTokenBlock = 8;  // tokens whose accumulators stay in registers during one pass over a row
 // Software prefetch distances: values this many bytes ahead of the word being read, masks this many rows ahead.
-// Streaming SmolLM2's factors from memory (2 threads), they took the kernel from 8 to 12-15 GB/s
-// (docs/kernels.md); the hardware prefetcher alone does not run far enough ahead of two interleaved streams.
+// Streaming SmolLM2's factors from memory (2 threads), they took the kernel from 10 to 14 GB/s
+// (docs/kernels-notes.md); the hardware prefetcher alone does not run far enough ahead of two interleaved streams.
 constexpr int64_t kValuePrefetchBytes = 3072;
 constexpr int64_t kMaskPrefetchRows = 16;
 
