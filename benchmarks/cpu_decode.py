@@ -12,9 +12,9 @@ times, interleaved (row 1, row 2, ..., row 1, ...), so that load from other proc
 reports the median ``tok_s``, ``decode_tok_s`` and ``prefill_ms`` and the largest ``peak_rss_mb`` and ``load_s`` of its runs (``tok_s_runs`` lists
 them all). The machine string records the load average before and after. The DSF models have random balanced
 factors at density 0.5 (``benchmarks.e2e_models.random_dsf_factors``, k = min(out, in)) in place of every decoder
-linear, fp16 values and the rest of the state dict in fp16 (what ``dsf compress`` writes by default; the loader
-keeps these weights in 16 bits and computes in fp32 on the CPU): their text is meaningless, their bytes and speed
-are the real ones.
+linear, fp16 values, the input embedding (tied to the lm_head) as int8 rows and the rest of the state dict in fp16
+(what ``dsf compress`` writes by default; the loader keeps these weights as stored and computes in fp32 on the
+CPU): their text is meaningless, their bytes and speed are the real ones.
 
     python -m benchmarks.cpu_decode --out benchmarks/results/cpu-decode-smollm2.json --threads 2 --repeats 3
 """
@@ -44,13 +44,16 @@ PROMPT = "The quick brown fox jumps over the lazy dog. Once upon a time"
 
 
 def dsf_directory(layout: str, dtype: str, density: float = 0.5, seed: int = 0) -> Path:
-    """Write (once, under ``$DSF_CACHE/bench``) SmolLM2 with random DSF factors in ``layout``, values in ``dtype``."""
+    """Write (once, under ``$DSF_CACHE/bench``) SmolLM2 with random DSF factors in ``layout``, values in ``dtype``,
+    the embedding as int8 rows (``dsf_runtime.quantized``)."""
     from benchmarks.e2e_models import compressible_linears, random_dsf_factors
     from dsf_runtime import CompressedLayer, save_compressed
     from dsf_runtime.checkpoint import MANIFEST_NAME
+    from compress.quantize import quantize_embedding
+    from dsf_runtime.quantized import input_embedding_name
     from transformers import AutoModelForCausalLM
 
-    directory = cache_dir() / "bench" / f"smollm2-dsf{density}-{layout}-{dtype_tag(dtype)}-all-seed{seed}"
+    directory = cache_dir() / "bench" / f"smollm2-dsf{density}-{layout}-{dtype_tag(dtype)}-int8emb-seed{seed}"
     if (directory / MANIFEST_NAME).exists():
         return directory
     model = AutoModelForCausalLM.from_pretrained(smollm2_dir(), dtype=torch.float32)
@@ -64,7 +67,8 @@ def dsf_directory(layout: str, dtype: str, density: float = 0.5, seed: int = 0) 
                                                   bias=lin.bias, layout=layout, dtype=getattr(torch, dtype))
     skip = {f"{n}.{p}" for n in names for p in ("weight", "bias")}
     model.to(getattr(torch, dtype))  # in place, so tied weights stay one tensor
-    tensors = {k: v for k, v in model.state_dict().items() if k not in skip}
+    tensors = quantize_embedding({k: v for k, v in model.state_dict().items() if k not in skip},
+                              input_embedding_name(model))
     save_compressed(directory, tensors=tensors, layers=layers, config_source=smollm2_dir(),
                     info={"base_model": "SmolLM2-135M-Instruct (random DSF factors)",
                           "compression": {"density": density, "seed": seed}})

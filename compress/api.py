@@ -81,6 +81,8 @@ class CompressConfig:
         save_dtype: dtype of the written factor values and floating tensors: ``auto`` (the base model's own dtype
             when it is float16 or bfloat16, else float16) or a key of ``DTYPES``. The solvers work in fp32 whatever
             this is; the recorded layer errors are those of the fp32 factors.
+        embedding: ``int8`` writes the input embedding (and the output layer tied to it) as int8 with one scale
+            per row (``dsf_runtime.quantized``); ``keep`` writes it in ``save_dtype``.
     """
 
     model: str = PACKAGED_MODEL
@@ -98,6 +100,7 @@ class CompressConfig:
     true_sequential: bool = False
     layout: str = AUTO
     save_dtype: str = "auto"
+    embedding: str = "int8"
 
     def __post_init__(self) -> None:
         for name in ("samples", "seqlen", "batch_size"):
@@ -109,6 +112,8 @@ class CompressConfig:
             raise ConfigError("layout", f"must be {AUTO} or one of {', '.join(sorted(LAYOUTS))}, got {self.layout!r}")
         if self.save_dtype != "auto" and self.save_dtype not in DTYPES:
             raise ConfigError("save_dtype", f"must be auto or one of {', '.join(DTYPES)}, got {self.save_dtype!r}")
+        if self.embedding not in ("int8", "keep"):
+            raise ConfigError("embedding", f"must be int8 or keep, got {self.embedding!r}")
         if self.offload not in _OFFLOAD:
             raise ConfigError("offload", f"must be one of {', '.join(_OFFLOAD)}, got {self.offload!r}")
         self.solver_config()  # validates method, density and the method options
@@ -213,10 +218,10 @@ class RunInputs:
 
     def fingerprint(self, config: CompressConfig, device: torch.device) -> dict[str, Any]:
         """Settings that determine the factors: the config (but ``offload``, which moves data without changing
-        it, and the output's ``layout`` and ``save_dtype``, applied when the finished run is written), the model's
+        it, and the output's ``layout``, ``save_dtype`` and ``embedding``, applied when the finished run is written), the model's
         config, the text and the device type."""
         settings = config.to_dict()
-        for output_only in ("offload", "layout", "save_dtype"):
+        for output_only in ("offload", "layout", "save_dtype", "embedding"):
             del settings[output_only]
         return {
             **settings,

@@ -38,6 +38,7 @@ from torch import nn
 
 from compress.architectures import ArchitectureSpec, decoder_blocks
 from compress.evaluate import layer_error_report
+from compress.quantize import quantize_embedding
 from compress.solvers.base import SolveResult
 from dsf_runtime.checkpoint import (
     INDEX_NAME,
@@ -47,6 +48,7 @@ from dsf_runtime.checkpoint import (
     open_compressed,
     save_compressed,
 )
+from dsf_runtime.quantized import input_embedding_name
 
 __all__ = [
     "PARTIAL_DIR",
@@ -457,7 +459,7 @@ def write_output(
         partial: the finished blocks.
         info: the settings that produced the factors (recorded in the manifest's ``compression``); its ``layout``
             and ``save_dtype`` (resolved, e.g. ``"bfloat16"``) say how the factors and other floating tensors are
-            written.
+            written, its ``embedding`` (``int8``, the default, or ``keep``) how the input embedding is.
         config_source: the base model's directory (``config.json``, tokenizer files are copied), or None to write
             ``model.config`` and save ``tokenizer``.
 
@@ -488,6 +490,8 @@ def write_output(
                 "seconds": result.seconds,
             }
     tensors = cast_floating({k: v for k, v in model.state_dict().items() if k.rsplit(".", 1)[0] not in layers}, dtype)
+    if info.get("embedding", "int8") == "int8":
+        tensors = quantize_embedding(tensors, input_embedding_name(model))
     report = {
         "base_model": info["model"],
         "architecture": type(model).__name__,

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -52,6 +53,7 @@ __all__ = [
     "encode",
     "quantize_dense",
     "quantize_dsf",
+    "quantize_embedding",
     "quantize_gptq",
     "quantize_rtn",
     "value_format",
@@ -608,3 +610,36 @@ def _refit_left(
     if any(bool((info != 0).any()) for info in failures):
         raise RuntimeError(f"{layer_prefix(layer_name)}the refit Gram matrix B̂·H·B̂ᵀ is not positive definite")
     return refitted
+
+
+def quantize_embedding(tensors: Mapping[str, torch.Tensor], name: str | None) -> dict[str, torch.Tensor]:
+    """``tensors`` with floating ``tensors[name]`` (an input embedding ``[rows, cols]``) stored as int8 rows
+    (docs/format.md "Quantized tensors"): ``Int8Values`` codes by round-to-nearest over every element (no mask),
+    inserted under ``name``, followed by ``<name>_scale`` (the fp16 row scales cast to the tensor's dtype).
+
+    A tensor tied to it (the same storage, e.g. ``lm_head.weight``) becomes the same int8 tensor, so it stays tied.
+    Other entries, an int8 ``tensors[name]`` (already quantized), and a ``name`` of None are kept as they are.
+    """
+    from dsf_runtime.quantized import SCALE_SUFFIX
+
+    target = tensors.get(name) if name is not None else None
+    if target is None or not target.is_floating_point():
+        return dict(tensors)
+    rows, cols = target.shape
+    quantized = quantize_rtn(target, Int8Values(), mask=torch.ones(rows, cols, dtype=torch.bool, device=target.device),
+                             layer_name=name)
+    codes, scales = quantized.codes.reshape(rows, cols), quantized.scales.to(target.dtype)
+    out: dict[str, torch.Tensor] = {}
+    for key, tensor in tensors.items():
+        if key == name:
+            out[key], out[key + SCALE_SUFFIX] = codes, scales
+        else:
+            out[key] = codes if _same_data(tensor, target) else tensor
+    return out
+
+
+def _same_data(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``a`` and ``b`` view the same elements (tied weights)."""
+    return (a.device == b.device and a.dtype == b.dtype and a.shape == b.shape and a.stride() == b.stride()
+            and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+            and a.storage_offset() == b.storage_offset())

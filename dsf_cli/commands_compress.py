@@ -35,6 +35,7 @@ _FLAGS = {
     "heldout": "--heldout",
     "layout": "--layout",
     "save_dtype": "--save-dtype",
+    "embedding": "--embedding",
     "nproc": "--nproc",
 }
 _DEMO_OUTPUT = Path("runs/demo-smollm2-dsf50")
@@ -107,6 +108,11 @@ def compress(
         "auto", "--save-dtype", metavar="<auto|float16|bfloat16|float32>",
         help="dtype of the written factor values and other floating tensors: auto = the model's own dtype if it "
         "is float16/bfloat16, else float16.",
+    ),
+    embedding: str = typer.Option(
+        "int8", "--embedding", metavar="<int8|keep>",
+        help="int8 = the input embedding (and the output layer tied to it) as int8 with one scale per row, half "
+        "the bytes of fp16; keep = in --save-dtype.",
     ),
     batch_size: int = typer.Option(8, "--batch-size", help="Calibration windows per forward chunk."),
     offload: Offload = typer.Option(
@@ -189,7 +195,7 @@ def compress(
         model=model, method=method.value, density=_density(density, sparsity), solver_options=options,
         calibration=calibration, samples=samples, seqlen=seqlen, seed=seed, device=device.value,
         dtype=dtype.value, batch_size=batch_size, offload=offload.value, true_sequential=true_sequential,
-        layout=layout, save_dtype=save_dtype,
+        layout=layout, save_dtype=save_dtype, embedding=embedding,
     )
     try:
         if iobs_rounds:

@@ -30,6 +30,11 @@ class Lowering(str, Enum):
     standard = "standard"
 
 
+class Embedding(str, Enum):
+    int8 = "int8"
+    keep = "keep"
+
+
 def export(
     src: Path = typer.Argument(..., help="A compressed model directory (from `dsf compress` or `dsf export`)."),
     output: Path | None = typer.Option(
@@ -59,6 +64,11 @@ def export(
         Lowering.custom, "--lowering", help="ONNX: custom = ai.dsf nodes (needs exporters.onnx_ops to run); "
         "standard = standard operators only (any ONNX Runtime; densified when the session loads)."
     ),
+    embedding: Embedding = typer.Option(
+        Embedding.int8, "--embedding", help="Directories: int8 = the input embedding (and the output layer tied to "
+        "it) as int8 with one scale per row, half the bytes of fp16 (its perplexity cost is in docs/benchmarks.md); "
+        "keep = as stored."
+    ),
     opset: int = typer.Option(18, "--opset", help="ONNX default-domain opset (>= 18)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --output or an existing --onnx file."),
     verify: bool = typer.Option(
@@ -73,7 +83,7 @@ def export(
 
     Examples:
 
-        dsf export runs/demo-smollm2-dsf50 -o smollm2-dsf50                 (auto layout, stored dtype)
+        dsf export runs/demo-smollm2-dsf50 -o smollm2-dsf50                 (auto layout, stored dtype, int8 embedding)
 
         dsf export runs/demo-smollm2-dsf50 -o smollm2-gpu --layout nibble --dtype float16
 
@@ -91,7 +101,7 @@ def export(
     try:
         chosen = _ONNX_AUTO if onnx is not None and layout.value == AUTO else layout.value
         config = ExportConfig(layout=chosen, dtype=dtype and dtype.value, block_size=int(block_size.value),
-                              max_shard_size=max_shard_size)
+                              max_shard_size=max_shard_size, embedding=embedding.value)
         if onnx is not None:
             from exporters.onnx_export import export_onnx
 

@@ -40,6 +40,7 @@ from safetensors.torch import save_file
 
 from dsf_runtime.formats import LAYOUTS, VALUE_DTYPES, FormatError, dtype_name, from_meta
 from dsf_runtime.layer import CompressedLayer, factor_problem
+from dsf_runtime.quantized import FORMAT as INT8_ROW, SCALE_SUFFIX, check_quantized, dequantize_rows
 
 __all__ = [
     "DEFAULT_MAX_SHARD_BYTES",
@@ -271,6 +272,16 @@ class CompressedCheckpoint:
         )
 
     @property
+    def quantized(self) -> dict[str, str]:
+        """The uncompressed tensors stored quantized (the manifest's ``quantized_tensors``): name -> encoding
+        (``"int8-row"``: the int8 tensor plus ``<name>_scale``, docs/format.md "Quantized tensors")."""
+        return dict(self.manifest.get("quantized_tensors") or {})
+
+    def tensor_dtype(self, name: str) -> torch.dtype:
+        """The torch dtype tensor ``name`` is stored in (from the file header)."""
+        return _TORCH_DTYPES[self._tensor_info[name][0]]
+
+    @property
     def uncompressed_names(self) -> list[str]:
         """Names of the tensors that are not part of a compressed layer, in file order."""
         owned = {n for fqn, entry in self.layers.items() for n in _part_names(fqn, entry)}
@@ -364,16 +375,26 @@ class CompressedCheckpoint:
         )
 
     def load_tensors(
-        self, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
+        self, device: torch.device | str = "cpu", dtype: torch.dtype | None = None, *, dequantize: bool = False
     ) -> dict[str, torch.Tensor]:
-        """The uncompressed tensors on ``device``; floating ones cast to ``dtype`` when given.
+        """The uncompressed tensors on ``device``; floating ones cast to ``dtype`` when given. Quantized tensors
+        (``quantized``) come as stored (int8 plus ``<name>_scale``), or with ``dequantize`` as one floating tensor
+        in the scale's dtype.
 
         Raises:
-            CheckpointError: a tensor cannot be read or holds NaN/Inf (unless ``allow_nonfinite``).
+            CheckpointError: a tensor cannot be read, holds NaN/Inf (unless ``allow_nonfinite``), or a scale is
+                negative.
         """
         tensors = self.read(self.uncompressed_names, device)
         for name, tensor in tensors.items():
             self.check_finite(name, tensor)
+        for name in self.quantized:
+            scale = tensors[name + SCALE_SUFFIX]
+            if bool((scale < 0).any()):
+                raise CheckpointError(f"{self.file_of(name + SCALE_SUFFIX)}: '{name}{SCALE_SUFFIX}' holds negative "
+                                      f"scales; {_FIX}")
+            if dequantize:
+                tensors[name] = dequantize_rows(tensors[name], tensors.pop(name + SCALE_SUFFIX))
         if dtype is not None:
             tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
         return tensors
@@ -412,7 +433,7 @@ class CompressedCheckpoint:
         Returns:
             ``linear_bytes`` (compressed layers: factors and biases), ``linear_dense_fp16_bytes`` (their weights
             and biases dense in fp16), ``other_bytes`` (every other tensor as stored), ``other_fp16_bytes`` (the
-            same with floating tensors at 2 bytes per element), ``total_bytes``, ``dense_fp16_bytes`` and
+            same with floating and quantized tensors at 2 bytes per element, without the scales), ``total_bytes``, ``dense_fp16_bytes`` and
             ``ratio`` = ``total_bytes / dense_fp16_bytes``; ``linear_ratio`` likewise for the compressed layers.
         """
         header = self._header()
@@ -420,9 +441,13 @@ class CompressedCheckpoint:
         linear = sum(header[n][1] * _ITEM_BYTES[header[n][0]] for n in owned)
         linear_fp16 = sum(2 * e["shape"][0] * e["shape"][1] + (2 * e["shape"][0] if e.get("bias") else 0)
                           for e in self.layers.values())
-        others = [v for n, v in header.items() if n not in owned]
-        other = sum(numel * _ITEM_BYTES[dtype] for dtype, numel in others)
-        other_fp16 = sum(numel * (2 if dtype.startswith(("F", "BF")) else _ITEM_BYTES[dtype]) for dtype, numel in others)
+        others = {n: v for n, v in header.items() if n not in owned}
+        other = sum(numel * _ITEM_BYTES[dtype] for dtype, numel in others.values())
+        scales = {name + SCALE_SUFFIX for name in self.quantized}
+        other_fp16 = sum(
+            0 if n in scales else numel * (2 if dtype.startswith(("F", "BF")) or n in self.quantized else _ITEM_BYTES[dtype])
+            for n, (dtype, numel) in others.items()
+        )
         return {
             "linear_bytes": linear, "linear_dense_fp16_bytes": linear_fp16,
             "linear_ratio": linear / linear_fp16 if linear_fp16 else 1.0,
@@ -626,7 +651,40 @@ def open_compressed(directory: str | os.PathLike[str], *, allow_nonfinite: bool 
                     f"{ckpt.file_of(name)}: unexpected tensor '{name}' (layer '{fqn}' is compressed and stores only "
                     f"{sorted(allowed)}); {_FIX}"
                 )
+    _check_quantized(ckpt)
     return ckpt
+
+
+def _check_quantized(ckpt: CompressedCheckpoint) -> None:
+    """The manifest's ``quantized_tensors`` agree with the file headers: every entry is an ``int8-row`` pair of
+    an uncompressed tensor and its scale, and every other uncompressed tensor is floating or an integer buffer that
+    is not int8 (so int8 data never loads as if it were the model's numbers).
+
+    Raises:
+        CheckpointError: naming the manifest or the file and tensor.
+    """
+    listed = ckpt.manifest.get("quantized_tensors") or {}
+    path = ckpt.directory / MANIFEST_NAME
+    if not isinstance(listed, dict) or any(v != INT8_ROW for v in listed.values()):
+        raise CheckpointError(f"{path}: 'quantized_tensors' must map tensor names to {INT8_ROW!r}, got {listed!r}; "
+                              f"{_FIX}")
+    uncompressed = set(ckpt.uncompressed_names)
+    for name in listed:
+        for needed in (name, name + SCALE_SUFFIX):
+            if needed not in uncompressed:
+                raise CheckpointError(f"{ckpt.file_of(needed)}: tensor '{needed}' is missing (the manifest's "
+                                      f"quantized_tensors lists '{name}'); {_FIX}")
+        info = ckpt._tensor_info
+        problem = check_quantized(name, torch.empty(info[name][1], dtype=_TORCH_DTYPES.get(info[name][0], torch.uint8),
+                                                    device="meta"),
+                                  torch.empty(info[name + SCALE_SUFFIX][1], device="meta",
+                                              dtype=_TORCH_DTYPES.get(info[name + SCALE_SUFFIX][0], torch.uint8)))
+        if problem:
+            raise CheckpointError(f"{ckpt.file_of(name)}: {problem} (an {INT8_ROW} tensor); {_FIX}")
+    for name in uncompressed - set(listed):
+        if ckpt._tensor_info[name][0] == "I8":
+            raise CheckpointError(f"{ckpt.file_of(name)}: '{name}' is int8 but the manifest's quantized_tensors does "
+                                  f"not list it (its scale would be lost); {_FIX}")
 
 
 def save_compressed(
@@ -668,7 +726,7 @@ def save_compressed(
     units = _collect_tensors(directory, tensors, layers)
     config_files, config = _config_files(config_source)
     config_files.update(files or {})
-    manifest = _manifest(layers, info or {}, config)
+    manifest = _manifest(layers, info or {}, config, units)
     config_files["config.json"] = _config_json(config, manifest, units)
     shards = _plan_shards(units, max_shard_bytes)
     directory.mkdir(parents=True, exist_ok=True)
@@ -719,6 +777,14 @@ def _collect_tensors(
             continue
         seen[key] = name
         units.append({name: t})
+    for name in seen.values():
+        if tensors[name].dtype == torch.int8:
+            t, scale = tensors[name], tensors.get(name + SCALE_SUFFIX)
+            problem = (f"'{name}' is int8 without '{name}{SCALE_SUFFIX}'" if scale is None
+                       else check_quantized(name, t, scale))
+            if problem:
+                problems.append(f"{problem}: an uncompressed int8 tensor is stored as {INT8_ROW} "
+                                "(compress.quantize.quantize_embedding makes the pair)")
     for fqn, layer in layers.items():
         if not isinstance(layer, CompressedLayer):
             problems.append(f"layer '{fqn}' is a {type(layer).__name__}, expected a CompressedLayer")
@@ -781,11 +847,13 @@ def _config_json(config: Mapping[str, Any], manifest: Mapping[str, Any], units: 
     return json.dumps(config, indent=2).encode()
 
 
-def _manifest(layers: Mapping[str, CompressedLayer], info: Mapping[str, Any], config: Mapping[str, Any]) -> dict:
+def _manifest(layers: Mapping[str, CompressedLayer], info: Mapping[str, Any], config: Mapping[str, Any],
+              units: list[dict[str, torch.Tensor]]) -> dict:
     unknown = sorted(set(info) - set(_INFO_KEYS))
     if unknown:
         raise ValueError(f"info has unknown keys {unknown}; allowed: {list(_INFO_KEYS)}")
     dtypes = {f.meta()["dtype"] for layer in layers.values() for f in layer.factors.values()}
+    owned = tuple(f"{fqn}." for fqn in layers)
     return {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
@@ -794,6 +862,8 @@ def _manifest(layers: Mapping[str, CompressedLayer], info: Mapping[str, Any], co
         "architecture": info.get("architecture") or (config.get("architectures") or [None])[0],
         "dtype": dtypes.pop() if len(dtypes) == 1 else None,
         "compression": info.get("compression"),
+        "quantized_tensors": {name: INT8_ROW for unit in units for name, t in unit.items()
+                              if t.dtype == torch.int8 and not name.startswith(owned)},
         "layers": {fqn: layer.meta() for fqn, layer in layers.items()},
     }
 

@@ -12,9 +12,10 @@ from torch import nn
 from dsf_runtime.formats import kernel_layout
 from dsf_runtime.kernels import unavailable_reason
 from dsf_runtime.layer import CompressedLayer
-from dsf_runtime.modules import FactorizedLinear, HalfWeightLinear, SparseLinear
+from dsf_runtime.modules import CompactLinear, FactorizedLinear, Int8Embedding, SparseLinear
+from dsf_runtime.quantized import dequantize_rows
 
-__all__ = ["compressed_modules", "float32_activations_on_cpu", "kernel_layer", "use_kernels"]
+__all__ = ["compressed_modules", "finish_loading", "float32_activations_on_cpu", "kernel_layer", "use_kernels"]
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -59,17 +60,58 @@ def _upcast_on_cpu(module: nn.Module, args: tuple, output: torch.Tensor) -> torc
 def float32_activations_on_cpu(model: nn.Module) -> nn.Module:
     """Make a model with 16-bit weights compute in fp32 when it runs on the CPU, keeping the weights in 16 bits:
     the input embedding's CPU output is cast to fp32 (a forward hook), and a 16-bit ``nn.Linear`` output layer
-    becomes a ``HalfWeightLinear`` over the same parameters (a tied weight stays tied). The compressed linears
+    becomes a ``CompactLinear`` over the same parameters (a tied weight stays tied). The compressed linears
     already return ``x.dtype``; norms promote to fp32. On CUDA nothing changes. Returns ``model`` (idempotent).
 
     Why: CPU arithmetic in fp16/bf16 is slow (no native 16-bit FMA in the vector units torch uses), while the
     weight bytes, which bound decode speed, stay halved (docs/kernels-notes.md).
     """
     embedding = model.get_input_embeddings()
-    if embedding is not None and embedding.weight.dtype in _HALF and not getattr(embedding, "_dsf_upcast", False):
+    if isinstance(embedding, Int8Embedding):
+        output_dtype = embedding.weight_scale.dtype
+    else:
+        output_dtype = getattr(getattr(embedding, "weight", None), "dtype", None)
+    if output_dtype in _HALF and not getattr(embedding, "_dsf_upcast", False):
         embedding.register_forward_hook(_upcast_on_cpu)
         embedding._dsf_upcast = True
     head = model.get_output_embeddings()
     if type(head) is nn.Linear and head.weight.dtype in _HALF:
-        model.set_output_embeddings(HalfWeightLinear(head.weight, head.bias))
+        model.set_output_embeddings(CompactLinear(head.weight, head.bias))
     return model
+
+
+def _int8_head(model: nn.Module) -> None:
+    """An output layer tied to an ``Int8Embedding`` becomes a ``CompactLinear`` over the same int8 weight and row
+    scales."""
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if isinstance(embedding, Int8Embedding) and type(head) is nn.Linear and head.weight is embedding.weight:
+        model.set_output_embeddings(CompactLinear(head.weight, head.bias, embedding.weight_scale))
+
+
+def _dequantize_embedding(model: nn.Module) -> None:
+    """Replace an ``Int8Embedding`` (and the ``CompactLinear`` tied to it) by an ``nn.Embedding`` (and a tied
+    ``nn.Linear``) holding the dequantized weight in the scales' dtype: what the GPU path runs."""
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if not isinstance(embedding, Int8Embedding):
+        return
+    weight = nn.Parameter(dequantize_rows(embedding.weight, embedding.weight_scale), requires_grad=False)
+    dense = nn.Embedding(embedding.num_embeddings, embedding.embedding_dim, embedding.padding_idx,
+                         device="meta", dtype=weight.dtype)
+    dense.weight = weight
+    model.set_input_embeddings(dense)
+    if isinstance(head, CompactLinear) and head.weight is embedding.weight:
+        linear = nn.Linear(head.in_features, head.out_features, bias=head.bias is not None, device="meta",
+                           dtype=weight.dtype)
+        linear.weight, linear.bias = weight, head.bias
+        model.set_output_embeddings(linear)
+
+
+def finish_loading(model: nn.Module, *, float32_on_cpu: bool = True) -> nn.Module:
+    """The last step of both loaders, once every tensor is in place. An output layer tied to an int8 input
+    embedding computes from the same int8 rows (``CompactLinear``), except on CUDA, where the embedding is
+    dequantized once (the GPU kernels have no int8 path; the file stays int8). With ``float32_on_cpu``, 16-bit
+    weights compute in fp32 on the CPU (``float32_activations_on_cpu``). Returns ``model``."""
+    _int8_head(model)
+    if next(model.parameters()).device.type == "cuda":
+        _dequantize_embedding(model)
+    return float32_activations_on_cpu(model) if float32_on_cpu else model

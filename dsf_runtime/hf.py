@@ -46,11 +46,12 @@ from dsf_runtime.checkpoint import (
     open_compressed,
     save_compressed,
 )
-from dsf_runtime.convert import compressed_modules, float32_activations_on_cpu, use_kernels
+from dsf_runtime.convert import compressed_modules, finish_loading, use_kernels
 from dsf_runtime.formats import FormatError, check_meta
 from dsf_runtime.kernels import unavailable_reason
 from dsf_runtime.layer import CompressedLayer
-from dsf_runtime.modules import FactorizedLinear, replace_linear
+from dsf_runtime.modules import FactorizedLinear, int8_embedding_on_meta, replace_linear
+from dsf_runtime.quantized import SCALE_SUFFIX
 
 __all__ = ["DsfConfig", "DsfQuantizer", "attach", "register", "save_pretrained"]
 
@@ -115,8 +116,11 @@ class DsfQuantizer(HfQuantizer):
         with open_compressed(directory) as ckpt:
             self._manifest = ckpt.manifest
             layers = {fqn: ckpt.layer_skeleton(fqn) for fqn in ckpt.layers}
+            int8 = {name: ckpt.tensor_dtype(name + SCALE_SUFFIX) for name in ckpt.quantized}
         try:
             replace_linear(model, layers)
+            for name, scale_dtype in int8.items():
+                int8_embedding_on_meta(model, name, scale_dtype)
         except ValueError as exc:
             raise CheckpointError(f"{directory / MANIFEST_NAME}: {exc}; the checkpoint does not fit the "
                                   f"{type(model).__name__} that config.json describes; re-export it") from exc
@@ -139,7 +143,7 @@ class DsfQuantizer(HfQuantizer):
         device = next(model.parameters()).device
         if device.type == "cuda" and unavailable_reason(device) is None:
             use_kernels(model)
-        attach(float32_activations_on_cpu(model), self._manifest)
+        attach(finish_loading(model), self._manifest)
         return model
 
     def is_serializable(self) -> bool:

@@ -35,11 +35,12 @@ from dsf_runtime.checkpoint import (
     quantization_config,
     read_json,
 )
-from dsf_runtime.convert import compressed_modules, float32_activations_on_cpu, kernel_layer, use_kernels
+from dsf_runtime.convert import compressed_modules, finish_loading, kernel_layer, use_kernels
 from dsf_runtime.hf import attach
 from dsf_runtime.kernels import unavailable_reason
 from dsf_runtime.layer import FACTOR_NAMES
-from dsf_runtime.modules import replace_linear
+from dsf_runtime.modules import int8_embedding_on_meta, replace_linear
+from dsf_runtime.quantized import SCALE_SUFFIX
 
 __all__ = ["check_config", "from_pretrained", "load_tokenizer", "use_kernels", "warmup"]
 
@@ -75,7 +76,9 @@ def from_pretrained(
             outside ``TRITON_INTERPRET=1``); False: never convert.
         allow_nonfinite: load NaN/Inf weights instead of raising (``open_compressed``).
         float32_on_cpu: 16-bit weights compute in fp32 when the model runs on the CPU
-            (``convert.float32_activations_on_cpu``); False keeps one dtype throughout (an ONNX export).
+            (``convert.float32_activations_on_cpu``); False keeps one dtype throughout (an ONNX export). An int8
+            input embedding (docs/format.md, "Quantized tensors") stays int8 on the CPU and is dequantized on CUDA
+            (``convert.finish_loading``).
 
     Returns:
         A ``PreTrainedModel``; ``generate()`` works.
@@ -105,9 +108,7 @@ def from_pretrained(
         model.generation_config = GenerationConfig.from_pretrained(directory)
     if dtype is not None:
         model.config.dtype = dtype
-    if float32_on_cpu:
-        float32_activations_on_cpu(model)
-    return attach(model.eval(), ckpt.manifest)
+    return attach(finish_loading(model, float32_on_cpu=float32_on_cpu).eval(), ckpt.manifest)
 
 
 def _config_error(path: Path, field: str, value: Any, expected: str) -> CheckpointError:
@@ -303,6 +304,11 @@ def _load_uncompressed(
     model, ckpt: CompressedCheckpoint, device: torch.device | str, dtype: torch.dtype | None
 ) -> None:
     """Assign the stored tensors, check them against the model, and tie the tied weights."""
+    for name in ckpt.quantized:
+        try:
+            int8_embedding_on_meta(model, name, dtype or ckpt.tensor_dtype(name + SCALE_SUFFIX))
+        except (ValueError, AttributeError) as exc:
+            raise CheckpointError(f"{ckpt.file_of(name)}: {exc}; {_fix(model)}") from exc
     expected = {k: v for k, v in model.state_dict(keep_vars=True).items() if v.is_meta}
     tied = {target: source for target, source in model.all_tied_weights_keys.items() if target in expected}
     tensors = ckpt.load_tensors(device, dtype)

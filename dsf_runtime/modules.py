@@ -21,12 +21,14 @@ from torch import nn
 from dsf_runtime.formats import PackedMatrix
 from dsf_runtime.formats.bitmask import CPU_KERNEL_MAX_TOKENS, cpu_linear
 from dsf_runtime.layer import CompressedLayer
+from dsf_runtime.quantized import dequantize_rows
 
-__all__ = ["FactorizedLinear", "HalfWeightLinear", "PackedFactor", "SparseLinear", "linear", "module_from_layer",
-           "replace_linear"]
+__all__ = ["CompactLinear", "FactorizedLinear", "Int8Embedding", "PackedFactor", "SparseLinear",
+           "int8_embedding_on_meta", "linear", "module_from_layer", "replace_linear"]
 
 logger = logging.getLogger(__name__)
 _LOGGED: set[str] = set()  # fallback reasons already logged
+_CHUNK_ROWS = 8192  # weight rows made fp32 at a time by CompactLinear's GEMM path (a 576-wide head: 19 MB)
 
 
 def linear(x: torch.Tensor, factors: Sequence[PackedMatrix], bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -160,37 +162,45 @@ class SparseLinear(_CompressedLinear):
         return f"in_features={self.in_features}, out_features={self.out_features}"
 
 
-class HalfWeightLinear(nn.Module):
-    """A dense linear (a tied lm_head) whose weight stays in 16 bits while CPU activations are fp32.
+class CompactLinear(nn.Module):
+    """A dense linear (a tied lm_head) whose weight stays as stored, in 16 bits or as int8 with one scale per row
+    (``dsf_runtime.quantized``), while CPU activations are fp32.
 
-    On the CPU with fp32 ``x`` and a 16-bit weight, ``y = x·Wᵀ + b`` is computed in fp32 by the compiled kernel
-    (``dsf_runtime.kernels.cpu.half_linear``, which reads the 16-bit weight once) up to ``CPU_KERNEL_MAX_TOKENS``
-    tokens, and by a dense fp32 GEMM over a temporary fp32 copy above that (a long prompt's logits) and when traced
-    (``torch.export``, ``torch.compile``: the ONNX exporter). Without the
-    kernel, the product runs in the weight's dtype (the reason is logged once). Elsewhere it is ``F.linear``.
-    The weight is the module's ``weight`` parameter, shared with the embedding when tied.
+    On the CPU with fp32 ``x``, ``y = x·Wᵀ + b`` is computed in fp32 by the compiled kernel
+    (``dsf_runtime.kernels.cpu.dense_linear``, which reads the stored weight once) up to ``CPU_KERNEL_MAX_TOKENS``
+    tokens; above that (a long prompt's logits) and when traced (``torch.export``, ``torch.compile``: the ONNX
+    exporter) by a dense GEMM over fp32 row chunks of the weight. Without the kernel, a 16-bit product runs in the
+    weight's dtype (the reason is logged once). Elsewhere (CUDA, a 16-bit ``x``) it is ``F.linear`` in ``x.dtype``,
+    over the dequantized weight for int8. The weight is the module's ``weight`` parameter, shared with the
+    embedding when tied; the row scales are a non-persistent buffer, shared with an ``Int8Embedding``.
 
     Shapes: ``x`` ``[..., in]`` -> ``[..., out]`` in ``x.dtype``.
     """
 
-    def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None = None) -> None:
+    def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None = None,
+                 weight_scale: torch.Tensor | None = None) -> None:
         super().__init__()
+        if (weight.dtype == torch.int8) != (weight_scale is not None):
+            raise ValueError(f"a {weight.dtype} weight takes {'row scales' if weight.dtype == torch.int8 else 'none'}")
         self.out_features, self.in_features = weight.shape
         self.weight = weight
         self.bias = bias
+        self.register_buffer("weight_scale", weight_scale, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight
+        w, scale = self.weight, self.weight_scale
         if x.device.type != "cpu" or x.dtype != torch.float32 or w.dtype == torch.float32:
-            return nn.functional.linear(x, w, self.bias)
+            return nn.functional.linear(x, w if scale is None else dequantize_rows(w, scale, x.dtype), self.bias)
         if x.numel() > CPU_KERNEL_MAX_TOKENS * self.in_features or torch.compiler.is_compiling():
-            y = nn.functional.linear(x, w.float())  # also what torch.export/compile trace (no opaque kernel call)
+            y = self._chunked_fp32(x)  # also what torch.export/compile trace (no opaque kernel call)
         else:
             from dsf_runtime.kernels import cpu
 
             reason = cpu.available()
             if reason is None:
-                y = cpu.half_linear(x.contiguous(), w)
+                y = cpu.dense_linear(x.contiguous(), w, scale)
+            elif scale is not None:
+                y = self._chunked_fp32(x)
             else:
                 if reason not in _LOGGED:
                     _LOGGED.add(reason)
@@ -198,8 +208,63 @@ class HalfWeightLinear(nn.Module):
                 y = nn.functional.linear(x.to(w.dtype), w).float()
         return y if self.bias is None else y + self.bias.float()
 
+    def _chunked_fp32(self, x: torch.Tensor) -> torch.Tensor:
+        """``x·Wᵀ`` in fp32 over fp32 copies of ``_CHUNK_ROWS`` rows of ``W`` at a time (one GEMM when traced)."""
+        w, scale = self.weight, self.weight_scale
+        step = self.out_features if torch.compiler.is_compiling() else _CHUNK_ROWS
+        parts = []
+        for start in range(0, self.out_features, step):
+            rows = w[start : start + step]
+            rows = rows.float() if scale is None else dequantize_rows(rows, scale[start : start + step], torch.float32)
+            parts.append(nn.functional.linear(x, rows))
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, dtype={self.weight.dtype}"
+        kind = "int8 with row scales" if self.weight_scale is not None else str(self.weight.dtype)
+        return f"in_features={self.in_features}, out_features={self.out_features}, weight={kind}"
+
+
+class Int8Embedding(nn.Module):
+    """An input embedding stored as int8 with one scale per row (``dsf_runtime.quantized``, docs/format.md
+    "Quantized tensors"): ``forward`` looks up the int8 rows and multiplies each by its scale.
+
+    Tensors: ``weight`` ``[num_embeddings, dim]`` int8 (a frozen parameter, so a tied output layer shares it),
+    ``weight_scale`` ``[num_embeddings]`` float (a buffer).
+
+    Shapes: ``input_ids`` ``[...]`` int64 -> ``[..., dim]`` in the scales' dtype.
+    """
+
+    def __init__(self, weight: torch.Tensor, weight_scale: torch.Tensor, padding_idx: int | None = None) -> None:
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = weight.shape
+        self.padding_idx = padding_idx
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.register_buffer("weight_scale", weight_scale)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        rows = nn.functional.embedding(input_ids, self.weight)
+        scale = self.weight_scale[input_ids].float().unsqueeze(-1)
+        return (rows.float() * scale).to(self.weight_scale.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, int8 with {self.weight_scale.dtype} row scales"
+
+
+def int8_embedding_on_meta(model: nn.Module, name: str, scale_dtype: torch.dtype) -> None:
+    """Swap ``model``'s input embedding, whose weight is ``name`` (``model.embed_tokens.weight``), for an
+    ``Int8Embedding`` over ``meta`` tensors of its shape, for a loader to fill (``weight``, ``weight_scale``).
+
+    Raises:
+        ValueError: ``name`` is not the weight of the model's input embedding.
+    """
+    embedding = model.get_input_embeddings()
+    parent, _, attr = name.removesuffix(".weight").rpartition(".")
+    if not name.endswith(".weight") or model.get_submodule(name.removesuffix(".weight")) is not embedding:
+        raise ValueError(f"'{name}' is stored as int8 rows, but only the input embedding's weight can be")
+    rows, cols = embedding.weight.shape
+    new = Int8Embedding(torch.empty(rows, cols, dtype=torch.int8, device="meta"),
+                        torch.empty(rows, dtype=scale_dtype, device="meta"), getattr(embedding, "padding_idx", None))
+    setattr(model.get_submodule(parent) if parent else model, attr, new)
 
 
 def module_from_layer(

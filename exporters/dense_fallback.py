@@ -37,7 +37,7 @@ def _dense_tensors(src: Path, dtype: torch.dtype | None) -> tuple[dict[str, torc
     """The state dict of the dense model (``<fqn>.weight``, ``<fqn>.bias`` for every compressed layer, the other
     tensors as stored, floating ones cast to ``dtype``) and the names of the compressed layers."""
     ckpt = open_compressed(src)
-    tensors = ckpt.load_tensors(dtype=dtype)
+    tensors = ckpt.load_tensors(dtype=dtype, dequantize=True)
     for fqn in ckpt.layers:
         layer = ckpt.load_layer(fqn)
         out_dtype = dtype or layer.factors["A" if layer.kind == "dsf" else "W"].dtype

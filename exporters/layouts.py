@@ -3,7 +3,8 @@
 Every compressed layer is read (and validated) from the source, unpacked in its stored dtype and packed again:
 DSF factors through ``pack_factors``, which drops inner indices whose ``A`` column or ``B`` row is all zero (layout
 ``dense`` keeps them), so converting ``csr`` to ``dense`` and back reproduces every tensor bit for bit. The other
-tensors are copied (floating ones cast to ``--dtype``), and so are ``config.json``, ``generation_config.json`` and
+tensors are copied (floating ones cast to ``--dtype``; the input embedding as int8 rows unless ``--embedding keep``,
+``dsf_runtime.quantized``), and so are ``config.json``, ``generation_config.json`` and
 the tokenizer files. The destination appears complete or not at all.
 """
 
@@ -13,7 +14,11 @@ import logging
 import os
 from pathlib import Path
 
+import torch
+
 from dsf_runtime.checkpoint import CompressedLayer, open_compressed, save_compressed
+from compress.quantize import quantize_embedding
+from dsf_runtime.quantized import input_embedding_name
 from exporters._files import atomic_directory
 from exporters.config import ExportConfig
 
@@ -64,8 +69,19 @@ def convert_layout(
     with atomic_directory(dst, overwrite=overwrite, sources=(src,)) as staging:
         layers = {fqn: convert_layer(ckpt.load_layer(fqn), config) for fqn in ckpt.layers}
         tensors = ckpt.load_tensors(dtype=config.torch_dtype)
+        if config.embedding == "int8":
+            tensors = quantize_embedding(tensors, input_embedding_name(meta_model(src)))
         info = {key: ckpt.manifest.get(key) for key in ("base_model", "architecture", "compression")}
         save_compressed(staging, tensors=tensors, layers=layers, config_source=src, info=info,
                         max_shard_bytes=config.max_shard_bytes)
     logger.info("exported %s -> %s (%d layers, layout %s)", src, dst, len(layers), config.layout)
     return dst
+
+
+def meta_model(directory: Path):
+    """The causal LM of ``directory/config.json`` on the ``meta`` device (no memory), to look up module names."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(directory, trust_remote_code=False)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)

@@ -46,9 +46,12 @@ def test_new_user_path(dense_dir, tmp_path) -> None:
         layouts = {f["layout"] for e in ckpt.layers.values() for f in e["factors"].values()}
         assert layouts <= {"bitmask", "csr", "dense"} and "bitmask" in layouts
         assert ckpt.size_summary()["linear_ratio"] <= 0.65
+        assert ckpt.quantized == {"model.embed_tokens.weight": "int8-row"}  # the compact embedding by default
 
     output = _invoke("export", compressed, "-o", exported)
     assert "x the dense fp16 model" in output and "warning" not in output
+    with dsf_runtime.open_compressed(exported) as ckpt:  # the bound on the whole directory
+        assert ckpt.quantized == {"model.embed_tokens.weight": "int8-row"} and ckpt.size_summary()["ratio"] <= 0.65
     config = json.loads((exported / "config.json").read_text())
     assert config["quantization_config"]["quant_method"] == "dsf" and config["dtype"] == "float16"
 

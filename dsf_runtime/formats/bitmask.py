@@ -92,7 +92,7 @@ def cpu_linear(factors: Sequence[object], x: torch.Tensor, out_dtype: torch.dtyp
             logger.info("bitmask matmul on the CPU uses the pure-torch path: %s", reason)
         return None
     x32 = (x if x.dtype == torch.float32 else x.float()).contiguous()
-    y = cpu.bitmask_linear(x32, [(f.values, f.bitmask, f.row_ptr, f.shape[1]) for f in factors])
+    y = cpu.bitmask_linear(x32, [(f.values, f.bitmask, f.row_ptr, None, f.shape[1]) for f in factors])
     out_dtype = out_dtype or x.dtype
     return y if out_dtype == torch.float32 else y.to(out_dtype)
 

@@ -6,7 +6,11 @@
   when ``DSF_BUILD_CPU_KERNELS=1``.
 - ``bitmask_linear(x, factors)``: ``y = F₀·(F₁·(…·x))`` for bitmask factors in one call (a DSF layer is
   ``A·(B·x)``), fp32 in, between and out; ``bitmask_matmul`` is the one-factor case.
-- ``half_linear(x, weight)``: ``y = x·Wᵀ`` for a dense fp16/bf16 ``W`` with fp32 ``x`` and ``y``.
+- ``dense_linear(x, weight, scale)``: ``y = x·Wᵀ`` for a dense fp16/bf16 ``W``, or an int8 ``W`` with one scale per
+  row, with fp32 ``x`` and ``y``.
+
+int8 values carry one scale per row (docs/format.md, "Quantized tensors"): dot products accumulate over the int8
+values in fp32 and are multiplied by the row's scale once.
 
 The vector path is the best this CPU runs (``ISAS``: AVX-512 with VBMI2 expand-loads, AVX2+FMA+F16C, scalar);
 ``isa`` picks a lower one (tests check every path the CPU can run). The build's name carries a hash of the source,
@@ -27,7 +31,7 @@ from types import ModuleType
 
 import torch
 
-__all__ = ["ISAS", "available", "bitmask_linear", "bitmask_matmul", "build", "build_dir", "half_linear", "isas"]
+__all__ = ["ISAS", "available", "bitmask_linear", "bitmask_matmul", "build", "build_dir", "dense_linear", "isas"]
 
 SOURCE = Path(__file__).with_name("cpu") / "bitmask_matmul.cpp"
 # Vector paths, best first: /proc/cpuinfo flags each needs -> the compiler flags that enable it.
@@ -38,6 +42,7 @@ ISAS: dict[str, dict[str, str]] = {
     "scalar": {},
 }
 _state: dict[str, ModuleType | str | None] = {}
+_NO_SCALE = torch.empty(0)  # the kernel's "no scales" (float values)
 
 
 def build_dir() -> Path:
@@ -147,14 +152,18 @@ def _module() -> ModuleType:
     return _state["module"]
 
 
-def bitmask_linear(x: torch.Tensor, factors: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]],
-                   out: torch.Tensor | None = None) -> torch.Tensor:
+def bitmask_linear(
+    x: torch.Tensor,
+    factors: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, int]],
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
     """``y = F₀·(F₁·(…·x))`` for bitmask factors, in one call; intermediates are fp32 buffers of ``[T, rows]``.
 
     Args:
         x: ``[..., cols of the last factor]`` float32, contiguous.
-        factors: outermost first, each ``(values, bitmask, row_ptr, cols)``: values ``[nnz]``
-            float16/bfloat16/float32, bitmask ``[rows, ceil(cols / 8)]`` uint8 (little bit order, padding bits
+        factors: outermost first, each ``(values, bitmask, row_ptr, scales, cols)``: values ``[nnz]``
+            float16/bfloat16/float32 or int8, scales ``[rows]`` float16/bfloat16/float32 for int8 values (value =
+            int8 × its row's scale) else None, bitmask ``[rows, ceil(cols / 8)]`` uint8 (little bit order, padding bits
             0), row_ptr ``[rows + 1]`` int32 consistent with the popcounts (``BitmaskMatrix.validate``); each
             factor's ``cols`` equals the next one's rows.
         out: optional ``[..., rows of F₀]`` float32 to write into.
@@ -166,27 +175,32 @@ def bitmask_linear(x: torch.Tensor, factors: Sequence[tuple[torch.Tensor, torch.
         RuntimeError: the kernel is unavailable (``available()`` says why), or an argument is mistyped (the
             kernel's check names it).
     """
-    values, bitmasks, row_ptrs, cols = zip(*factors) if factors else ((), (), (), ())
-    return _module().bitmask_linear(x, list(values), list(bitmasks), list(row_ptrs), list(cols), out)
+    values, bitmasks, row_ptrs, scales, cols = zip(*factors) if factors else ((), (), (), (), ())
+    scales = [_NO_SCALE if s is None else s for s in scales]
+    return _module().bitmask_linear(x, list(values), list(bitmasks), list(row_ptrs), scales, list(cols), out)
 
 
 def bitmask_matmul(x: torch.Tensor, values: torch.Tensor, bitmask: torch.Tensor, row_ptr: torch.Tensor, cols: int,
                    out: torch.Tensor | None = None) -> torch.Tensor:
     """``y = x·Wᵀ`` for one ``W`` in the ``bitmask`` layout: ``bitmask_linear`` with one factor."""
-    return _module().bitmask_linear(x, [values], [bitmask], [row_ptr], [cols], out)
+    return bitmask_linear(x, [(values, bitmask, row_ptr, None, cols)], out)
 
 
-def half_linear(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """``y = x·Wᵀ`` for a dense ``W`` kept in 16 bits (a tied lm_head), computed in fp32.
+def dense_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
+    """``y = x·Wᵀ`` for a dense ``W`` kept in 16 or 8 bits (a tied lm_head), computed in fp32.
 
     Args:
-        x: ``[..., in]`` float32, contiguous. weight: ``[out, in]`` float16/bfloat16/float32, contiguous.
+        x: ``[..., in]`` float32, contiguous.
+        weight: ``[out, in]`` float16/bfloat16/float32, or int8 with ``scale``; contiguous.
+        scale: ``[out]`` float16/bfloat16/float32 row scales of an int8 ``weight`` (``W[i] = weight[i] ·
+            scale[i]``); None for a floating ``weight``.
         out: optional ``[..., out]`` float32 to write into.
 
     Returns:
         ``[..., out]`` float32.
     """
-    return _module().half_linear(x, weight, out)
+    return _module().dense_linear(x, weight, scale, out)
 
 
 def simd() -> str | None:

@@ -19,7 +19,7 @@ from tests.compress.test_pipeline import two_block_smollm2
 
 ITERATE = IOBSModelConfig(rounds=2, step=0.5, heldout_seqlen=64, heldout_windows=2)
 SETTINGS = {"method": "sparsegpt", "density": 0.5, "samples": 4, "seqlen": 64, "device": "cpu", "batch_size": 4,
-            "save_dtype": "float32"}  # the reloaded output is the kept round exactly
+            "save_dtype": "float32", "embedding": "keep"}  # the reloaded output is the kept round exactly
 
 
 @pytest.fixture(scope="module")

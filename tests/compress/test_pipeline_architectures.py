@@ -63,7 +63,8 @@ def test_dsf_output_reloads(model_type, tokenizer, tmp_path):
 
     model = _tiny(model_type)
     config = CompressConfig(method="dsf", density=0.5, solver_options={"iters": 2}, samples=4, seqlen=32,
-                            device="cpu", batch_size=2, save_dtype="float32")  # the factors as solved, no rounding
+                            device="cpu", batch_size=2, save_dtype="float32",
+                            embedding="keep")  # the factors and the embedding as solved, no rounding
     report = compress_model(config, tmp_path / "out", model=model, tokenizer=tokenizer, progress=False)
     summary = report["layer_errors"]["summary"]
     assert summary["layers"] == 2 * sum(len(g) for g in architecture_for(model.config).groups)

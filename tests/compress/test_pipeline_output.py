@@ -29,7 +29,7 @@ def test_density_one_output_reloads_with_the_models_logits(smol, tmp_path):
     with torch.inference_mode():
         expected = model(input_ids=ids, use_cache=False).logits
     config = CompressConfig(method="magnitude", density=1.0, samples=4, seqlen=64, device="cpu", batch_size=2,
-                            layout="dense", save_dtype="float32")  # exact: the fp32 weights as they are
+                            layout="dense", save_dtype="float32", embedding="keep")  # exact: the fp32 weights as they are
     report = compress_model(config, tmp_path / "out", model=model, tokenizer=tokenizer, progress=False)
 
     reloaded = dsf_runtime.from_pretrained(tmp_path / "out", device="cpu")

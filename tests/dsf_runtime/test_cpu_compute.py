@@ -1,4 +1,4 @@
-"""16-bit weights computing in fp32 on the CPU (``convert.float32_activations_on_cpu``, ``HalfWeightLinear``), the
+"""16-bit weights computing in fp32 on the CPU (``convert.float32_activations_on_cpu``, ``CompactLinear``), the
 chunked finite check and the bitmask popcount of validation."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from dsf_runtime import from_pretrained, save_compressed
 from dsf_runtime.checkpoint import all_finite
 from dsf_runtime.formats.bitmask import CPU_KERNEL_MAX_TOKENS, popcount_rows
 from dsf_runtime.kernels import cpu
-from dsf_runtime.modules import HalfWeightLinear
+from dsf_runtime.modules import CompactLinear
 from tests.dsf_runtime.helpers import compress_randomly, tiny_llama, uncompressed
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -53,7 +53,7 @@ def test_half_weight_linear_matches_float64(kernel, tokens):
     weight = torch.nn.Parameter(torch.randn(300, 70, generator=gen).half(), requires_grad=False)
     bias = torch.nn.Parameter(torch.randn(300, generator=gen).half(), requires_grad=False)
     x = torch.randn(2, tokens, 70, generator=gen)
-    y = HalfWeightLinear(weight, bias)(x)
+    y = CompactLinear(weight, bias)(x)
     reference = x.double() @ weight.double().T + bias.double()
     assert y.dtype == torch.float32 and y.shape == (2, tokens, 300)
     torch.testing.assert_close(y.double(), reference, rtol=1e-5, atol=1e-4)
@@ -64,7 +64,7 @@ def test_half_weight_linear_without_kernel_runs_in_the_weight_dtype(monkeypatch,
     weight = torch.nn.Parameter(torch.randn(40, 16).half(), requires_grad=False)
     x = torch.randn(3, 16)
     with caplog.at_level(logging.INFO, logger="dsf_runtime.modules"):
-        y = HalfWeightLinear(weight)(x)
+        y = CompactLinear(weight)(x)
     assert y.dtype == torch.float32
     torch.testing.assert_close(y.double(), x.half().double() @ weight.double().T, rtol=2e-3, atol=2e-3)
     assert "no kernel in this test" in caplog.text
@@ -75,7 +75,7 @@ def test_fp16_checkpoint_computes_in_fp32_on_the_cpu(tmp_path, kernel):
     model = from_pretrained(directory)
     embed, head = model.get_input_embeddings(), model.get_output_embeddings()
     assert embed.weight.dtype == torch.float16, "the stored 16-bit weights stay 16-bit"
-    assert isinstance(head, HalfWeightLinear) and head.weight is embed.weight, "the tied head stays tied"
+    assert isinstance(head, CompactLinear) and head.weight is embed.weight, "the tied head stays tied"
     with torch.inference_mode():
         logits = model(IDS).logits
         expected = reference.double()(IDS).logits

@@ -51,12 +51,28 @@ def _matrix(rows: int, cols: int, dtype: torch.dtype, seed: int = 0, density: fl
 
 
 def _parts(m: BitmaskMatrix) -> tuple:
-    return m.values, m.bitmask, m.row_ptr, m.shape[1]
+    return m.values, m.bitmask, m.row_ptr, None, m.shape[1]
 
 
-def _run(ext, factors: list[BitmaskMatrix], x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    values, bitmasks, row_ptrs, cols = zip(*map(_parts, factors))
-    return ext.bitmask_linear(x, list(values), list(bitmasks), list(row_ptrs), list(cols), out)
+def _int8_parts(m: BitmaskMatrix, seed: int = 0) -> tuple[tuple, torch.Tensor]:
+    """``m``'s mask with random int8 values (never 0) and random positive fp16 row scales; and the float64 matrix
+    they encode (value × row scale)."""
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randint(1, 128, (m.nnz,), generator=gen, dtype=torch.int8) * torch.where(
+        torch.rand(m.nnz, generator=gen) < 0.5, -1, 1).to(torch.int8)
+    scale = (torch.rand(m.shape[0], generator=gen) + 0.01).to(torch.float16)
+    mask = m.to_dense(torch.float32) != 0
+    dense = torch.zeros(m.shape, dtype=torch.float64)
+    dense[mask] = q.double()
+    return (q, m.bitmask, m.row_ptr, scale, m.shape[1]), dense * scale.double()[:, None]
+
+
+def _run(ext, factors: list, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The extension's chain over ``factors``: BitmaskMatrix or ``_int8_parts`` tuples."""
+    parts = [_parts(f) if isinstance(f, BitmaskMatrix) else f for f in factors]
+    values, bitmasks, row_ptrs, scales, cols = zip(*parts)
+    scales = [torch.empty(0) if s is None else s for s in scales]
+    return ext.bitmask_linear(x, list(values), list(bitmasks), list(row_ptrs), scales, list(cols), out)
 
 
 def _close(y: torch.Tensor, reference: torch.Tensor) -> None:
@@ -121,16 +137,55 @@ def test_out_overwrites_nan_poison(ext, tokens):
     torch.testing.assert_close(out, _run(ext, [A, B], x))
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens", [1, 3, 9, 17])
+@pytest.mark.parametrize("shape", [(7, 13), (33, 130), (6, 65), (3, 576)])
+def test_int8_values_with_row_scales_match_float64(ext, tokens, shape):
+    (q, bitmask, row_ptr, scale, cols), reference = _int8_parts(_matrix(*shape, torch.float32), seed=tokens)
+    x = torch.randn(tokens, shape[1], generator=torch.Generator().manual_seed(1))
+    y = _run(ext, [(q, bitmask, row_ptr, scale, cols)], x)
+    _close(y, x.double() @ reference.T)
+    assert (y[:, 0] == 0).all()  # the empty row
+
+
+@pytest.mark.parametrize("tokens", [1, 5, 17])
+def test_chain_mixing_int8_and_float_factors(ext, tokens):
+    A_parts, A_ref = _int8_parts(_matrix(70, 45, torch.float32, seed=2, density=0.3), seed=7)
+    B = _matrix(45, 131, torch.bfloat16, seed=3)
+    x = torch.randn(tokens, 131, generator=torch.Generator().manual_seed(tokens))
+    _close(_run(ext, [A_parts, B], x), x.double() @ B.to_dense(torch.float64).T @ A_ref.T)
+
+
+@pytest.mark.parametrize("dtype", [*DTYPES, torch.int8])
 @pytest.mark.parametrize("tokens", [1, 2, 9, 17])
 @pytest.mark.parametrize("shape", [(3, 1), (50, 64), (37, 200), (5, 577)])
-def test_half_linear_matches_float64(ext, dtype, tokens, shape):
-    w = torch.randn(*shape).to(dtype)
-    x = torch.randn(tokens, shape[1])
+def test_dense_linear_matches_float64(ext, dtype, tokens, shape):
+    gen = torch.Generator().manual_seed(tokens)
+    if dtype == torch.int8:
+        w = torch.randint(-127, 128, shape, generator=gen, dtype=torch.int8)
+        scale = (torch.rand(shape[0], generator=gen) + 0.01).to(torch.bfloat16)
+        reference = w.double() * scale.double()[:, None]
+    else:
+        w, scale = torch.randn(*shape, generator=gen).to(dtype), None
+        reference = w.double()
+    x = torch.randn(tokens, shape[1], generator=gen)
     out = torch.full((tokens, shape[0]), float("nan"))
-    y = ext.half_linear(x, w, out)
+    y = ext.dense_linear(x, w, scale, out)
     assert y.data_ptr() == out.data_ptr()
-    _close(y, x.double() @ w.double().T)
+    _close(y, x.double() @ reference.T)
+
+
+@pytest.mark.parametrize(
+    ("weight", "scale", "message"),
+    [
+        (torch.zeros(4, 8, dtype=torch.int8), None, "int8 values need float16, bfloat16 or float32 scales"),
+        (torch.zeros(4, 8, dtype=torch.int8), torch.ones(3), r"int8 values need .* scales \[4\]"),
+        (torch.zeros(4, 8, dtype=torch.int8), torch.ones(4, dtype=torch.int32), "int8 values need"),
+        (torch.zeros(4, 8, dtype=torch.float16), torch.ones(4), "scales are only for int8 values"),
+    ],
+)
+def test_dense_linear_rejects_bad_scales(kernel, weight, scale, message):
+    with pytest.raises(RuntimeError, match=message):
+        cpu.dense_linear(torch.randn(1, 8), weight, scale)
 
 
 @pytest.mark.parametrize(
@@ -139,7 +194,7 @@ def test_half_linear_matches_float64(ext, dtype, tokens, shape):
         ({"x": torch.randn(2, 20, dtype=torch.float64)}, "x must be float32"),
         ({"x": torch.randn(2, 21)}, "x must be float32"),
         ({"x": torch.randn(20, 2).T}, "contiguous"),
-        ({"values": torch.zeros(1, dtype=torch.int8)}, "values must be 1-D"),
+        ({"values": torch.zeros(1, dtype=torch.int64)}, "values must be 1-D"),
         ({"bitmask": torch.zeros(10, 2, dtype=torch.uint8)}, "bitmask must be uint8"),
         ({"row_ptr": torch.zeros(11, dtype=torch.int64)}, "row_ptr must be int32"),
         ({"row_ptr": torch.zeros(11, dtype=torch.int32)}, "row_ptr must run from 0 to nnz"),

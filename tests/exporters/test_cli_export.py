@@ -43,7 +43,8 @@ def test_default_export_is_compact_and_reports_its_size(compressed_dir: Path, tm
 
 
 def test_export_larger_than_dense_warns_with_the_fix(compressed_dir: Path, tmp_path: Path) -> None:
-    code, output = _export(compressed_dir, "--output", tmp_path / "out", "--layout", "dense", "--dtype", "float32")
+    code, output = _export(compressed_dir, "--output", tmp_path / "out", "--layout", "dense", "--dtype", "float32",
+                          "--embedding", "keep")
     assert code == 0
     assert (f"is larger than the same model dense in fp16; export it with `dsf export {tmp_path / 'out'} -o OUT "
             "--layout auto --dtype float16`") in output

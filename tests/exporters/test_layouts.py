@@ -76,14 +76,14 @@ def test_kernel_layout_export_round_trips_and_runs(compressed_dir: Path, tmp_pat
 
 
 def test_packed_export_runs_like_the_source(compressed_dir: Path, tmp_path: Path) -> None:
-    packed = convert_layout(compressed_dir, tmp_path / "csr", ExportConfig(layout="csr"))
+    packed = convert_layout(compressed_dir, tmp_path / "csr", ExportConfig(layout="csr", embedding="keep"))
     torch.testing.assert_close(_logits(packed), _logits(compressed_dir), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_dtype_casts_values_and_floating_tensors(compressed_dir: Path, tmp_path: Path, dtype: torch.dtype) -> None:
     name = str(dtype).removeprefix("torch.")
-    out = convert_layout(compressed_dir, tmp_path / name, ExportConfig(layout="bitmask", dtype=name))
+    out = convert_layout(compressed_dir, tmp_path / name, ExportConfig(layout="bitmask", dtype=name, embedding="keep"))
     ckpt, src = open_compressed(out), open_compressed(compressed_dir)
     assert ckpt.manifest["dtype"] == name
     fqn = "model.layers.1.mlp.up_proj"

@@ -3,8 +3,11 @@
 //
 // bitmask_linear: y = F0·(F1·(…·x)) for a chain of bitmask factors (a DSF layer A·(B·x) is one call); the fp32
 //   intermediates stay in a small buffer that is still in cache when the next factor reads it.
-// half_linear: y = x·Wᵀ for a dense fp16/bf16/fp32 W (a tied lm_head kept in 16 bits), fp32 in and out.
+// dense_linear: y = x·Wᵀ for a dense fp16/bf16/fp32 W, or int8 W with one scale per row (a tied lm_head kept in
+//   16 or 8 bits), fp32 in and out.
 //
+// int8 values carry one scale per row (docs/format.md, "Quantized tensors"): a row's dot products are
+// accumulated over the raw int8 values in fp32 and multiplied by the row's scale once at the end.
 // Each factor is split over threads by rows; a row's mask bytes and values are read from memory once and reused
 // from L1 for every block of tokens. Values become fp32 in registers; x, accumulators, intermediates and y are
 // fp32. Vector paths, picked at compile time (kernels/cpu.py passes the -m flags this CPU supports):
@@ -46,9 +49,12 @@ struct Factor {
   const int32_t* row_ptr;
   int64_t rows, cols, nbytes, nnz;
   at::ScalarType dtype;
+  const void* scale;  // [rows] fp16/bf16/fp32 row scales of int8 values; nullptr for float values
+  at::ScalarType scale_dtype;
 };
 
 inline float to_float(float v) { return v; }
+inline float to_float(int8_t v) { return static_cast<float>(v); }
 inline float to_float(c10::Half v) { return static_cast<float>(v); }
 inline float to_float(c10::BFloat16 v) { return static_cast<float>(v); }
 
@@ -87,6 +93,13 @@ inline void expand32(const c10::BFloat16* p, uint32_t m, __m512& lo, __m512& hi)
   const __m512i w = DENSE ? _mm512_loadu_si512(p) : _mm512_maskz_expandloadu_epi16(m, p);
   lo = bf16_to_ps(_mm512_castsi512_si256(w));
   hi = bf16_to_ps(_mm512_extracti64x4_epi64(w, 1));
+}
+template <bool DENSE>
+inline void expand32(const int8_t* p, uint32_t m, __m512& lo, __m512& hi) {
+  const __m256i w = DENSE ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))
+                          : _mm256_maskz_expandloadu_epi8(m, p);
+  lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(w)));
+  hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(w, 1)));
 }
 template <bool DENSE>
 inline void expand32(const float* p, uint32_t m, __m512& lo, __m512& hi) {
@@ -164,6 +177,9 @@ inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
 inline __m256 load8(const c10::Half* p) {
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
+inline __m256 load8(const int8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
 inline __m256 load8(const c10::BFloat16* p) {
   const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
@@ -213,6 +229,15 @@ void row_vector(const uint8_t* mask, int64_t nbytes, const V* vals, const V* val
 }
 #endif
 
+// Scale of row i of a factor with int8 values.
+inline float row_scale(const Factor& f, int64_t i) {
+  switch (f.scale_dtype) {
+    case at::kHalf: return to_float(static_cast<const c10::Half*>(f.scale)[i]);
+    case at::kBFloat16: return to_float(static_cast<const c10::BFloat16*>(f.scale)[i]);
+    default: return static_cast<const float*>(f.scale)[i];
+  }
+}
+
 // Dot products of row i of f with nt tokens (any count), written to y[t * f.rows + i]. DENSE: every bit of f's
 // mask is set (only the AVX-512 path skips the mask for it).
 template <typename V, bool DENSE = false>
@@ -245,7 +270,8 @@ void row(const Factor& f, int64_t i, const float* x, int64_t nt, float* y) {
 #else
     row_scalar(mask, 0, f.nbytes, vals, xb, f.cols, n, acc);
 #endif
-    for (int64_t t = 0; t < n; ++t) y[(t0 + t) * f.rows + i] = acc[t];
+    const float scale = f.scale ? row_scale(f, i) : 1.f;
+    for (int64_t t = 0; t < n; ++t) y[(t0 + t) * f.rows + i] = acc[t] * scale;
   }
 }
 
@@ -258,6 +284,7 @@ void apply(const Factor& f, const float* x, int64_t nt, float* y) {
       switch (f.dtype) {
         case at::kHalf: row<c10::Half>(f, i, x, nt, y); break;
         case at::kBFloat16: row<c10::BFloat16>(f, i, x, nt, y); break;
+        case at::kChar: row<int8_t>(f, i, x, nt, y); break;
         default: row<float>(f, i, x, nt, y); break;
       }
     }
@@ -269,17 +296,37 @@ void check_cpu(const torch::Tensor& t, const char* name) {
               " must be a contiguous CPU tensor");
 }
 
-bool value_dtype(at::ScalarType t) { return t == at::kHalf || t == at::kBFloat16 || t == at::kFloat; }
+bool value_dtype(at::ScalarType t) {
+  return t == at::kHalf || t == at::kBFloat16 || t == at::kFloat || t == at::kChar;
+}
+
+// Row scales of a matrix with ``rows`` rows: int8 values need a float16/bfloat16/float32 [rows] tensor, float values
+// none (an empty tensor). Returns the pointer the kernel reads (nullptr for float values).
+const void* row_scales(const torch::Tensor& scale, at::ScalarType values, int64_t rows, const char* op, size_t index) {
+  if (values != at::kChar) {
+    TORCH_CHECK(!scale.defined() || scale.numel() == 0, op, ": factor ", index,
+                ": scales are only for int8 values, got ", values, " values with scales");
+    return nullptr;
+  }
+  TORCH_CHECK(scale.defined() && scale.dim() == 1 && scale.size(0) == rows &&
+                  (scale.scalar_type() == at::kHalf || scale.scalar_type() == at::kBFloat16 ||
+                   scale.scalar_type() == at::kFloat),
+              op, ": factor ", index, ": int8 values need float16, bfloat16 or float32 scales [", rows, "], got ",
+              scale.defined() ? scale.sizes() : at::IntArrayRef{});
+  check_cpu(scale, "scales");
+  return scale.data_ptr();
+}
 
 // Checks one factor's tensors (dtypes, shapes, row_ptr from 0 to nnz; popcounts are the caller's contract).
 Factor factor(const torch::Tensor& values, const torch::Tensor& bitmask, const torch::Tensor& row_ptr,
-              int64_t cols, size_t index) {
+              const torch::Tensor& scale, int64_t cols, size_t index) {
   check_cpu(values, "values");
   check_cpu(bitmask, "bitmask");
   check_cpu(row_ptr, "row_ptr");
   TORCH_CHECK(cols >= 0, "bitmask_linear: factor ", index, ": cols must be >= 0, got ", cols);
   TORCH_CHECK(values.dim() == 1 && value_dtype(values.scalar_type()), "bitmask_linear: factor ", index,
-              ": values must be 1-D float16, bfloat16 or float32, got ", values.scalar_type(), " ", values.sizes());
+              ": values must be 1-D float16, bfloat16, float32 or int8, got ", values.scalar_type(), " ",
+              values.sizes());
   TORCH_CHECK(bitmask.scalar_type() == at::kByte && bitmask.dim() == 2 && bitmask.size(1) == (cols + 7) / 8,
               "bitmask_linear: factor ", index, ": bitmask must be uint8 [rows, ", (cols + 7) / 8, "], got ",
               bitmask.scalar_type(), " ", bitmask.sizes());
@@ -290,8 +337,9 @@ Factor factor(const torch::Tensor& values, const torch::Tensor& bitmask, const t
   const int32_t* rp = row_ptr.data_ptr<int32_t>();
   TORCH_CHECK(rp[0] == 0 && rp[rows] == values.numel(), "bitmask_linear: factor ", index,
               ": row_ptr must run from 0 to nnz = ", values.numel(), ", got ", rp[0], " to ", rp[rows]);
+  const void* sp = row_scales(scale, values.scalar_type(), rows, "bitmask_linear", index);
   return {values.data_ptr(), bitmask.data_ptr<uint8_t>(), rp, rows, cols, (cols + 7) / 8, values.numel(),
-          values.scalar_type()};
+          values.scalar_type(), sp, sp ? scale.scalar_type() : at::kFloat};
 }
 
 // The [..., rows] output: ``out`` after checking it, else a new tensor.
@@ -310,18 +358,20 @@ torch::Tensor output(const torch::Tensor& x, int64_t rows, const c10::optional<t
 }  // namespace
 
 // y = F0·(F1·(…·Fn-1·x)) for bitmask factors given outermost first (values[k], bitmasks[k], row_ptrs[k], cols[k]:
-// values [nnz] fp16/bf16/fp32, bitmask [rows, ceil(cols / 8)] uint8, row_ptr [rows + 1] int32 from 0 to nnz with
+// values [nnz] fp16/bf16/fp32/int8, scales [rows] fp16/bf16/fp32 for int8 values (else empty), bitmask [rows, ceil(cols / 8)] uint8, row_ptr [rows + 1] int32 from 0 to nnz with
 // popcounts as validated by BitmaskMatrix.validate). x: [..., cols[n-1]] fp32, contiguous; out: optional
 // [..., rows[0]] fp32 to write into. Returns y: [..., rows[0]] fp32; intermediates are fp32.
 torch::Tensor bitmask_linear(const torch::Tensor& x, const std::vector<torch::Tensor>& values,
                              const std::vector<torch::Tensor>& bitmasks, const std::vector<torch::Tensor>& row_ptrs,
-                             const std::vector<int64_t>& cols, const c10::optional<torch::Tensor>& out) {
+                             const std::vector<torch::Tensor>& scales, const std::vector<int64_t>& cols,
+                             const c10::optional<torch::Tensor>& out) {
   const size_t n = values.size();
-  TORCH_CHECK(n >= 1 && bitmasks.size() == n && row_ptrs.size() == n && cols.size() == n,
-              "bitmask_linear: values, bitmasks, row_ptrs and cols must list the same factors (at least one)");
+  TORCH_CHECK(n >= 1 && bitmasks.size() == n && row_ptrs.size() == n && scales.size() == n && cols.size() == n,
+              "bitmask_linear: values, bitmasks, row_ptrs, scales and cols must list the same factors (at least "
+              "one)");
   std::vector<Factor> fs;
   fs.reserve(n);
-  for (size_t k = 0; k < n; ++k) fs.push_back(factor(values[k], bitmasks[k], row_ptrs[k], cols[k], k));
+  for (size_t k = 0; k < n; ++k) fs.push_back(factor(values[k], bitmasks[k], row_ptrs[k], scales[k], cols[k], k));
   for (size_t k = 0; k + 1 < n; ++k)
     TORCH_CHECK(fs[k].cols == fs[k + 1].rows, "bitmask_linear: factor ", k, " has ", fs[k].cols,
                 " columns but factor ", k + 1, " has ", fs[k + 1].rows, " rows");
@@ -346,17 +396,19 @@ torch::Tensor bitmask_linear(const torch::Tensor& x, const std::vector<torch::Te
   return y;
 }
 
-// y[..., out] = x[..., in]·Wᵀ for a dense W [out, in] in fp16/bf16/fp32; x, y fp32 (out: optional y to write).
-torch::Tensor half_linear(const torch::Tensor& x, const torch::Tensor& weight,
-                          const c10::optional<torch::Tensor>& out) {
+// y[..., out] = x[..., in]·Wᵀ for a dense W [out, in] in fp16/bf16/fp32, or int8 with scale [out] (fp16/bf16/fp32,
+// else undefined or empty); x, y fp32 (out: optional y to write).
+torch::Tensor dense_linear(const torch::Tensor& x, const torch::Tensor& weight, const c10::optional<torch::Tensor>& scale,
+                           const c10::optional<torch::Tensor>& out) {
   check_cpu(x, "x");
   check_cpu(weight, "weight");
   TORCH_CHECK(weight.dim() == 2 && value_dtype(weight.scalar_type()),
-              "half_linear: weight must be 2-D float16, bfloat16 or float32, got ", weight.scalar_type(), " ",
+              "dense_linear: weight must be 2-D float16, bfloat16, float32 or int8, got ", weight.scalar_type(), " ",
               weight.sizes());
   const int64_t rows = weight.size(0), cols = weight.size(1);
+  const void* sp = row_scales(scale.value_or(torch::Tensor()), weight.scalar_type(), rows, "dense_linear", 0);
   TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() >= 1 && x.size(-1) == cols,
-              "half_linear: x must be float32 [..., ", cols, "], got ", x.scalar_type(), " ", x.sizes());
+              "dense_linear: x must be float32 [..., ", cols, "], got ", x.scalar_type(), " ", x.sizes());
   torch::Tensor y = output(x, rows, out);
   if (y.numel() == 0) return y;
   // A dense row is a one-row bitmask factor with every bit set: each row of W reuses one all-ones mask.
@@ -365,16 +417,19 @@ torch::Tensor half_linear(const torch::Tensor& x, const torch::Tensor& weight,
   if (cols % 8) ones.back() = static_cast<uint8_t>((1u << (cols % 8)) - 1);
   const float* xp = x.data_ptr<float>();
   float* yp = y.data_ptr<float>();
+  const at::ScalarType scale_dtype = sp ? scale->scalar_type() : at::kFloat;
   const int64_t grain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(1, cols * (2 + nt)));
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
     const int32_t rp[2] = {0, static_cast<int32_t>(cols)};
     std::vector<float> acc(static_cast<size_t>(nt));
     for (int64_t i = begin; i < end; ++i) {
       const auto* base = static_cast<const uint8_t*>(weight.data_ptr()) + i * cols * weight.element_size();
-      const Factor f{base, ones.data(), rp, 1, cols, nbytes, cols, weight.scalar_type()};
+      const void* row_scale_ptr = sp ? static_cast<const uint8_t*>(sp) + i * scale->element_size() : nullptr;
+      const Factor f{base, ones.data(), rp, 1, cols, nbytes, cols, weight.scalar_type(), row_scale_ptr, scale_dtype};
       switch (f.dtype) {
         case at::kHalf: row<c10::Half, true>(f, 0, xp, nt, acc.data()); break;
         case at::kBFloat16: row<c10::BFloat16, true>(f, 0, xp, nt, acc.data()); break;
+        case at::kChar: row<int8_t, true>(f, 0, xp, nt, acc.data()); break;
         default: row<float, true>(f, 0, xp, nt, acc.data()); break;
       }
       for (int64_t t = 0; t < nt; ++t) yp[t * rows + i] = acc[t];
@@ -396,9 +451,9 @@ std::string simd() {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bitmask_linear", &bitmask_linear, "y = F0·(F1·(…·x)) for bitmask factors, outermost first (fp32 out)",
-        py::arg("x"), py::arg("values"), py::arg("bitmasks"), py::arg("row_ptrs"), py::arg("cols"),
-        py::arg("out") = py::none());
-  m.def("half_linear", &half_linear, "y = x @ W.T for a dense fp16/bf16/fp32 W (fp32 in and out)", py::arg("x"),
-        py::arg("weight"), py::arg("out") = py::none());
+        py::arg("x"), py::arg("values"), py::arg("bitmasks"), py::arg("row_ptrs"), py::arg("scales"),
+        py::arg("cols"), py::arg("out") = py::none());
+  m.def("dense_linear", &dense_linear, "y = x @ W.T for a dense fp16/bf16/fp32 W, or int8 W with row scales (fp32 "
+        "in and out)", py::arg("x"), py::arg("weight"), py::arg("scale") = py::none(), py::arg("out") = py::none());
   m.def("simd", &simd, "the vector path compiled in");
 }
