@@ -4,7 +4,7 @@ DSF-0.5-shaped model in each packed layout (``bitmask`` fp16: the compiled CPU k
 ``dsf_runtime.generation.greedy_generate`` (the same loop for every row, dense ones included: the model's own
 forward with a static KV cache, no sampling machinery).
 
-Each row runs in a fresh subprocess (so peak RSS, from ``resource.getrusage``, is that model's alone, imports
+Each row runs in a fresh subprocess (so peak RSS, ``VmHWM`` of ``/proc/self/status``, is that model's alone, imports
 included): load the model (``load_s``), generate ``new_tokens`` greedily after a short prompt; ``tok_s`` = new
 tokens / seconds of that generation call (its prompt prefill included), ``decode_tok_s`` the decode steps alone,
 ``prefill_ms`` the prompt's forward. ``--repeats`` runs every row that many
@@ -112,7 +112,7 @@ def measure_row(model_name: str, layout: str, dtype: str, threads: int, new_toke
         kernel = "pure torch"
     return {"model": model_name, "layout": layout, "dtype": dtype, "batch": 1, "tok_s": result.new_tokens / seconds,
             "decode_tok_s": result.decode_tokens_per_s, "prefill_ms": result.prefill_ms,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "load_s": load_s,
+            "peak_rss_mb": peak_rss_mb(), "load_s": load_s,
             "new_tokens": result.new_tokens, "generation": "greedy_generate", "kernel": kernel}
 
 
@@ -123,6 +123,15 @@ def machine(threads: int, load_before: tuple[float, ...]) -> str:
     cores = len(os.sched_getaffinity(0))
     return (f"{cpu}, {cores} cores, {threads} torch threads, torch {torch.__version__}; load average "
             f"{load_before[0]:.2f} before, {os.getloadavg()[0]:.2f} after")
+
+
+def peak_rss_mb() -> float:
+    """This process image's peak RSS in MB: ``VmHWM`` of ``/proc/self/status``. ``ru_maxrss`` would not do: Linux
+    keeps it across ``execve``, so a row started from a large parent would report the parent's peak."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def summarize(runs: list[dict]) -> dict:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import platform
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -25,6 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.cpu_decode import machine  # noqa: E402
 from compress.assets import smollm2_dir  # noqa: E402
 from compress.data import load_evaluation  # noqa: E402
 from compress.evaluate import perplexity  # noqa: E402
@@ -78,10 +79,11 @@ def main(argv: list[str] | None = None) -> int:
 
     tokenizer = AutoTokenizer.from_pretrained(smollm2_dir())
     windows = load_evaluation(tokenizer, "persuasion", 1024, args.windows)
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as scratch:
         rows = _dense_rows(windows) + _compressed_rows(args.model, windows, Path(scratch))
     result = {
-        "machine": f"{platform.machine()} {platform.processor() or ''} {torch.get_num_threads()} threads".strip(),
+        "machine": machine(args.threads, load_before),
         "date": datetime.date.today().isoformat(), "torch": torch.__version__,
         "eval": f"Persuasion, first {int(windows.shape[0])} windows of {int(windows.shape[1])} tokens",
         "rows": rows,
