@@ -24,6 +24,7 @@ from compress.assets import PACKAGED_MODEL, load_text, smollm2_dir
 from compress.calibration import OffloadMode, compress_blocks
 from compress.data import calibration_windows, tokenize_text
 from compress.output import check_complete, prepare_output, write_output
+from compress.quantize import STORED_FORMATS
 from compress.solvers import METHODS, make_config
 from compress.solvers.base import check_density
 from dsf_runtime.checkpoint import MANIFEST_NAME
@@ -46,6 +47,7 @@ logger = logging.getLogger(__name__)
 
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _OFFLOAD = ("auto", "always", "never")
+VALUE_FORMATS = ("float", *STORED_FORMATS)  # CompressConfig.values
 
 
 class ConfigError(ValueError):
@@ -83,6 +85,10 @@ class CompressConfig:
             this is; the recorded layer errors are those of the fp32 factors.
         embedding: ``int8`` writes the input embedding (and the output layer tied to it) as int8 with one scale
             per row (``dsf_runtime.quantized``); ``keep`` writes it in ``save_dtype``.
+        values: ``float`` stores factor values in ``save_dtype``; ``int8`` or ``fp8`` quantizes every solved layer's
+            values with one scale per row by error feedback under its H (``compress.quantize.quantize_result``)
+            and stores the codes (docs/format.md "Quantized values"). Later blocks calibrate on the quantized
+            model. The recorded layer errors are those of the decoded values.
     """
 
     model: str = PACKAGED_MODEL
@@ -101,6 +107,7 @@ class CompressConfig:
     layout: str = AUTO
     save_dtype: str = "auto"
     embedding: str = "int8"
+    values: str = "float"
 
     def __post_init__(self) -> None:
         for name in ("samples", "seqlen", "batch_size"):
@@ -112,6 +119,9 @@ class CompressConfig:
             raise ConfigError("layout", f"must be {AUTO} or one of {', '.join(sorted(LAYOUTS))}, got {self.layout!r}")
         if self.save_dtype != "auto" and self.save_dtype not in DTYPES:
             raise ConfigError("save_dtype", f"must be auto or one of {', '.join(DTYPES)}, got {self.save_dtype!r}")
+        if self.values not in VALUE_FORMATS:
+            hint = "; int4 is measured (docs/quantized-values.md) but has no file encoding yet" * (self.values == "int4")
+            raise ConfigError("values", f"must be one of {', '.join(VALUE_FORMATS)}, got {self.values!r}{hint}")
         if self.embedding not in ("int8", "keep"):
             raise ConfigError("embedding", f"must be int8 or keep, got {self.embedding!r}")
         if self.offload not in _OFFLOAD:
@@ -340,6 +350,7 @@ def compress_model(
         finished=partial.load_block,
         on_block=partial.save_block,
         progress=progress,
+        values=None if config.values == "float" else config.values,
     )
     info = run_info(config, device, model, inputs, start)
     return write_output(Path(output), model, inputs.tokenizer, spec, partial, info, inputs.source)

@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from compress.architectures import ArchitectureSpec, block_groups, decoder_blocks
+from compress.quantize import quantize_result
 from compress.solvers import solve_group
 from compress.solvers.base import SolveResult, SolverConfig
 
@@ -312,12 +313,16 @@ def _solve_groups(
     hessians: list[torch.Tensor],
     solver_config: SolverConfig,
     report: Callable[[str, SolveResult], None],
+    values: str | None = None,
 ) -> dict[str, SolveResult]:
     results: dict[str, SolveResult] = {}
     for group, hessian in zip(groups, hessians):
         weights = [linear.weight.detach().float() for _, linear in group]
+        names = [name for name, _ in group]
         with torch.inference_mode():
-            solved = solve_group(weights, hessian, solver_config, layer_names=[name for name, _ in group])
+            solved = solve_group(weights, hessian, solver_config, layer_names=names)
+            if values is not None:
+                solved = [quantize_result(r, w, hessian, values, n) for r, w, n in zip(solved, weights, names)]
         for (name, linear), result in zip(group, solved):
             write_back(linear, result.kind, result.factors)
             results[name] = result
@@ -339,6 +344,7 @@ def compress_blocks(
     on_block: Callable[[int, dict[str, SolveResult]], None] = lambda index, results: None,
     progress: bool = True,
     solve_block: BlockSolver | None = None,
+    values: str | None = None,
 ) -> BlockInputs:
     """Compress every linear of every decoder block in place, block by block.
 
@@ -360,6 +366,9 @@ def compress_blocks(
         progress: show a progress bar on stderr.
         solve_block: compresses one block instead of this process alone (``compress.distributed``); ``windows``
             are then this rank's shard.
+        values: quantize each solved layer's values (``"int8"``/``"fp8"``, ``compress.quantize.quantize_result``,
+            error feedback under its H) before writing it back, so later blocks calibrate on the quantized model;
+            None keeps them in fp32.
 
     Returns:
         The last block's outputs (hidden states before the final norm), per chunk ``[b, S, H]``.
@@ -395,7 +404,8 @@ def compress_blocks(
             elif solve_block is not None:
                 on_block(index, solve_block(index, block, groups, inputs, report))
             else:
-                on_block(index, _compress_block(block, groups, inputs, solver_config, device, true_sequential, report))
+                on_block(index, _compress_block(block, groups, inputs, solver_config, device, true_sequential, report,
+                                                values))
             inputs = run_block(block, inputs, device, storage)
             block.to(home)
     return inputs
@@ -409,13 +419,14 @@ def _compress_block(
     device: torch.device,
     true_sequential: bool,
     report: Callable[[str, SolveResult], None],
+    values: str | None = None,
 ) -> dict[str, SolveResult]:
-    """Collect H and solve every group of one block (the block is on ``device``)."""
+    """Collect H and solve (and with ``values`` quantize) every group of one block (the block is on ``device``)."""
     if not true_sequential:
         hessians = _collect_hessians(block, groups, inputs, device)
-        return _solve_groups(groups, hessians, solver_config, report)
+        return _solve_groups(groups, hessians, solver_config, report, values)
     results: dict[str, SolveResult] = {}
     for group in groups:
         hessians = _collect_hessians(block, [group], inputs, device)
-        results.update(_solve_groups([group], hessians, solver_config, report))
+        results.update(_solve_groups([group], hessians, solver_config, report, values))
     return results

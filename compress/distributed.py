@@ -494,6 +494,8 @@ def compress_model(
     start = time.perf_counter()
     solver_config = config.solver_config()
     world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
+    if config.values != "float":
+        raise ConfigError("values", f"{config.values} values are quantized in one process only; run without --nproc")
     chunks = -(-config.samples // config.batch_size)
     if chunks < world:
         raise ConfigError("batch_size", f"{config.samples} samples in chunks of {config.batch_size} make {chunks} "

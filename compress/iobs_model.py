@@ -131,6 +131,9 @@ def _check(config: CompressConfig, iobs: IOBSModelConfig) -> None:
         raise ConfigError(
             "heldout", f"{iobs.heldout!r} is also the calibration text; choose another text for the round selection"
         )
+    if config.values != "float":
+        raise ConfigError("values", f"model-level I-OBS stores float values; {config.values} values are for the "
+                                    "one-shot methods")
 
 
 def _calibration_pass(

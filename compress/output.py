@@ -38,7 +38,7 @@ from torch import nn
 
 from compress.architectures import ArchitectureSpec, decoder_blocks
 from compress.evaluate import layer_error_report
-from compress.quantize import quantize_embedding
+from compress.quantize import codes_of, quantize_embedding
 from compress.solvers.base import SolveResult
 from dsf_runtime.checkpoint import (
     INDEX_NAME,
@@ -189,17 +189,21 @@ class PartialRun:
         return results
 
     def save_results(self, name: str, results: Mapping[str, SolveResult]) -> None:
-        """Store layers' factors (fp32, CPU) and errors atomically as ``<name>.safetensors`` (masks are dropped)."""
+        """Store layers' factors (fp32, CPU), row scales of quantized values, and errors atomically as
+        ``<name>.safetensors`` (masks are dropped)."""
         tensors, layers = {}, {}
         for layer, result in results.items():
             for factor, matrix in result.factors.items():
                 tensors[f"{layer}.{factor}"] = matrix.detach().to("cpu", torch.float32).contiguous().clone()
+            for factor, scales in (result.scales or {}).items():
+                tensors[f"{layer}.{factor}.scales"] = scales.detach().to("cpu").contiguous().clone()
             layers[layer] = {
                 "kind": result.kind,
                 "nnz": result.nnz,
                 "error": result.error,
                 "relative_error": result.relative_error,
                 "seconds": result.seconds,
+                "values": result.values,
             }
         self.save_tensors(name, tensors, {"layers": json.dumps(layers)})
 
@@ -253,7 +257,10 @@ def _results(layers: Any, tensors: Mapping[str, torch.Tensor]) -> dict[str, Solv
     for layer, info in layers.items():
         if not isinstance(info, dict) or info.get("kind") not in _FACTORS:
             raise ValueError(f"layer '{layer}' has no kind of {sorted(_FACTORS)}")
-        missing = [f"{layer}.{k}" for k in _FACTORS[info["kind"]] if f"{layer}.{k}" not in tensors]
+        values = info.get("values")
+        needed = [f"{layer}.{k}{suffix}" for k in _FACTORS[info["kind"]] for suffix in ("", ".scales")
+                  if suffix == "" or values is not None]
+        missing = [name for name in needed if name not in tensors]
         if missing:
             raise ValueError(f"tensor '{missing[0]}' is missing")
         results[layer] = SolveResult(
@@ -263,6 +270,8 @@ def _results(layers: Any, tensors: Mapping[str, torch.Tensor]) -> dict[str, Solv
             error=info["error"],
             relative_error=info["relative_error"],
             seconds=info["seconds"],
+            values=values,
+            scales=None if values is None else {k: tensors[f"{layer}.{k}.scales"] for k in _FACTORS[info["kind"]]},
         )
     return results
 
@@ -475,10 +484,18 @@ def write_output(
         for name, result in results.items():
             linear = model.get_submodule(name)
             bias = None if linear.bias is None else linear.bias.detach()
-            layers[name] = CompressedLayer.from_dense(
-                result.kind, result.factors, method=info["method"], bias=bias, error=result.error,
-                relative_error=result.relative_error, layout=info["layout"], dtype=dtype,
-            )
+            if result.values is None:
+                layers[name] = CompressedLayer.from_dense(
+                    result.kind, result.factors, method=info["method"], bias=bias, error=result.error,
+                    relative_error=result.relative_error, layout=info["layout"], dtype=dtype,
+                )
+            else:  # the codes with their row scales (in the save dtype)
+                codes = {k: codes_of(f, result.scales[k], result.values) for k, f in result.factors.items()}
+                scales = {k: s.to(dtype) for k, s in result.scales.items()}
+                layers[name] = CompressedLayer.from_dense(
+                    result.kind, codes, scales=scales, method=info["method"], bias=bias, error=result.error,
+                    relative_error=result.relative_error, layout=info["layout"],
+                )
             out_features, in_features = linear.weight.shape
             rows[name] = {
                 "method": info["method"],

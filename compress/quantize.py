@@ -33,12 +33,19 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import ClassVar
 
 import torch
 
-from compress.solvers.base import exact_fp32, layer_error, layer_prefix, remove_dead_inputs, validate_layer
+from compress.solvers.base import (
+    SolveResult,
+    exact_fp32,
+    layer_error,
+    layer_prefix,
+    remove_dead_inputs,
+    validate_layer,
+)
 from compress.solvers.dsf import refit_left
 from compress.solvers.sparsegpt import inverse_cholesky
 
@@ -54,6 +61,8 @@ __all__ = [
     "quantize_dense",
     "quantize_dsf",
     "quantize_embedding",
+    "quantize_result",
+    "codes_of",
     "quantize_gptq",
     "quantize_rtn",
     "value_format",
@@ -643,3 +652,46 @@ def _same_data(a: torch.Tensor, b: torch.Tensor) -> bool:
     return (a.device == b.device and a.dtype == b.dtype and a.shape == b.shape and a.stride() == b.stride()
             and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
             and a.storage_offset() == b.storage_offset())
+
+
+# Value formats a compression run can store (docs/format.md "Quantized values"): one scale per row. int4 (group
+# scales) is measured by the benchmarks but has no file encoding yet.
+STORED_FORMATS = ("int8", "fp8")
+
+
+def quantize_result(result: SolveResult, weight: torch.Tensor, hessian: torch.Tensor, values: str,
+                    layer_name: str | None = None) -> SolveResult:
+    """``result`` with its factor values quantized to ``values`` (``"int8"`` or ``"fp8"``, one scale per row),
+    masks kept, by error feedback under ``hessian``: DSF factors through ``quantize_dsf`` (``B`` first, ``A``
+    refitted and quantized against ``B̂``), a single matrix through ``quantize_gptq``.
+
+    Returns:
+        A ``SolveResult`` whose ``factors`` are the decoded values (``code · scale``, exact in fp32), with
+        ``values``, ``scales`` (fp16 ``[rows]`` per factor), ``nnz`` the kept positions and ``error`` /
+        ``relative_error`` of the decoded product against ``weight``.
+    """
+    if values not in STORED_FORMATS:
+        raise ValueError(f"{layer_prefix(layer_name)}values must be one of {', '.join(STORED_FORMATS)}, got {values!r}")
+    fmt = value_format(values, layer_name=layer_name)
+    if result.kind == "dsf":
+        quantized = quantize_dsf(result.factors["A"], result.factors["B"], hessian, fmt, weight=weight,
+                                 layer_name=layer_name)
+        matrices = {"A": quantized.A, "B": quantized.B}
+    else:
+        matrices = {"W": quantize_gptq(result.factors["W"], hessian, fmt, layer_name=layer_name)}
+    factors = {k: m.dequantize() for k, m in matrices.items()}
+    approx = factors["A"] @ factors["B"] if result.kind == "dsf" else factors["W"]
+    error, relative = layer_error(weight, approx, hessian)
+    return replace(
+        result, factors=factors, values=values, scales={k: m.scales for k, m in matrices.items()},
+        nnz=sum(int(m.mask.sum()) for m in matrices.values()), error=error, relative_error=relative, masks=None,
+    )
+
+
+def codes_of(factor: torch.Tensor, scales: torch.Tensor, values: str) -> torch.Tensor:
+    """The codes ``[rows, cols]`` (int8 or float8_e4m3fn) of a decoded factor (``code · scale`` in fp32, as
+    ``quantize_result`` returns it): ``factor / scale`` per row, exact."""
+    code_dtype = value_format(values).code_dtype
+    step = scales.float().unsqueeze(1)
+    scaled = torch.where(step > 0, factor.float() / step, 0.0)
+    return scaled.to(code_dtype) if code_dtype == torch.float8_e4m3fn else scaled.round().to(code_dtype)

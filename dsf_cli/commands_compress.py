@@ -36,6 +36,7 @@ _FLAGS = {
     "layout": "--layout",
     "save_dtype": "--save-dtype",
     "embedding": "--embedding",
+    "values": "--values",
     "nproc": "--nproc",
 }
 _DEMO_OUTPUT = Path("runs/demo-smollm2-dsf50")
@@ -109,6 +110,11 @@ def compress(
         help="dtype of the written factor values and other floating tensors: auto = the model's own dtype if it "
         "is float16/bfloat16, else float16.",
     ),
+    values: str = typer.Option(
+        "float", "--values", metavar="<float|int8|fp8>",
+        help="Factor values: float = in --save-dtype; int8 / fp8 = codes with one scale per row, quantized by error "
+        "feedback under each layer's H (about half the bytes of fp16 values; docs/quantized-values.md).",
+    ),
     embedding: str = typer.Option(
         "int8", "--embedding", metavar="<int8|keep>",
         help="int8 = the input embedding (and the output layer tied to it) as int8 with one scale per row, half "
@@ -173,6 +179,8 @@ def compress(
         dsf compress --model smollm2-135m --method dsf --density 0.5 --output runs/smollm2-dsf50
 
         dsf compress --nproc 2 --output runs/smollm2-dsf50          (2 ranks, same factors)
+
+        dsf compress --values int8 --output runs/smollm2-dsf50-int8   (int8 factor values, row scales)
     """
     import sys
 
@@ -195,7 +203,7 @@ def compress(
         model=model, method=method.value, density=_density(density, sparsity), solver_options=options,
         calibration=calibration, samples=samples, seqlen=seqlen, seed=seed, device=device.value,
         dtype=dtype.value, batch_size=batch_size, offload=offload.value, true_sequential=true_sequential,
-        layout=layout, save_dtype=save_dtype, embedding=embedding,
+        layout=layout, save_dtype=save_dtype, embedding=embedding, values=values,
     )
     try:
         if iobs_rounds:

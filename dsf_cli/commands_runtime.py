@@ -380,7 +380,7 @@ def _timed_run(source: Path, route: str, ids, max_new_tokens: int, device: str, 
     memory = _peak(device)
     kind = {"compressed": "compressed", "dense": "dense"}.get(route, f"dense ({route})")
     run = {"source": source, "device": device, "route": route,
-           "kind": f"{kind} {next(net.parameters()).dtype}".replace("torch.", ""), "ids": result.ids.cpu(),
+           "kind": f"{kind} {_float_dtype(net)}".replace("torch.", ""), "ids": result.ids.cpu(),
            "eos": net.generation_config.eos_token_id, "weight_bytes": _weight_bytes(net), "load_s": load_s,
            "prefill_ms": result.prefill_ms, "tok_s": result.decode_tokens_per_s, "memory": memory,
            "memory_added": max(memory - before, 0)}
@@ -458,3 +458,8 @@ def register(app: typer.Typer) -> None:
     """Add ``inspect`` and ``run`` to the ``dsf`` command, each reporting user errors as one line."""
     app.command("inspect")(user_errors(inspect))
     app.command("run")(user_errors(run))
+
+
+def _float_dtype(net) -> torch.dtype | None:
+    """The dtype of ``net``'s first floating parameter (an int8 embedding or int8 codes come first in some models)."""
+    return next((p.dtype for p in net.parameters() if p.is_floating_point()), None)

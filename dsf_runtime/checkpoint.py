@@ -38,7 +38,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from dsf_runtime.formats import LAYOUTS, VALUE_DTYPES, FormatError, dtype_name, from_meta
+from dsf_runtime.formats import AUTO_LAYOUTS as _CODE_LAYOUTS
+from dsf_runtime.formats import CODE_DTYPES, LAYOUTS, VALUE_DTYPES, FormatError, dtype_name, from_meta
 from dsf_runtime.layer import CompressedLayer, factor_problem
 from dsf_runtime.quantized import FORMAT as INT8_ROW, SCALE_SUFFIX, check_quantized, dequantize_rows
 
@@ -176,7 +177,8 @@ def _count_problem(entry: dict[str, Any]) -> str | None:
 
 def _part_names(fqn: str, entry: Mapping[str, Any]) -> list[str]:
     """Tensor names the manifest entry of layer ``fqn`` requires, factors in order, then the bias."""
-    names = [f"{fqn}.{k}.{p}" for k, f in entry["factors"].items() for p in LAYOUTS[f["layout"]].parts]
+    names = [f"{fqn}.{k}.{p}" for k, f in entry["factors"].items()
+             for p in LAYOUTS[f["layout"]].parts + (("scales",) if f["dtype"] in CODE_DTYPES.values() else ())]
     return names + ([f"{fqn}.bias"] if entry["bias"] else [])
 
 
@@ -192,8 +194,16 @@ def _check_entry(fqn: str, entry: Any) -> str | None:
             return f"factor {key!r} is not an object"
         if not isinstance(meta.get("layout"), str) or meta["layout"] not in LAYOUTS:
             return f"factor {key!r} has layout {meta.get('layout')!r}, expected one of {sorted(LAYOUTS)}"
-        if meta.get("dtype") not in VALUE_DTYPES.values():
-            return f"factor {key!r} has dtype {meta.get('dtype')!r}, expected one of {sorted(VALUE_DTYPES.values())}"
+        if meta.get("dtype") in CODE_DTYPES.values():
+            if meta["layout"] not in _CODE_LAYOUTS:
+                return (f"factor {key!r} holds {meta['dtype']} codes in layout {meta['layout']!r}; only "
+                        f"{list(_CODE_LAYOUTS)} store quantized values")
+            if meta.get("scale_dtype") not in VALUE_DTYPES.values():
+                return (f"factor {key!r} has scale_dtype {meta.get('scale_dtype')!r}, expected one of "
+                        f"{sorted(VALUE_DTYPES.values())} for its {meta['dtype']} codes")
+        elif meta.get("dtype") not in VALUE_DTYPES.values():
+            expected = sorted([*VALUE_DTYPES.values(), *CODE_DTYPES.values()])
+            return f"factor {key!r} has dtype {meta.get('dtype')!r}, expected one of {expected}"
         fshape = meta.get("shape")
         if not (isinstance(fshape, list) and len(fshape) == 2 and all(_is_int(s) and s >= 0 for s in fshape)):
             return f"factor {key!r} has shape {fshape!r}, expected [rows, cols]"
@@ -212,6 +222,9 @@ _FINITE_CHUNK = 1 << 20  # elements checked at a time: isfinite's temporaries st
 def all_finite(tensor: torch.Tensor) -> bool:
     """Whether floating ``tensor`` holds no NaN or Inf; on the CPU checked ``_FINITE_CHUNK`` elements at a time (a
     whole-tensor ``isfinite`` of a 16-bit embedding allocates a few times its size there)."""
+    if tensor.itemsize == 1:  # float8 codes: torch has no isfinite for them
+        tensor = tensor.view(torch.uint8) & 0x7F
+        return not bool((tensor == 0x7F).any())  # e4m3fn's only non-finite encodings are the NaNs S.1111.111
     if tensor.device.type != "cpu":
         return bool(torch.isfinite(tensor).all())
     flat = tensor.reshape(-1)

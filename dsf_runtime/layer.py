@@ -74,25 +74,34 @@ class CompressedLayer:
         relative_error: float | None = None,
         layout: str = "dense",
         dtype: torch.dtype | None = None,
+        scales: Mapping[str, torch.Tensor] | None = None,
         **opts: Any,
     ) -> CompressedLayer:
         """Pack dense factors (e.g. a solver's fp32 ``{"A": [out, k], "B": [k, in]}`` or ``{"W": [out, in]}``).
 
         ``layout="dense"`` keeps the inner dimension ``k`` (the compression output); other layouts drop empty
         inner indices (see ``pack_factors``). ``dtype`` casts the values; ``opts`` go to the layout
-        (``block_size`` for ``bsr``). From a solver's ``SolveResult``::
+        (``block_size`` for ``bsr``). With ``scales`` (one ``[rows]`` tensor per factor), ``factors`` hold codes
+        (int8, float8_e4m3fn; docs/format.md "Quantized values") packed as they are, keeping ``k``. From a solver's
+        ``SolveResult``::
 
             CompressedLayer.from_dense(result.kind, result.factors, method="dsf", bias=linear.bias,
                                        error=result.error, relative_error=result.relative_error)
         """
-        if kind == "dsf" and set(factors) == {"A", "B"}:
-            packed = pack_factors(factors["A"], factors["B"], layout, dtype=dtype, drop_empty=layout != "dense", **opts)
-            shape = (factors["A"].shape[0], factors["B"].shape[1])
-        elif kind == "single" and set(factors) == {"W"}:
-            packed = {"W": pack(factors["W"], layout, dtype=dtype, **opts)}
-            shape = tuple(factors["W"].shape)
-        else:
+        if kind not in FACTOR_NAMES or set(factors) != set(FACTOR_NAMES[kind]):
             raise ValueError(f"kind {kind!r} needs factors {FACTOR_NAMES.get(kind)}, got {sorted(factors)}")
+        if scales is not None and set(scales) != set(factors):
+            raise ValueError(f"scales for {sorted(scales)}, factors {sorted(factors)}: one scale tensor per factor")
+        if kind == "dsf":
+            shape = (factors["A"].shape[0], factors["B"].shape[1])
+        else:
+            shape = tuple(factors["W"].shape)
+        if scales is not None:
+            packed = {k: pack(f, layout, scales=scales[k], **opts) for k, f in factors.items()}
+        elif kind == "dsf":
+            packed = pack_factors(factors["A"], factors["B"], layout, dtype=dtype, drop_empty=layout != "dense", **opts)
+        else:
+            packed = {"W": pack(factors["W"], layout, dtype=dtype, **opts)}
         return cls(kind, shape, packed, method, bias, error, relative_error)
 
     @property

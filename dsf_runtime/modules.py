@@ -83,10 +83,10 @@ class PackedFactor(nn.Module):
         (``.to()``, ``load_state_dict(assign=True)``, a loader's ``setattr``)."""
         cached = self._packed
         tensors = self._parameters, self._buffers  # read directly: nn.Module.__getattr__ costs ~1 µs a part
-        for part in cached.parts:
+        for part in cached.stored_parts:
             held = tensors[0].get(part) if part == "values" else tensors[1].get(part)
             if held is not getattr(cached, part):
-                current = {p: getattr(self, p) for p in cached.parts}
+                current = {p: getattr(self, p) for p in cached.stored_parts}
                 cached = self._packed = dataclasses.replace(cached, **current)
                 break
         return cached
@@ -95,7 +95,7 @@ class PackedFactor(nn.Module):
         # ``.to()`` converts a parameter in place (same object, new data): rebuild the matrix so that nothing keyed
         # on the packed object (kernel caches) sees a stale dtype or device.
         result = super()._apply(fn, recurse)
-        self._packed = dataclasses.replace(self._packed, **{p: getattr(self, p) for p in self._packed.parts})
+        self._packed = dataclasses.replace(self._packed, **{p: getattr(self, p) for p in self._packed.stored_parts})
         return result
 
     def extra_repr(self) -> str:
@@ -118,7 +118,7 @@ class _CompressedLinear(nn.Module):
                 raise ValueError(f"factor {name} is {list(getattr(self, name).shape)}, got {list(matrix.shape)}")
             setattr(self, name, PackedFactor(matrix))
         if self.bias is not None:
-            self.bias = _frozen(self.bias.to(factors[0].dtype))
+            self.bias = _frozen(self.bias.to(factors[0].compute_dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.factors(), self.bias)

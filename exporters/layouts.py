@@ -16,8 +16,9 @@ from pathlib import Path
 
 import torch
 
-from dsf_runtime.checkpoint import CompressedLayer, open_compressed, save_compressed
 from compress.quantize import quantize_embedding
+from dsf_runtime.checkpoint import CompressedLayer, open_compressed, save_compressed
+from dsf_runtime.formats import AUTO, AUTO_LAYOUTS
 from dsf_runtime.quantized import input_embedding_name
 from exporters._files import atomic_directory
 from exporters.config import ExportConfig
@@ -30,15 +31,25 @@ logger = logging.getLogger(__name__)
 def convert_layer(layer: CompressedLayer, config: ExportConfig) -> CompressedLayer:
     """``layer`` repacked into ``config.layout`` with values (and bias) in ``config.dtype`` (None: stored dtype).
 
-    DSF inner indices that are empty after the cast are dropped unless the layout is ``dense``.
+    DSF inner indices that are empty after the cast are dropped unless the layout is ``dense``. Quantized values
+    (codes with row scales) keep their codes bit for bit in ``auto``/``bitmask``/``csr``/``dense``, and are
+    decoded into floats for a ``--dtype`` or another layout (``bsr`` and the GPU layouts hold no codes).
     """
-    factors = {name: f.to_dense() for name, f in layer.factors.items()}
     dtype = config.torch_dtype
     bias = layer.bias if layer.bias is None or dtype is None else layer.bias.to(dtype)
-    return CompressedLayer.from_dense(
-        layer.kind, factors, method=layer.method, bias=bias, error=layer.error,
-        relative_error=layer.relative_error, layout=config.layout, dtype=dtype, **config.layout_options(),
-    )
+    common = dict(method=layer.method, bias=bias, error=layer.error, relative_error=layer.relative_error,
+                  layout=config.layout, **config.layout_options())
+    quantized = [f for f in layer.factors.values() if f.quantized]
+    if quantized and dtype is None and config.layout in (AUTO, *AUTO_LAYOUTS):  # the codes as they are
+        codes = {name: f.dense_codes() for name, f in layer.factors.items()}
+        return CompressedLayer.from_dense(layer.kind, codes, scales={k: f.scales for k, f in layer.factors.items()},
+                                          **common)
+    if quantized and dtype is None:  # a layout without codes: decoded into the scales' dtype
+        dtype = quantized[0].compute_dtype
+        bias = layer.bias if layer.bias is None else layer.bias.to(dtype)
+        common["bias"] = bias
+    factors = {name: f.to_dense() for name, f in layer.factors.items()}
+    return CompressedLayer.from_dense(layer.kind, factors, dtype=dtype, **common)
 
 
 def convert_layout(

@@ -28,7 +28,7 @@ import onnx
 import torch
 from torch import nn
 
-from dsf_runtime.checkpoint import CompressedLayer
+from dsf_runtime.checkpoint import CompressedLayer, open_compressed
 from dsf_runtime.loader import from_pretrained
 from dsf_runtime.modules import FactorizedLinear, PackedFactor, SparseLinear, linear
 from exporters._files import atomic_files, check_destination
@@ -153,6 +153,17 @@ def _layer_of(module: FactorizedLinear | SparseLinear) -> CompressedLayer:
         factors = {"A": module.A.packed(), "B": module.B.packed()}
         return CompressedLayer("dsf", shape, factors, "export", module.bias)
     return CompressedLayer("single", shape, {"W": module.W.packed()}, "export", module.bias)
+
+
+def _graph_dtype(src: Path, config: ExportConfig) -> torch.dtype | None:
+    """The dtype the model is loaded in for the export: ``--dtype``, else the scales' dtype when factors hold
+    quantized codes (the ONNX encodings carry float values, so codes are decoded), else None (as stored)."""
+    if config.torch_dtype is not None:
+        return config.torch_dtype
+    with open_compressed(src) as ckpt:
+        scale_dtypes = {f["scale_dtype"] for e in ckpt.layers.values() for f in e["factors"].values()
+                        if f.get("scale_dtype")}
+    return getattr(torch, sorted(scale_dtypes)[0]) if scale_dtypes else None
 
 
 def prepare_for_onnx(model: nn.Module, config: ExportConfig) -> int:
@@ -306,7 +317,7 @@ def export_onnx(
     _check_options(config, lowering, opset)
     src, out = Path(src), Path(out)
     check_destination(out, overwrite=overwrite, sources=(src,))  # before the minutes of loading and tracing
-    model = from_pretrained(src, device="cpu", dtype=config.torch_dtype, float32_on_cpu=False)  # one dtype
+    model = from_pretrained(src, device="cpu", dtype=_graph_dtype(src, config), float32_on_cpu=False)  # one dtype
     swapped = prepare_for_onnx(model, config)
     cached = CachedLM(model)
     inputs, shapes = cached.example()

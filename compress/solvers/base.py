@@ -59,6 +59,10 @@ class SolveResult:
         masks: optional exact support of each factor (bool, same keys and shapes as ``factors``). Values are zero
             outside the mask; inside it they are non-zero except in degenerate cases (e.g. a budget larger than
             the number of live weights when inputs are dead), so ``nnz`` is counted from the masks.
+        values: the value format (``"int8"``, ``"fp8"``) when the factor values are quantized
+            (``compress.quantize.quantize_result``), else None.
+        scales: with ``values``, each factor's fp16 row scales ``[rows]``; its ``factors`` entry then holds exactly
+            ``code · scale`` in fp32, so the codes are ``factor / scale`` (``compress.quantize.codes_of``).
     """
 
     kind: FactorKind
@@ -68,6 +72,8 @@ class SolveResult:
     relative_error: float
     seconds: float
     masks: dict[str, torch.Tensor] | None = None
+    values: str | None = None
+    scales: dict[str, torch.Tensor] | None = None
 
     def weight(self) -> torch.Tensor:
         """The dense weight the factors represent, [out, in] fp32."""

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from dsf_runtime.formats._common import VALUE_DTYPES, FormatError, PackedMatrix, dtype_name, part_name
+from dsf_runtime.formats._common import CODE_DTYPES, VALUE_DTYPES, FormatError, PackedMatrix, dtype_name, part_name
 from dsf_runtime.formats.balanced import balanced_per_group
 from dsf_runtime.formats.bitmask import BitmaskMatrix
 from dsf_runtime.formats.bsr import BLOCK_SIZES, BSRMatrix
@@ -37,6 +37,7 @@ __all__ = [
     "AUTO",
     "AUTO_LAYOUTS",
     "BLOCK_SIZES",
+    "CODE_DTYPES",
     "INT16_MAX_COLS",
     "LAYOUTS",
     "VALUE_DTYPES",
@@ -81,24 +82,33 @@ def _layout_class(layout: str) -> type:
         raise ValueError(f"unknown layout {layout!r}; expected one of {sorted(LAYOUTS)}") from None
 
 
-def pack(matrix: torch.Tensor, layout: str, *, dtype: torch.dtype | None = None, **opts: Any) -> PackedMatrix:
+def pack(matrix: torch.Tensor, layout: str, *, dtype: torch.dtype | None = None,
+         scales: torch.Tensor | None = None, **opts: Any) -> PackedMatrix:
     """Pack a dense ``[rows, cols]`` matrix into ``layout`` with values in ``dtype`` (default: its own).
 
     Args:
-        matrix: the matrix, float16/bfloat16/float32, any device.
+        matrix: the matrix, float16/bfloat16/float32, any device; or codes (``CODE_DTYPES``) with ``scales``.
         layout: a key of ``LAYOUTS``, or ``AUTO`` for ``smallest``.
         dtype: value dtype of the packed matrix.
+        scales: ``[rows]`` row scales of codes (value = code · scale); only ``dense``, ``csr`` and ``bitmask``
+            store codes.
         **opts: layout options, e.g. ``block_size=32`` for ``bsr``.
     """
     if layout == AUTO:
-        return smallest(matrix, dtype=dtype)
-    return _layout_class(layout).from_dense(matrix, dtype=dtype, **opts)
+        return smallest(matrix, dtype=dtype, scales=scales)
+    cls = _layout_class(layout)
+    if scales is not None and layout not in AUTO_LAYOUTS:
+        raise ValueError(f"layout {layout!r} has no quantized values; use one of {list(AUTO_LAYOUTS)} for "
+                         f"{dtype_name(matrix.dtype)} codes, or decode them first")
+    return cls.from_dense(matrix, dtype=dtype, **({"scales": scales} if scales is not None else {}), **opts)
 
 
-def smallest(matrix: torch.Tensor, *, dtype: torch.dtype | None = None) -> PackedMatrix:
-    """``matrix`` ``[rows, cols]`` packed into each of ``AUTO_LAYOUTS`` with values in ``dtype``; the one with the
-    fewest stored bytes (``nbytes``), the earlier layout on a tie."""
-    return min((_layout_class(layout).from_dense(matrix, dtype=dtype) for layout in AUTO_LAYOUTS),
+def smallest(matrix: torch.Tensor, *, dtype: torch.dtype | None = None,
+             scales: torch.Tensor | None = None) -> PackedMatrix:
+    """``matrix`` ``[rows, cols]`` packed into each of ``AUTO_LAYOUTS`` with values in ``dtype`` (or codes with
+    ``scales``); the one with the fewest stored bytes (``nbytes``), the earlier layout on a tie."""
+    extra = {"scales": scales} if scales is not None else {}
+    return min((_layout_class(layout).from_dense(matrix, dtype=dtype, **extra) for layout in AUTO_LAYOUTS),
                key=lambda packed: packed.nbytes)
 
 
@@ -170,11 +180,12 @@ def check_meta(packed: PackedMatrix, prefix: str, meta: Mapping[str, Any]) -> No
         FormatError: naming the tensor that disagrees.
     """
     found = packed.meta()
-    for key, part in (("dtype", "values"), ("index_dtype", "col_idx"), ("bit_order", "bitmask"), ("nnz", "values")):
-        if meta.get(key) != found[key]:
+    for key, part in (("dtype", "values"), ("index_dtype", "col_idx"), ("bit_order", "bitmask"), ("nnz", "values"),
+                      ("scale_dtype", "scales")):
+        if meta.get(key) != found.get(key):
             raise FormatError(
-                part_name(prefix, part if part in packed.parts else "values"),
-                f"has {key} {found[key]!r} but the manifest says {meta.get(key)!r}",
+                part_name(prefix, part if part in packed.stored_parts else "values"),
+                f"has {key} {found.get(key)!r} but the manifest says {meta.get(key)!r}",
                 "re-export the checkpoint; the manifest and the tensors come from different writes",
             )
 
@@ -188,7 +199,7 @@ def kernel_layout(matrix: PackedMatrix, dtype: torch.dtype | None = None) -> Pac
     """
     if isinstance(matrix, (NibbleMatrix, DeltaMatrix)):
         return matrix if dtype in (None, matrix.dtype) else matrix.to(dtype=dtype)
-    dense = matrix.to_dense(dtype or matrix.dtype)
+    dense = matrix.to_dense(dtype or matrix.compute_dtype)  # quantized values are decoded: no GPU kernel reads codes
     rows, cols = dense.shape
     vb = dense.element_size()
     counts = group_counts(dense, 16)
@@ -196,7 +207,8 @@ def kernel_layout(matrix: PackedMatrix, dtype: torch.dtype | None = None) -> Pac
     b_nibble = nibble_bytes(rows, cols, per_group, 16, vb)
     b_delta = int(delta_entries(dense)[4].sum()) * (vb + 0.5) + 4 * (rows + 1)
     if min(b_nibble, b_delta) > 0.9 * rows * cols * vb:
-        return matrix if isinstance(matrix, DenseMatrix) and dense.dtype == matrix.dtype else DenseMatrix.from_dense(dense)
+        keep = isinstance(matrix, DenseMatrix) and dense.dtype == matrix.dtype
+        return matrix if keep else DenseMatrix.from_dense(dense)
     if b_nibble <= 1.1 * b_delta:
         return NibbleMatrix.from_dense(dense, per_group=per_group)
     return DeltaMatrix.from_dense(dense)

@@ -12,8 +12,8 @@ from typing import Any, ClassVar, Protocol
 
 import torch
 
-__all__ = ["CHUNK_BYTES", "VALUE_DTYPES", "FormatError", "KernelLayoutMixin", "PackedMatrix", "PackedMixin",
-           "dtype_name"]
+__all__ = ["CHUNK_BYTES", "CODE_DTYPES", "SCALE_DTYPES", "VALUE_DTYPES", "FormatError", "KernelLayoutMixin",
+           "PackedMatrix", "PackedMixin", "dtype_name"]
 
 # Value dtypes a packed matrix may hold, with the names the manifest uses.
 VALUE_DTYPES: dict[torch.dtype, str] = {
@@ -21,6 +21,13 @@ VALUE_DTYPES: dict[torch.dtype, str] = {
     torch.bfloat16: "bfloat16",
     torch.float32: "float32",
 }
+# Quantized values (docs/format.md "Quantized values"): codes of one byte with one scale per row, value =
+# code · scales[row]. The stored layouts (dense, csr, bitmask) hold them; the GPU layouts do not.
+CODE_DTYPES: dict[torch.dtype, str] = {
+    torch.int8: "int8",
+    torch.float8_e4m3fn: "float8_e4m3fn",
+}
+SCALE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _INDEX_DTYPES: dict[torch.dtype, str] = {torch.int16: "int16", torch.int32: "int32", torch.uint8: "uint8"}
 _FIX = "re-export the checkpoint"
 
@@ -68,7 +75,8 @@ class PackedMatrix(Protocol):
 
 def dtype_name(dtype: torch.dtype) -> str:
     """Manifest name of a value or index dtype (``torch.float16`` -> ``"float16"``)."""
-    return VALUE_DTYPES.get(dtype) or _INDEX_DTYPES.get(dtype) or str(dtype).removeprefix("torch.")
+    return (VALUE_DTYPES.get(dtype) or CODE_DTYPES.get(dtype) or _INDEX_DTYPES.get(dtype)
+            or str(dtype).removeprefix("torch."))
 
 
 def part_name(prefix: str, part: str) -> str:
@@ -76,14 +84,37 @@ def part_name(prefix: str, part: str) -> str:
     return f"{prefix}.{part}" if prefix else part
 
 
-def check_matrix(matrix: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
-    """Validate a dense input of ``from_dense`` and return it cast to the value dtype (default: its own)."""
+def check_matrix(matrix: torch.Tensor, dtype: torch.dtype | None, scales: torch.Tensor | None = None) -> torch.Tensor:
+    """Validate a dense input of ``from_dense`` and return it cast to the value dtype (default: its own). With
+    ``scales`` (``[rows]``), ``matrix`` holds codes (``CODE_DTYPES``) and is not cast."""
     if not isinstance(matrix, torch.Tensor) or matrix.dim() != 2:
         raise ValueError(f"expected a 2-D tensor, got {getattr(matrix, 'shape', type(matrix).__name__)}")
+    if scales is not None:
+        if matrix.dtype not in CODE_DTYPES or dtype not in (None, matrix.dtype):
+            raise TypeError(f"scales go with codes of {sorted(CODE_DTYPES.values())}, got {dtype_name(matrix.dtype)}")
+        if scales.dtype not in SCALE_DTYPES or tuple(scales.shape) != (matrix.shape[0],):
+            raise ValueError(f"scales must be float [{matrix.shape[0]}], got {dtype_name(scales.dtype)} "
+                             f"{list(scales.shape)}")
+        return matrix.detach().contiguous()
     target = dtype or matrix.dtype
     if target not in VALUE_DTYPES:
         raise TypeError(f"values must be one of {sorted(VALUE_DTYPES.values())}, got {dtype_name(target)}")
     return matrix.detach().to(target).contiguous()
+
+
+def check_scales(name: str, values: torch.Tensor, scales: torch.Tensor | None, rows: int) -> None:
+    """Codes (``CODE_DTYPES``) need float ``scales`` ``[rows]``, finite and ≥ 0; float values none. Raises
+    FormatError naming ``<prefix>.scales`` (``name``) or, for scales next to float values, the values."""
+    if values.dtype not in CODE_DTYPES:
+        if scales is not None:
+            raise FormatError(name, f"is stored next to {dtype_name(values.dtype)} values; only "
+                                    f"{' or '.join(sorted(CODE_DTYPES.values()))} values have scales")
+        return
+    if scales is None:
+        raise FormatError(name, f"is missing; {dtype_name(values.dtype)} values need one scale per row")
+    check_tensor(name, scales, SCALE_DTYPES, (rows,))
+    if rows and not bool((torch.isfinite(scales) & (scales >= 0)).all()):
+        raise FormatError(name, "holds a negative, NaN or infinite scale")
 
 
 # Upper bound on the temporary that one decompressed row chunk of a weight occupies in ``PackedMixin.matmul``.
@@ -98,6 +129,22 @@ class PackedMixin:
     options: ClassVar[tuple[str, ...]] = ()
     shape: tuple[int, int]
     values: torch.Tensor
+    scales: torch.Tensor | None = None  # row scales of quantized values (the stored layouts' dataclass field)
+
+    @property
+    def stored_parts(self) -> tuple[str, ...]:
+        """The parts this matrix stores: ``parts``, plus ``scales`` when its values are codes."""
+        return self.parts + ("scales",) if self.scales is not None else self.parts
+
+    @property
+    def quantized(self) -> bool:
+        """Whether the values are codes with row scales (``CODE_DTYPES``)."""
+        return self.scales is not None
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The floating dtype the matrix decodes to by default: the scales' for codes, else the values'."""
+        return self.scales.dtype if self.scales is not None else self.values.dtype
 
     @classmethod
     def from_packed(cls, other: Any, *, dtype: torch.dtype | None = None, **opts: Any):
@@ -105,7 +152,9 @@ class PackedMixin:
         through one dense temporary of the matrix on its device. A matrix already in this layout is only cast."""
         if type(other) is cls and not opts:
             return other if dtype in (None, other.dtype) else other.to(dtype=dtype)
-        return cls.from_dense(other.to_dense(), dtype=dtype or other.dtype, **opts)
+        if other.quantized and dtype in (None, other.dtype):  # codes move between layouts unchanged
+            return cls.from_dense(other.dense_codes(), scales=other.scales, **opts)
+        return cls.from_dense(other.to_dense(), dtype=dtype or other.compute_dtype, **opts)
 
     def kernel_ready(self, device: torch.device) -> bool:
         """True when the Triton kernels compute with this layout on ``device`` (``dsf_runtime.kernels``); the
@@ -140,9 +189,18 @@ class PackedMixin:
         return y.to(out_dtype).reshape(*x.shape[:-1], rows)
 
     def meta(self) -> dict[str, Any]:
-        """The manifest's per-factor entry: the common fields, then the layout's own (``_meta_fields``)."""
+        """The manifest's per-factor entry: the common fields, then the layout's own (``_meta_fields``), then
+        ``scale_dtype`` for quantized values."""
+        scale = {"scale_dtype": dtype_name(self.scales.dtype)} if self.scales is not None else {}
         return {"shape": list(self.shape), "layout": self.layout, "dtype": dtype_name(self.dtype), "nnz": self.nnz,
-                "index_dtype": None, "block_size": None, "bit_order": None, **self._meta_fields()}
+                "index_dtype": None, "block_size": None, "bit_order": None, **self._meta_fields(), **scale}
+
+    def dense_codes(self) -> torch.Tensor:
+        """The codes as a dense ``[rows, cols]`` matrix in the codes' dtype, zero where nothing is stored (a
+        quantized matrix only)."""
+        if self.scales is None:
+            raise TypeError(f"a {dtype_name(self.dtype)} {self.layout} matrix has no codes")
+        return self._scatter_rows(0, self.shape[0], torch.float32).to(self.dtype)
 
     def _meta_fields(self) -> dict[str, Any]:
         """Manifest fields of this layout besides the common ones (``meta``)."""
@@ -167,19 +225,35 @@ class PackedMixin:
         return sum(t.numel() * t.element_size() for t in self.to_tensors().values())
 
     def to_dense(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The matrix, ``[rows, cols]`` in ``dtype`` (default: the values' dtype)."""
+        """The matrix, ``[rows, cols]`` in ``dtype`` (default: ``compute_dtype``); codes times their row scales."""
         return self.dense_rows(0, self.shape[0], dtype)
+
+    def dense_rows(self, start: int, stop: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Rows ``start:stop`` as a dense ``[stop - start, cols]`` tensor in ``dtype`` (default:
+        ``compute_dtype``); quantized values are decoded in fp32 (code · row scale), then cast."""
+        dtype = dtype or self.compute_dtype
+        if self.scales is None:
+            return self._scatter_rows(start, stop, dtype)
+        rows = self._scatter_rows(start, stop, torch.float32) * self.scales[start:stop].float().unsqueeze(1)
+        return rows.to(dtype)
+
+    def _scatter_rows(self, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
+        """Rows ``start:stop`` of the stored values (codes as numbers, no scales) as a dense tensor in ``dtype``."""
+        raise NotImplementedError
 
     def to_tensors(self, prefix: str = "") -> dict[str, torch.Tensor]:
         """The tensors to store, named ``"<prefix>.<part>"``."""
-        return {part_name(prefix, p): getattr(self, p) for p in self.parts}
+        return {part_name(prefix, p): getattr(self, p) for p in self.stored_parts}
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None):
-        """A copy on ``device`` with values cast to ``dtype`` (indices keep their dtype)."""
-        moved = {p: getattr(self, p).to(device) for p in self.parts}
+        """A copy on ``device`` with values cast to ``dtype`` (indices keep their dtype). Quantized values cast to
+        a float ``dtype`` are decoded (code · row scale) and the matrix is packed again without scales."""
+        moved = {p: getattr(self, p).to(device) for p in self.stored_parts}
         if dtype is not None:
             if dtype not in VALUE_DTYPES:
                 raise TypeError(f"values must be one of {sorted(VALUE_DTYPES.values())}, got {dtype_name(dtype)}")
+            if self.scales is not None:
+                return type(self).from_dense(dataclasses.replace(self, **moved).to_dense(dtype), dtype=dtype)
             moved["values"] = moved["values"].to(dtype)
         return dataclasses.replace(self, **moved)
 
@@ -204,7 +278,10 @@ class PackedMixin:
         missing = [part_name(prefix, p) for p in cls.parts if part_name(prefix, p) not in tensors]
         if missing:
             raise FormatError(missing[0], "is missing", "re-export the checkpoint (it must hold every part)")
-        return {p: tensors[part_name(prefix, p)] for p in cls.parts}
+        taken = {p: tensors[part_name(prefix, p)] for p in cls.parts}
+        if part_name(prefix, "scales") in tensors:
+            taken["scales"] = tensors[part_name(prefix, "scales")]
+        return taken
 
 
 class KernelLayoutMixin(PackedMixin):
@@ -312,5 +389,5 @@ def offsets(counts: torch.Tensor) -> torch.Tensor:
 
 
 def count_nonzero(values: torch.Tensor) -> int:
-    """Number of non-zero elements (NaN counts as non-zero)."""
-    return int(torch.count_nonzero(values))
+    """Number of non-zero elements (NaN counts as non-zero; any value dtype, float8 codes included)."""
+    return int((values != 0).sum())

@@ -12,11 +12,13 @@ from typing import Any, ClassVar
 import torch
 
 from dsf_runtime.formats._common import (
+    CODE_DTYPES,
     VALUE_DTYPES,
     FormatError,
     PackedMixin,
     check_matrix,
     check_row_ptr,
+    check_scales,
     check_tensor,
     nonzero_entries,
     offsets,
@@ -31,6 +33,8 @@ _LOGGED: set[str] = set()  # fallback reasons already logged
 # kernel: measured on the 2-core VM, fp16 values at density 0.3, 1536x576: 9.2 vs 9.7 ms at 128 tokens, 92 vs 22 ms
 # at 1024 (576x576: 3.0 vs 4.0 ms, 37 vs 8.7 ms). Decode and small batches use the kernel.
 CPU_KERNEL_MAX_TOKENS = 128
+# Values the CPU kernel reads: floats, and int8 codes with row scales (float8 codes take the pure-torch path).
+_KERNEL_DTYPES = (*VALUE_DTYPES, torch.int8)
 
 
 def pack_bits(mask: torch.Tensor) -> torch.Tensor:
@@ -64,7 +68,7 @@ def popcount_rows(bitmask: torch.Tensor) -> torch.Tensor:
 def cpu_linear(factors: Sequence[object], x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor | None:
     """``y = F₀·(F₁·(…·x))`` in one call of the compiled CPU kernel (``dsf_runtime.kernels.cpu.bitmask_linear``:
     fp32 accumulation, fp32 intermediates kept in cache), or None when the kernel does not take it: a factor is
-    not a CPU ``BitmaskMatrix``, ``x`` is not on the CPU, more than ``CPU_KERNEL_MAX_TOKENS`` tokens (the
+    not a CPU ``BitmaskMatrix`` with float or int8 values, ``x`` is not on the CPU, more than ``CPU_KERNEL_MAX_TOKENS`` tokens (the
     pure-torch unpack + GEMM is faster there), or, logged once with the reason, the kernel is not built or
     autograd needs a graph. The caller then runs the pure-torch path.
 
@@ -78,7 +82,8 @@ def cpu_linear(factors: Sequence[object], x: torch.Tensor, out_dtype: torch.dtyp
     """
     cols = x.shape[-1]
     if (x.device.type != "cpu" or x.numel() > CPU_KERNEL_MAX_TOKENS * cols
-            or not all(type(f) is BitmaskMatrix and f.values.device.type == "cpu" for f in factors)
+            or not all(type(f) is BitmaskMatrix and f.values.device.type == "cpu" and f.dtype in _KERNEL_DTYPES
+                       for f in factors)
             or factors[-1].shape[1] != cols):
         return None
     from dsf_runtime.kernels import cpu
@@ -92,7 +97,7 @@ def cpu_linear(factors: Sequence[object], x: torch.Tensor, out_dtype: torch.dtyp
             logger.info("bitmask matmul on the CPU uses the pure-torch path: %s", reason)
         return None
     x32 = (x if x.dtype == torch.float32 else x.float()).contiguous()
-    y = cpu.bitmask_linear(x32, [(f.values, f.bitmask, f.row_ptr, None, f.shape[1]) for f in factors])
+    y = cpu.bitmask_linear(x32, [(f.values, f.bitmask, f.row_ptr, f.scales, f.shape[1]) for f in factors])
     out_dtype = out_dtype or x.dtype
     return y if out_dtype == torch.float32 else y.to(out_dtype)
 
@@ -102,10 +107,12 @@ class BitmaskMatrix(PackedMixin):
     """One presence bit per element plus the non-zero values.
 
     Tensors:
-        values: ``[nnz]`` float16, bfloat16 or float32; non-zeros row by row, columns ascending.
+        values: ``[nnz]`` float16, bfloat16 or float32; non-zeros row by row, columns ascending. Or codes (int8,
+            float8_e4m3fn) with ``scales``.
         bitmask: ``[rows, ceil(cols / 8)]`` uint8; element ``(i, j)`` is stored iff
             ``(bitmask[i, j >> 3] >> (j & 7)) & 1`` (bit order ``little``); padding bits are 0.
         row_ptr: ``[rows + 1]`` int32; ``row_ptr[i + 1] - row_ptr[i]`` is the popcount of row ``i``.
+        scales: ``[rows]`` float16/bfloat16/float32 for codes (value = code · ``scales[row]``), else None.
 
     Scalars:
         shape: ``(rows, cols)``.
@@ -115,20 +122,23 @@ class BitmaskMatrix(PackedMixin):
     bitmask: torch.Tensor
     row_ptr: torch.Tensor
     shape: tuple[int, int]
+    scales: torch.Tensor | None = None
 
     layout: ClassVar[str] = "bitmask"
     parts: ClassVar[tuple[str, ...]] = ("values", "bitmask", "row_ptr")
 
     @classmethod
-    def from_dense(cls, matrix: torch.Tensor, *, dtype: torch.dtype | None = None) -> BitmaskMatrix:
-        """Pack the non-zeros of ``matrix`` ([rows, cols]) after casting it to ``dtype`` (default: its own).
+    def from_dense(cls, matrix: torch.Tensor, *, dtype: torch.dtype | None = None,
+                   scales: torch.Tensor | None = None) -> BitmaskMatrix:
+        """Pack the non-zeros of ``matrix`` ([rows, cols]) after casting it to ``dtype`` (default: its own); with
+        ``scales`` (``[rows]``), ``matrix`` holds codes (int8, float8_e4m3fn), stored with their row scales.
 
         Zeros produced by the cast are dropped; ``-0.0`` counts as zero (it unpacks as ``+0.0``).
         """
-        dense = check_matrix(matrix, dtype)
+        dense = check_matrix(matrix, dtype, scales)
         mask, _, values = nonzero_entries(dense)
         row_ptr = offsets(mask.sum(dim=1, dtype=torch.int32))
-        return cls(values=values, bitmask=pack_bits(mask), row_ptr=row_ptr, shape=tuple(dense.shape))
+        return cls(values=values, bitmask=pack_bits(mask), row_ptr=row_ptr, shape=tuple(dense.shape), scales=scales)
 
     def matmul(self, x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
         """``y = x·Wᵀ``: on the CPU through the compiled kernel when ``cpu_linear`` takes it, else
@@ -149,10 +159,9 @@ class BitmaskMatrix(PackedMixin):
         """Number of stored values."""
         return self.values.numel()
 
-    def dense_rows(self, start: int, stop: int, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """Rows ``start:stop`` as a dense ``[stop - start, cols]`` tensor in ``dtype`` (default: values' dtype)."""
+    def _scatter_rows(self, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
         mask = unpack_bits(self.bitmask[start:stop], self.shape[1])
-        out = torch.zeros(mask.shape, dtype=dtype or self.dtype, device=self.device)
+        out = torch.zeros(mask.shape, dtype=dtype, device=self.device)
         lo, hi = int(self.row_ptr[start]), int(self.row_ptr[stop])
         return out.masked_scatter_(mask, self.values[lo:hi].to(out.dtype))
 
@@ -161,7 +170,8 @@ class BitmaskMatrix(PackedMixin):
         tensor."""
         rows, cols = self.shape
         name = partial(part_name, prefix)
-        check_tensor(name("values"), self.values, tuple(VALUE_DTYPES), (None,))
+        check_tensor(name("values"), self.values, (*VALUE_DTYPES, *CODE_DTYPES), (None,))
+        check_scales(name("scales"), self.values, self.scales, rows)
         check_tensor(name("bitmask"), self.bitmask, (torch.uint8,), (rows, (cols + 7) // 8))
         check_row_ptr(name("row_ptr"), self.row_ptr, rows, self.values.shape[0])
         if cols % 8 and rows:

@@ -9,11 +9,13 @@ from typing import Any, ClassVar
 import torch
 
 from dsf_runtime.formats._common import (
+    CODE_DTYPES,
     VALUE_DTYPES,
     PackedMixin,
     check_indices,
     check_matrix,
     check_row_ptr,
+    check_scales,
     check_tensor,
     dtype_name,
     nonzero_entries,
@@ -33,9 +35,11 @@ class CSRMatrix(PackedMixin):
     """Compressed sparse rows.
 
     Tensors:
-        values: ``[nnz]`` float16, bfloat16 or float32; non-zeros row by row, columns ascending.
+        values: ``[nnz]`` float16, bfloat16 or float32; non-zeros row by row, columns ascending. Or codes (int8,
+            float8_e4m3fn) with ``scales``.
         col_idx: ``[nnz]`` int16 if ``cols <= 32768`` else int32; the column of each value.
         row_ptr: ``[rows + 1]`` int32; row ``i`` owns ``values[row_ptr[i]:row_ptr[i + 1]]``.
+        scales: ``[rows]`` float16/bfloat16/float32 for codes (value = code · ``scales[row]``), else None.
 
     Scalars:
         shape: ``(rows, cols)``.
@@ -45,23 +49,26 @@ class CSRMatrix(PackedMixin):
     col_idx: torch.Tensor
     row_ptr: torch.Tensor
     shape: tuple[int, int]
+    scales: torch.Tensor | None = None
 
     layout: ClassVar[str] = "csr"
     parts: ClassVar[tuple[str, ...]] = ("values", "col_idx", "row_ptr")
 
     @classmethod
-    def from_dense(cls, matrix: torch.Tensor, *, dtype: torch.dtype | None = None) -> CSRMatrix:
-        """Pack the non-zeros of ``matrix`` ([rows, cols]) after casting it to ``dtype`` (default: its own).
+    def from_dense(cls, matrix: torch.Tensor, *, dtype: torch.dtype | None = None,
+                   scales: torch.Tensor | None = None) -> CSRMatrix:
+        """Pack the non-zeros of ``matrix`` ([rows, cols]) after casting it to ``dtype`` (default: its own); with
+        ``scales`` (``[rows]``), ``matrix`` holds codes (int8, float8_e4m3fn), stored with their row scales.
 
         Zeros produced by the cast are dropped; ``-0.0`` counts as zero (it unpacks as ``+0.0``).
         """
-        dense = check_matrix(matrix, dtype)
+        dense = check_matrix(matrix, dtype, scales)
         rows, cols = dense.shape
         mask, positions, values = nonzero_entries(dense)
         row_ptr = offsets(mask.sum(dim=1, dtype=torch.int32))
         index_dtype = torch.int16 if cols <= INT16_MAX_COLS else torch.int32
         col_idx = (positions % max(cols, 1)).to(index_dtype)
-        return cls(values=values, col_idx=col_idx, row_ptr=row_ptr, shape=(rows, cols))
+        return cls(values=values, col_idx=col_idx, row_ptr=row_ptr, shape=(rows, cols), scales=scales)
 
 
     @property
@@ -73,10 +80,9 @@ class CSRMatrix(PackedMixin):
     def index_dtype(self) -> torch.dtype:
         return self.col_idx.dtype
 
-    def dense_rows(self, start: int, stop: int, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """Rows ``start:stop`` as a dense ``[stop - start, cols]`` tensor in ``dtype`` (default: values' dtype)."""
+    def _scatter_rows(self, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
         cols = self.shape[1]
-        out = torch.zeros(stop - start, cols, dtype=dtype or self.dtype, device=self.device)
+        out = torch.zeros(stop - start, cols, dtype=dtype, device=self.device)
         lo, hi = int(self.row_ptr[start]), int(self.row_ptr[stop])
         if hi > lo:
             rows = row_ids(self.row_ptr, start, stop, hi - lo)
@@ -87,7 +93,8 @@ class CSRMatrix(PackedMixin):
         """Check dtypes, shapes, ``row_ptr`` and column indices; raises FormatError naming the tensor."""
         rows, cols = self.shape
         name = partial(part_name, prefix)
-        check_tensor(name("values"), self.values, tuple(VALUE_DTYPES), (None,))
+        check_tensor(name("values"), self.values, (*VALUE_DTYPES, *CODE_DTYPES), (None,))
+        check_scales(name("scales"), self.values, self.scales, rows)
         nnz = self.values.shape[0]
         index_dtypes = (torch.int16, torch.int32) if cols <= INT16_MAX_COLS else (torch.int32,)
         check_tensor(name("col_idx"), self.col_idx, index_dtypes, (nnz,))

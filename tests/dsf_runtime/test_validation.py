@@ -55,7 +55,7 @@ def test_csr_dtype_and_shape_errors() -> None:
     cases = [
         (
             dataclasses.replace(packed, values=packed.values.int()),
-            "'m.A.values' is int32, expected float16 or bfloat16 or float32",
+            "'m.A.values' is int32, expected float16 or bfloat16 or float32 or int8 or float8_e4m3fn",
         ),
         (dataclasses.replace(packed, col_idx=packed.col_idx.long()), "'m.A.col_idx' is int64, expected int16 or int32"),
         (dataclasses.replace(packed, row_ptr=packed.row_ptr.long()), "'m.A.row_ptr' is int64, expected int32"),

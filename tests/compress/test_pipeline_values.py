@@ -1,0 +1,125 @@
+"""``compress_model(values="int8"/"fp8")`` on the 2-block SmolLM2: codes with row scales in the output, the
+reloaded model equal to the quantized model in memory, the recorded errors those of the decoded values, resume
+after an interruption bit-exact, and the settings that cannot store quantized values refused."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from compress.api import CompressConfig, ConfigError, compress_model
+from compress.data import load_calibration
+from compress.output import PARTIAL_DIR
+from compress.quantize import codes_of, quantize_result
+from compress.solvers import make_config, solve_group
+from tests.compress.test_pipeline import two_block_smollm2
+
+SETTINGS = {"method": "dsf", "density": 0.5, "solver_options": {"iters": 2, "finalize_iters": 2}, "samples": 4,
+            "seqlen": 64, "device": "cpu", "batch_size": 2, "embedding": "keep"}
+
+
+@pytest.fixture(scope="module")
+def smol():
+    return two_block_smollm2()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("method", "values", "dtype"), [("dsf", "int8", "int8"), ("sparsegpt", "fp8", "float8_e4m3fn")])
+def test_quantized_output_reloads_as_the_quantized_model(smol, tmp_path, method, values, dtype):
+    import dsf_runtime
+
+    model, tokenizer = copy.deepcopy(smol[0]), smol[1]
+    settings = {**SETTINGS, "method": method, "solver_options": SETTINGS["solver_options"] if method == "dsf" else {}}
+    config = CompressConfig(**settings, values=values, save_dtype="float32")  # fp32 scales: the decode is exact
+    report = compress_model(config, tmp_path / "out", model=model, tokenizer=tokenizer, progress=False)
+    manifest = json.loads((tmp_path / "out" / "dsf_manifest.json").read_text())
+    assert manifest["compression"]["values"] == values
+    reported = {row["name"]: row for row in report["layer_errors"]["layers"]}
+    for name, entry in manifest["layers"].items():
+        for factor in entry["factors"].values():
+            assert (factor["dtype"], factor["scale_dtype"]) == (dtype, "float32"), name
+        assert entry["relative_error"] == reported[name]["relative_error"]
+    with dsf_runtime.open_compressed(tmp_path / "out") as ckpt:
+        assert ckpt.size_summary()["linear_ratio"] < 0.45  # one byte per value instead of two
+        layer = ckpt.load_layer("model.layers.1.mlp.down_proj")
+        assert layer.kind == ("dsf" if method == "dsf" else "single")
+    # the model in memory holds the decoded product: the stored codes decode to exactly its weight
+    torch.testing.assert_close(layer.weight(), model.get_submodule("model.layers.1.mlp.down_proj").weight,
+                               rtol=1e-6, atol=1e-7)
+    ids = load_calibration(tokenizer, "persuasion", 2, 32, 1)
+    with torch.inference_mode():
+        want = model(input_ids=ids, use_cache=False).logits
+        got = dsf_runtime.from_pretrained(tmp_path / "out")(input_ids=ids, use_cache=False).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_quantize_result_errors_and_codes_are_exact(smol):
+    model = smol[0]
+    linear = model.get_submodule("model.layers.0.mlp.down_proj")
+    weight = linear.weight.detach().float()
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(256, weight.shape[1], generator=gen)
+    hessian = 2 * x.T @ x / x.shape[0]
+    result = solve_group([weight], hessian, make_config("dsf", 0.5, iters=2, finalize_iters=2))[0]
+    quantized = quantize_result(result, weight, hessian, "int8", "down_proj")
+    assert quantized.values == "int8" and set(quantized.scales) == {"A", "B"}
+    for key, factor in quantized.factors.items():
+        codes = codes_of(factor, quantized.scales[key], "int8")
+        assert codes.dtype == torch.int8 and int(codes.abs().max()) <= 127
+        assert torch.equal(codes.float() * quantized.scales[key].float()[:, None], factor)  # exact decode
+        assert torch.equal(factor != 0, codes != 0)
+        assert not bool(((result.factors[key] == 0) & (factor != 0)).any()), "the mask is kept"
+    approx = (quantized.factors["A"].double() @ quantized.factors["B"].double()) - weight.double()
+    assert quantized.error == pytest.approx(float(torch.sum((approx @ hessian.double()) * approx)), rel=1e-9)
+    reference = float(torch.sum((weight.double() @ hessian.double()) * weight.double()))
+    assert quantized.relative_error == pytest.approx(quantized.error / reference, rel=1e-9)
+    # (the error may be below the fp32 solve's: quantize_dsf refits A against B̂ with 20 more finalize steps)
+    with pytest.raises(ValueError, match="layer 'down_proj': values must be one of int8, fp8, got 'int4'"):
+        quantize_result(result, weight, hessian, "int4", "down_proj")
+
+
+@pytest.mark.slow
+def test_resume_of_a_quantized_run_is_bit_exact(smol, tmp_path, monkeypatch):
+    import compress.calibration as calibration
+
+    model, tokenizer = smol
+    config = CompressConfig(**{**SETTINGS, "method": "sparsegpt", "solver_options": {}}, values="int8")
+    compress_model(config, tmp_path / "full", model=copy.deepcopy(model), tokenizer=tokenizer, progress=False)
+    real, calls = calibration.solve_group, []
+
+    def interrupted(weights, hessian, solver_config, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:  # block 1, first group
+            raise RuntimeError("simulated interruption")
+        return real(weights, hessian, solver_config, **kwargs)
+
+    monkeypatch.setattr(calibration, "solve_group", interrupted)
+    part = tmp_path / "part"
+    with pytest.raises(RuntimeError, match="simulated interruption"):
+        compress_model(config, part, model=copy.deepcopy(model), tokenizer=tokenizer, progress=False)
+    stored = load_file(part / PARTIAL_DIR / "block-00000.safetensors")
+    assert "model.layers.0.mlp.down_proj.W.scales" in stored
+    with pytest.raises(ValueError, match=r"different settings \(values: 'int8' -> 'fp8'\)"):
+        compress_model(CompressConfig(**{**config.__dict__, "values": "fp8"}), part, resume=True,
+                       model=copy.deepcopy(model), tokenizer=tokenizer, progress=False)
+    monkeypatch.setattr(calibration, "solve_group", real)
+    compress_model(config, part, resume=True, model=copy.deepcopy(model), tokenizer=tokenizer, progress=False)
+    expected, resumed = load_file(tmp_path / "full" / "model.safetensors"), load_file(part / "model.safetensors")
+    assert sorted(resumed) == sorted(expected)
+    for name in expected:
+        assert torch.equal(resumed[name].view(torch.uint8), expected[name].view(torch.uint8)), name
+
+
+def test_settings_without_a_stored_encoding_are_refused(monkeypatch, tmp_path):
+    with pytest.raises(ConfigError, match="int4 is measured .* but has no file encoding yet"):
+        CompressConfig(values="int4")
+    from compress import distributed
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(ConfigError, match="int8 values are quantized in one process only; run without --nproc"):
+        distributed.compress_model(CompressConfig(values="int8"), tmp_path / "x")

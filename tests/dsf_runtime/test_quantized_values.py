@@ -1,0 +1,203 @@
+"""Quantized factor values (docs/format.md "Quantized values"): int8 / float8 codes with one scale per row in the
+``dense``, ``csr`` and ``bitmask`` layouts, against float64; files round-tripped bit-exact through both loaders and
+the exporter; and the errors for tensors or manifests that disagree."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from compress.quantize import Fp8Values, Int8Values, quantize_rtn
+from dsf_runtime import CompressedLayer, from_pretrained, save_compressed
+from dsf_runtime.checkpoint import FILE_METADATA, MANIFEST_NAME, SINGLE_FILE, CheckpointError, open_compressed
+from dsf_runtime.formats import FormatError, from_meta, kernel_layout, pack
+from tests.dsf_runtime.helpers import linear_names, tiny_llama, uncompressed
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+FORMATS = {"int8": Int8Values(), "fp8": Fp8Values()}
+IDS = torch.tensor([[1, 5, 9, 13, 17, 21, 3, 127]])
+
+
+def _codes(weight: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Codes ``[rows, cols]``, fp16 row scales and the float64 matrix they encode, for ``weight``'s non-zeros."""
+    quantized = quantize_rtn(weight, FORMATS[name])
+    dense = torch.zeros(weight.shape)
+    dense[quantized.mask] = quantized.codes.float()
+    return dense.to(quantized.codes.dtype), quantized.scales, quantized.dequantize().double()
+
+
+def _sparse(rows: int, cols: int, seed: int = 0, density: float = 0.4) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, cols, generator=gen)
+    w[torch.rand(rows, cols, generator=gen) >= density] = 0
+    w[0] = 0  # an empty row
+    return w
+
+
+@pytest.mark.parametrize("name", sorted(FORMATS))
+@pytest.mark.parametrize("layout", ["dense", "csr", "bitmask", "auto"])
+@pytest.mark.parametrize("tokens", [1, 3, 140])
+def test_codes_decode_and_multiply_like_float64(name, layout, tokens):
+    codes, scales, reference = _codes(_sparse(37, 70, seed=tokens), name)
+    packed = pack(codes, layout, scales=scales)
+    packed.validate("w")
+    assert packed.quantized and packed.dtype == codes.dtype and packed.compute_dtype == torch.float16
+    assert torch.equal(packed.to_dense(torch.float64), reference)
+    assert torch.equal(packed.dense_codes(), codes)
+    again = from_meta(packed.to_tensors("w"), "w", packed.meta())
+    assert set(again.to_tensors()) == set(packed.to_tensors()) and "scales" in again.stored_parts
+    for key, tensor in packed.to_tensors().items():
+        assert torch.equal(again.to_tensors()[key].view(torch.uint8) if tensor.itemsize == 1 else
+                           again.to_tensors()[key], tensor.view(torch.uint8) if tensor.itemsize == 1 else tensor)
+    x = torch.randn(tokens, 70, generator=torch.Generator().manual_seed(1))
+    y = packed.matmul(x)  # bitmask int8: the compiled CPU kernel when built; the others: pure torch
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y.double(), x.double() @ reference.T, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(FORMATS))
+def test_cast_decodes_and_gpu_layout_decodes(name):
+    codes, scales, reference = _codes(_sparse(20, 48), name)
+    packed = pack(codes, "bitmask", scales=scales)
+    cast = packed.to(dtype=torch.float32)
+    assert not cast.quantized and torch.equal(cast.to_dense(torch.float64), reference)
+    kernel = kernel_layout(packed)
+    assert kernel.dtype == torch.float16 and torch.equal(kernel.to_dense(torch.float64), reference.half().double())
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda t: t.pop("w.scales"), r"'w.scales' is missing; int8 values need one scale per row"),
+        (lambda t: t.update({"w.scales": t["w.scales"][:-1]}), r"'w.scales' has shape \[19\], expected \[20\]"),
+        (lambda t: t.update({"w.scales": -t["w.scales"]}), "'w.scales' holds a negative, NaN or infinite scale"),
+        (lambda t: t.update({"w.scales": t["w.scales"].int()}), "'w.scales' is int32, expected"),
+        (lambda t: t.update({"w.values": t["w.values"].half()}), "'w.scales' is stored next to float16 values"),
+    ],
+)
+def test_bad_scales_name_the_tensor(change, message):
+    codes, scales, _ = _codes(_sparse(20, 48), "int8")
+    tensors = pack(codes, "csr", scales=scales).to_tensors("w")
+    change(tensors)
+    with pytest.raises(FormatError, match=message):
+        from_meta(tensors, "w", {"layout": "csr", "shape": [20, 48]} | pack(codes, "csr", scales=scales).meta())
+
+
+def test_layouts_without_codes_refuse_them():
+    codes, scales, _ = _codes(_sparse(20, 48), "int8")
+    with pytest.raises(ValueError, match="layout 'nibble' has no quantized values"):
+        pack(codes, "nibble", scales=scales)
+
+
+def _directory(tmp_path: Path, name: str) -> tuple[Path, torch.nn.Module]:
+    """A tiny Llama whose linears are DSF factors with ``name`` codes (bitmask), stored with fp16 tensors; and its
+    fp32 reference with exactly the decoded weights."""
+    model = tiny_llama()
+    layers = {}
+    for i, layer_name in enumerate(linear_names(model)):
+        linear = model.get_submodule(layer_name)
+        out, inp = linear.weight.shape
+        # factors of magnitude ~0.15, so that the product is O(1/30) like a trained weight, not a chaotic network
+        a, sa, ra = _codes(_sparse(out, inp, seed=2 * i, density=0.2) * 0.15, name)
+        b, sb, rb = _codes(_sparse(inp, inp, seed=2 * i + 1, density=0.2) * 0.15, name)
+        layers[layer_name] = CompressedLayer.from_dense("dsf", {"A": a, "B": b}, scales={"A": sa, "B": sb},
+                                                        method="test", layout="auto")
+        with torch.no_grad():
+            linear.weight.copy_((ra @ rb).float())
+    model.half().float()
+    tensors = {k: v.half() for k, v in uncompressed(model, layers).items() if k != "lm_head.weight"}
+    for layer_name, layer in layers.items():  # the reference: exactly the decoded product
+        with torch.no_grad():
+            model.get_submodule(layer_name).weight.copy_(layer.weight())
+    directory = save_compressed(tmp_path / name, tensors=tensors, layers=layers, config_source=model.config.to_dict())
+    return directory, model
+
+
+@pytest.mark.parametrize("name", sorted(FORMATS))
+def test_both_loaders_run_the_codes_and_save_pretrained_round_trips(tmp_path, name):
+    from transformers import AutoModelForCausalLM
+
+    directory, reference = _directory(tmp_path, name)
+    manifest = json.loads((directory / MANIFEST_NAME).read_text())
+    factor = next(iter(manifest["layers"].values()))["factors"]["A"]
+    assert factor["dtype"] == {"int8": "int8", "fp8": "float8_e4m3fn"}[name] and factor["scale_dtype"] == "float16"
+    assert json.loads((directory / "config.json").read_text())["quantization_config"]["value_dtypes"] == [factor["dtype"]]
+    with torch.inference_mode():
+        expected = reference.double()(IDS).logits
+    for model in (from_pretrained(directory), AutoModelForCausalLM.from_pretrained(directory)):
+        with torch.inference_mode():
+            torch.testing.assert_close(model(IDS).logits.double(), expected, rtol=1e-4, atol=1e-4)
+    model.save_pretrained(tmp_path / "again")
+    stored, again = load_file(directory / SINGLE_FILE), load_file(tmp_path / "again" / SINGLE_FILE)
+    assert stored.keys() == again.keys()
+    for key, tensor in stored.items():
+        assert torch.equal(again[key].view(torch.uint8), tensor.view(torch.uint8)), key
+
+
+@pytest.mark.parametrize("name", sorted(FORMATS))
+def test_export_keeps_codes_bit_exact_and_decodes_where_asked(tmp_path, name):
+    from exporters.config import ExportConfig
+    from exporters.layouts import convert_layout
+
+    directory, _ = _directory(tmp_path, name)
+    csr = convert_layout(directory, tmp_path / "csr", ExportConfig(layout="csr", embedding="keep"))
+    back = convert_layout(csr, tmp_path / "back", ExportConfig(layout="auto", embedding="keep"))
+    first, last = load_file(directory / SINGLE_FILE), load_file(back / SINGLE_FILE)
+    assert first.keys() == last.keys()
+    for key, tensor in first.items():
+        assert torch.equal(last[key].view(torch.uint8), tensor.view(torch.uint8)), key
+    with open_compressed(csr) as ckpt:
+        assert {f["layout"] for e in ckpt.layers.values() for f in e["factors"].values()} == {"csr"}
+    decoded = convert_layout(directory, tmp_path / "fp16", ExportConfig(layout="bitmask", dtype="float16"))
+    nibble = convert_layout(directory, tmp_path / "nibble", ExportConfig(layout="nibble"))
+    with open_compressed(directory) as src, open_compressed(decoded) as a, open_compressed(nibble) as b:
+        for fqn in src.layers:
+            want = src.load_layer(fqn).to(dtype=torch.float16).weight()  # decoded, then rounded to fp16
+            assert a.manifest["layers"][fqn]["factors"]["A"]["dtype"] == "float16"
+            assert torch.equal(a.load_layer(fqn).weight(), want) and torch.equal(b.load_layer(fqn).weight(), want)
+
+
+def _rewrite_manifest(directory: Path, change) -> None:
+    data = json.loads((directory / MANIFEST_NAME).read_text())
+    change(next(iter(data["layers"].values()))["factors"]["A"])
+    (directory / MANIFEST_NAME).write_text(json.dumps(data))
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda f: f.update(layout="nibble", group=16, per_group=16), "holds int8 codes in layout 'nibble'"),
+        (lambda f: f.pop("scale_dtype"), "has scale_dtype None, expected one of"),
+        (lambda f: f.update(scale_dtype="bfloat16"), "has scale_dtype 'float16' but the manifest says 'bfloat16'"),
+        (lambda f: f.update(dtype="int4"), "has dtype 'int4', expected one of"),
+    ],
+)
+def test_manifest_that_disagrees_is_an_error(tmp_path, change, message):
+    directory, _ = _directory(tmp_path, "int8")
+    _rewrite_manifest(directory, change)
+    with pytest.raises(CheckpointError, match=message) as info:
+        from_pretrained(directory)
+    assert str(directory) in str(info.value)
+
+
+def test_a_missing_scales_tensor_is_named(tmp_path):
+    directory, _ = _directory(tmp_path, "int8")
+    tensors = load_file(directory / SINGLE_FILE)
+    name = next(k for k in tensors if k.endswith(".A.scales"))
+    save_file({k: v for k, v in tensors.items() if k != name}, str(directory / SINGLE_FILE), metadata=FILE_METADATA)
+    with pytest.raises(CheckpointError, match=f"tensor '{name}' is missing"):
+        open_compressed(directory)
+
+
+@pytest.mark.slow
+def test_onnx_export_decodes_the_codes(tmp_path):
+    from exporters.onnx_export import export_onnx
+
+    directory, _ = _directory(tmp_path, "int8")
+    out = export_onnx(directory, tmp_path / "m.onnx", verify=True)  # verify: ONNX Runtime against torch
+    assert out.exists() and (tmp_path / "m.onnx.data").exists()
