@@ -1,7 +1,7 @@
 """How many bytes does each packed layout take against dense fp16, for DSF factor pairs and single sparse matrices?
 
-LLaMA-7B shapes (4096×4096, 11008×4096, 4096×11008) at densities 0.5 and 0.3, fp16 values, random masks of
-exactly the target non-zero counts. DSF uses its real factor budget (the reference code's ``factorize``): inner
+LLaMA-7B shapes (4096×4096, 11008×4096, 4096×11008) at densities 0.5 and 0.3, fp16 values (and int8 / fp8 codes
+with fp16 row scales in dense, csr and bitmask), random masks of exactly the target non-zero counts. DSF uses its real factor budget (the reference code's ``factorize``): inner
 dim ``k = min(m, n)``, the square ``k×k`` factor holds ``0.16·k²`` (square W) or ``0.25·k²`` non-zeros and the
 other factor the rest of ``density·m·n``; the square factor is ``A`` when ``m < n`` and ``B`` otherwise. Bytes are
 measured (``nbytes`` of the packed tensors), not modelled.
@@ -29,6 +29,10 @@ logger = logging.getLogger("benchmarks.sizes")
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]
 DENSITIES = [0.5, 0.3]
 LAYOUTS = [("dense", None), ("csr", None), ("bitmask", None)] + [("bsr", b) for b in BLOCK_SIZES]
+# Quantized values (docs/format.md "Quantized values"): one-byte codes plus an fp16 scale per row, in the layouts
+# that store codes.
+CODES = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}
+CODE_LAYOUTS = ("dense", "csr", "bitmask")
 
 
 def exact_mask(rows: int, cols: int, nnz: int, generator: torch.Generator) -> torch.Tensor:
@@ -56,19 +60,23 @@ def dsf_budget(rows: int, cols: int, density: float) -> tuple[tuple[int, int], i
     return (rows, k), rect_nnz, (k, k), square_nnz
 
 
-def measure(matrix: torch.Tensor) -> dict[tuple[str, int | None], int]:
-    """Packed bytes of ``matrix`` per (layout, block size)."""
-    return {
-        (layout, block): pack(matrix, layout, **({"block_size": block} if block else {})).nbytes
-        for layout, block in LAYOUTS
-    }
+def measure(matrix: torch.Tensor) -> dict[tuple[str, int | None, str], int]:
+    """Packed bytes of ``matrix`` (fp16) per (layout, block size, values): fp16 values in every layout, and
+    int8 / fp8 codes (non-zero where ``matrix`` is) with fp16 row scales in the layouts that store codes."""
+    sizes = {(layout, block, "fp16"): pack(matrix, layout, **({"block_size": block} if block else {})).nbytes
+             for layout, block in LAYOUTS}
+    scales = torch.ones(matrix.shape[0], dtype=torch.float16)
+    for name, dtype in CODES.items():
+        codes = (matrix != 0).to(dtype)
+        sizes.update({(layout, None, name): pack(codes, layout, scales=scales).nbytes for layout in CODE_LAYOUTS})
+    return sizes
 
 
 def run(seed: int = 0) -> list[dict]:
     generator = torch.Generator().manual_seed(seed)
     records = []
     # The square factor's budget does not depend on the density nor on which side it sits: measure it once.
-    square_bytes: dict[tuple[int, int], dict[tuple[str, int | None], int]] = {}
+    square_bytes: dict[tuple[int, int], dict[tuple[str, int | None, str], int]] = {}
     for rows, cols in SHAPES:
         for density in DENSITIES:
             start = time.perf_counter()
@@ -85,15 +93,16 @@ def run(seed: int = 0) -> list[dict]:
                         continue
                     square_bytes[key] = measured
                 factors.append(square_bytes[key])
-            dsf = {layout: factors[0][layout] + factors[1][layout] for layout in LAYOUTS}
+            dsf = {key: factors[0][key] + factors[1][key] for key in factors[0]}
             for kind, measured, nnz, shapes in (
                 ("single", single, target, [[rows, cols]]),
                 ("dsf", dsf, a_nnz + b_nnz, [list(a_shape), list(b_shape)]),
             ):
-                for (layout, block), nbytes in measured.items():
+                for (layout, block, values), nbytes in measured.items():
                     records.append({
                         "layout": layout,
                         "block_size": block,
+                        "values": values,
                         "kind": kind,
                         "shape": [rows, cols],
                         "density": density,
@@ -123,7 +132,7 @@ def main() -> None:
         "machine": {"node": platform.node(), "machine": platform.machine(), "cpus": os.cpu_count(),
                     "python": platform.python_version()},
         "git_sha": git_sha(),
-        "values_dtype": "float16",
+        "values_dtype": "float16 (rows with values fp16); int8 / fp8 codes with fp16 row scales",
         "seed": args.seed,
         "seconds": round(time.perf_counter() - start, 1),
         "rows": rows,
@@ -132,8 +141,8 @@ def main() -> None:
     args.out.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
     for r in rows:
         if r["layout"] in ("bitmask", "csr") or (r["layout"] == "bsr" and r["block_size"] == 32):
-            logger.info("%-6s %-7s %-10s d=%.1f  %.3f x dense", r["kind"], r["layout"], "x".join(map(str, r["shape"])),
-                        r["density"], r["ratio"])
+            logger.info("%-6s %-7s %-4s %-10s d=%.1f  %.3f x dense", r["kind"], r["layout"], r["values"],
+                        "x".join(map(str, r["shape"])), r["density"], r["ratio"])
     logger.info("wrote %s in %.0f s", args.out, result["seconds"])
 
 
