@@ -329,7 +329,7 @@ def _load(source: Path, route: str, device: str, dtype):
 
 def _multiply_out(net):
     """``net`` with every compressed linear replaced by the ``nn.Linear`` of its weight (its factors' product,
-    computed in fp32 and stored in the factors' dtype)."""
+    computed in fp32 and stored in the factors' compute dtype: the scales' for int8/fp8 codes)."""
     import functools
 
     import torch
@@ -343,7 +343,7 @@ def _multiply_out(net):
         factors = module.factors()
         weight = functools.reduce(torch.matmul, [f.to_dense(torch.float32) for f in factors])
         linear = nn.Linear(weight.shape[1], weight.shape[0], bias=module.bias is not None, device="meta")
-        linear.weight = nn.Parameter(weight.to(factors[0].dtype), requires_grad=False)
+        linear.weight = nn.Parameter(weight.to(factors[0].compute_dtype), requires_grad=False)
         if module.bias is not None:
             linear.bias = nn.Parameter(module.bias.detach().clone(), requires_grad=False)
         net.set_submodule(name, linear)

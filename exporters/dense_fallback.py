@@ -40,7 +40,7 @@ def _dense_tensors(src: Path, dtype: torch.dtype | None) -> tuple[dict[str, torc
     tensors = ckpt.load_tensors(dtype=dtype, dequantize=True)
     for fqn in ckpt.layers:
         layer = ckpt.load_layer(fqn)
-        out_dtype = dtype or layer.factors["A" if layer.kind == "dsf" else "W"].dtype
+        out_dtype = dtype or layer.factors["A" if layer.kind == "dsf" else "W"].compute_dtype
         tensors[f"{fqn}.weight"] = layer.weight(out_dtype).contiguous()
         if layer.bias is not None:
             tensors[f"{fqn}.bias"] = layer.bias.to(dtype or layer.bias.dtype)

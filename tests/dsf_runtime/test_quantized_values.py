@@ -201,3 +201,16 @@ def test_onnx_export_decodes_the_codes(tmp_path):
     directory, _ = _directory(tmp_path, "int8")
     out = export_onnx(directory, tmp_path / "m.onnx", verify=True)  # verify: ONNX Runtime against torch
     assert out.exists() and (tmp_path / "m.onnx.data").exists()
+
+
+def test_dense_fallback_decodes_the_codes(tmp_path):
+    from exporters.dense_fallback import export_dense_fallback
+
+    directory, _ = _directory(tmp_path, "int8")
+    out = export_dense_fallback(directory, tmp_path / "dense")
+    stored = load_file(out / SINGLE_FILE)
+    with open_compressed(directory) as ckpt:
+        for fqn in ckpt.layers:
+            weight = stored[f"{fqn}.weight"]
+            assert weight.dtype == torch.float16, fqn  # the scales' dtype, not the codes'
+            assert torch.equal(weight, ckpt.load_layer(fqn).weight(torch.float16)), fqn
