@@ -93,3 +93,18 @@ def tiny_llama(vocab_size: int = 128, *, attention_bias: bool = False, tie: bool
         bos_token_id=1, eos_token_id=2, pad_token_id=2,
     )
     return LlamaForCausalLM(config).eval()
+
+
+def built_cpu_kernel():
+    """``dsf_runtime.kernels.cpu`` with the runtime's build loaded (built here when missing); skips the test when
+    there is no C++ compiler."""
+    import shutil
+
+    from dsf_runtime.kernels import cpu
+
+    if shutil.which("g++") is None and shutil.which("c++") is None:
+        pytest.skip("no C++ compiler (g++): the CPU kernel cannot be built; scripts/setup.sh installs it")
+    if cpu.available() is not None:
+        cpu.build()
+    assert cpu.available() is None
+    return cpu

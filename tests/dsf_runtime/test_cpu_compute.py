@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,7 @@ from dsf_runtime.checkpoint import all_finite
 from dsf_runtime.formats.bitmask import CPU_KERNEL_MAX_TOKENS, popcount_rows
 from dsf_runtime.kernels import cpu
 from dsf_runtime.modules import CompactLinear
-from tests.dsf_runtime.helpers import compress_randomly, tiny_llama, uncompressed
+from tests.dsf_runtime.helpers import built_cpu_kernel, compress_randomly, tiny_llama, uncompressed
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 IDS = torch.tensor([[1, 5, 9, 13, 17, 21, 3]])
@@ -24,12 +23,7 @@ IDS = torch.tensor([[1, 5, 9, 13, 17, 21, 3]])
 
 @pytest.fixture(scope="module")
 def kernel():
-    if shutil.which("g++") is None and shutil.which("c++") is None:
-        pytest.skip("no C++ compiler (g++): the CPU kernel cannot be built; scripts/setup.sh installs it")
-    if cpu.available() is not None:
-        cpu.build()
-    assert cpu.available() is None
-    return cpu
+    return built_cpu_kernel()
 
 
 def _half_directory(tmp_path: Path) -> tuple[Path, torch.nn.Module]:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 import pytest
@@ -21,7 +20,7 @@ from dsf_runtime.kernels import cpu
 from dsf_runtime.modules import CompactLinear, Int8Embedding
 from compress.quantize import quantize_embedding
 from dsf_runtime.quantized import dequantize_rows, input_embedding_name
-from tests.dsf_runtime.helpers import compress_randomly, tiny_llama, uncompressed
+from tests.dsf_runtime.helpers import built_cpu_kernel, compress_randomly, tiny_llama, uncompressed
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 IDS = torch.tensor([[1, 5, 9, 13, 17, 21, 3, 127]])
@@ -30,12 +29,7 @@ NAME = "model.embed_tokens.weight"
 
 @pytest.fixture(scope="module")
 def kernel():
-    if shutil.which("g++") is None and shutil.which("c++") is None:
-        pytest.skip("no C++ compiler (g++): the CPU kernel cannot be built; scripts/setup.sh installs it")
-    if cpu.available() is not None:
-        cpu.build()
-    assert cpu.available() is None
-    return cpu
+    return built_cpu_kernel()
 
 
 def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
