@@ -24,7 +24,8 @@ from compress.assets import PACKAGED_MODEL, load_text, smollm2_dir
 from compress.calibration import OffloadMode, compress_blocks
 from compress.data import calibration_windows, tokenize_text
 from compress.output import check_complete, prepare_output, write_output
-from compress.quantize import STORED_FORMATS
+from compress.quantize import FORMATS as _VALUE_FORMATS
+from compress.quantize import ValueQuantization
 from compress.solvers import METHODS, make_config
 from compress.solvers.base import check_density
 from dsf_runtime.checkpoint import MANIFEST_NAME
@@ -47,7 +48,8 @@ logger = logging.getLogger(__name__)
 
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _OFFLOAD = ("auto", "always", "never")
-VALUE_FORMATS = ("float", *STORED_FORMATS)  # CompressConfig.values
+VALUE_FORMATS = ("float", *_VALUE_FORMATS)  # CompressConfig.values
+ROUNDINGS = ("gptq", "rtn")  # CompressConfig.rounding
 
 
 class ConfigError(ValueError):
@@ -85,10 +87,13 @@ class CompressConfig:
             this is; the recorded layer errors are those of the fp32 factors.
         embedding: ``int8`` writes the input embedding (and the output layer tied to it) as int8 with one scale
             per row (``dsf_runtime.quantized``); ``keep`` writes it in ``save_dtype``.
-        values: ``float`` stores factor values in ``save_dtype``; ``int8`` or ``fp8`` quantizes every solved layer's
-            values with one scale per row by error feedback under its H (``compress.quantize.quantize_result``)
-            and stores the codes (docs/format.md "Quantized values"). Later blocks calibrate on the quantized
-            model. The recorded layer errors are those of the decoded values.
+        values: ``float`` stores factor values in ``save_dtype``; ``int8`` or ``fp8`` (one scale per row) or
+            ``int4`` (one scale per ``group_size`` columns of a row) quantizes every solved layer's values
+            (``compress.quantize.ValueQuantization``) and stores the codes (docs/format.md "Quantized values").
+            Later blocks calibrate on the quantized model. The recorded layer errors are those of the decoded values.
+        value_group_size: int4 only: columns per scale, 64, 128 or 256 (None = 128).
+        rounding: how values are quantized: ``gptq`` (error feedback under the layer's H, restricted to the mask;
+            DSF factors input side first) or ``rtn`` (round-to-nearest, for comparison).
     """
 
     model: str = PACKAGED_MODEL
@@ -108,6 +113,8 @@ class CompressConfig:
     save_dtype: str = "auto"
     embedding: str = "int8"
     values: str = "float"
+    value_group_size: int | None = None
+    rounding: str = "gptq"
 
     def __post_init__(self) -> None:
         for name in ("samples", "seqlen", "batch_size"):
@@ -120,8 +127,15 @@ class CompressConfig:
         if self.save_dtype != "auto" and self.save_dtype not in DTYPES:
             raise ConfigError("save_dtype", f"must be auto or one of {', '.join(DTYPES)}, got {self.save_dtype!r}")
         if self.values not in VALUE_FORMATS:
-            hint = "; int4 is measured (docs/quantized-values.md) but has no file encoding yet" * (self.values == "int4")
-            raise ConfigError("values", f"must be one of {', '.join(VALUE_FORMATS)}, got {self.values!r}{hint}")
+            raise ConfigError("values", f"must be one of {', '.join(VALUE_FORMATS)}, got {self.values!r}")
+        if self.value_group_size is not None and self.values != "int4":
+            raise ConfigError("value_group_size", f"applies to int4 values only, not {self.values!r}")
+        if self.rounding not in ROUNDINGS:
+            raise ConfigError("rounding", f"must be one of {', '.join(ROUNDINGS)}, got {self.rounding!r}")
+        try:
+            self.value_quantization()
+        except ValueError as exc:
+            raise ConfigError("value_group_size", str(exc)) from None
         if self.embedding not in ("int8", "keep"):
             raise ConfigError("embedding", f"must be int8 or keep, got {self.embedding!r}")
         if self.offload not in _OFFLOAD:
@@ -143,6 +157,12 @@ class CompressConfig:
             return make_config(self.method, self.density, **dict(self.solver_options))
         except (ValueError, TypeError) as exc:
             raise ConfigError("method" if self.method not in METHODS else "solver_options", str(exc)) from exc
+
+    def value_quantization(self) -> ValueQuantization | None:
+        """The quantization of every solved layer's values, or None for ``values="float"``."""
+        if self.values == "float":
+            return None
+        return ValueQuantization(self.values, self.value_group_size, error_feedback=self.rounding == "gptq")
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -350,7 +370,7 @@ def compress_model(
         finished=partial.load_block,
         on_block=partial.save_block,
         progress=progress,
-        values=None if config.values == "float" else config.values,
+        values=config.value_quantization(),
     )
     info = run_info(config, device, model, inputs, start)
     return write_output(Path(output), model, inputs.tokenizer, spec, partial, info, inputs.source)

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from compress.architectures import ArchitectureSpec, block_groups, decoder_blocks
-from compress.quantize import quantize_result
+from compress.quantize import ValueQuantization
 from compress.solvers import solve_group
 from compress.solvers.base import SolveResult, SolverConfig
 
@@ -313,7 +313,7 @@ def _solve_groups(
     hessians: list[torch.Tensor],
     solver_config: SolverConfig,
     report: Callable[[str, SolveResult], None],
-    values: str | None = None,
+    values: ValueQuantization | None = None,
 ) -> dict[str, SolveResult]:
     results: dict[str, SolveResult] = {}
     for group, hessian in zip(groups, hessians):
@@ -322,7 +322,7 @@ def _solve_groups(
         with torch.inference_mode():
             solved = solve_group(weights, hessian, solver_config, layer_names=names)
             if values is not None:
-                solved = [quantize_result(r, w, hessian, values, n) for r, w, n in zip(solved, weights, names)]
+                solved = [values.apply(r, w, hessian, n) for r, w, n in zip(solved, weights, names)]
         for (name, linear), result in zip(group, solved):
             write_back(linear, result.kind, result.factors)
             results[name] = result
@@ -344,7 +344,7 @@ def compress_blocks(
     on_block: Callable[[int, dict[str, SolveResult]], None] = lambda index, results: None,
     progress: bool = True,
     solve_block: BlockSolver | None = None,
-    values: str | None = None,
+    values: ValueQuantization | None = None,
 ) -> BlockInputs:
     """Compress every linear of every decoder block in place, block by block.
 
@@ -366,8 +366,8 @@ def compress_blocks(
         progress: show a progress bar on stderr.
         solve_block: compresses one block instead of this process alone (``compress.distributed``); ``windows``
             are then this rank's shard.
-        values: quantize each solved layer's values (``"int8"``/``"fp8"``, ``compress.quantize.quantize_result``,
-            error feedback under its H) before writing it back, so later blocks calibrate on the quantized model;
+        values: quantize each solved layer's values (``compress.quantize.ValueQuantization``: int8/fp8/int4, by
+            error feedback under its H or round-to-nearest) before writing it back, so later blocks calibrate on the quantized model;
             None keeps them in fp32.
 
     Returns:
@@ -419,7 +419,7 @@ def _compress_block(
     device: torch.device,
     true_sequential: bool,
     report: Callable[[str, SolveResult], None],
-    values: str | None = None,
+    values: ValueQuantization | None = None,
 ) -> dict[str, SolveResult]:
     """Collect H and solve (and with ``values`` quantize) every group of one block (the block is on ``device``)."""
     if not true_sequential:

@@ -204,6 +204,7 @@ class PartialRun:
                 "relative_error": result.relative_error,
                 "seconds": result.seconds,
                 "values": result.values,
+                "group_size": result.group_size,
             }
         self.save_tensors(name, tensors, {"layers": json.dumps(layers)})
 
@@ -272,6 +273,7 @@ def _results(layers: Any, tensors: Mapping[str, torch.Tensor]) -> dict[str, Solv
             seconds=info["seconds"],
             values=values,
             scales=None if values is None else {k: tensors[f"{layer}.{k}.scales"] for k in _FACTORS[info["kind"]]},
+            group_size=info.get("group_size"),
         )
     return results
 
@@ -489,11 +491,13 @@ def write_output(
                     result.kind, result.factors, method=info["method"], bias=bias, error=result.error,
                     relative_error=result.relative_error, layout=info["layout"], dtype=dtype,
                 )
-            else:  # the codes with their row scales (in the save dtype)
-                codes = {k: codes_of(f, result.scales[k], result.values) for k, f in result.factors.items()}
+            else:  # the codes with their scales (in the save dtype)
+                codes = {k: codes_of(f, result.scales[k], result.values, result.group_size)
+                         for k, f in result.factors.items()}
                 scales = {k: s.to(dtype) for k, s in result.scales.items()}
                 layers[name] = CompressedLayer.from_dense(
-                    result.kind, codes, scales=scales, method=info["method"], bias=bias, error=result.error,
+                    result.kind, codes, scales=scales, group_size=result.group_size, method=info["method"], bias=bias,
+                    error=result.error,
                     relative_error=result.relative_error, layout=info["layout"],
                 )
             out_features, in_features = linear.weight.shape

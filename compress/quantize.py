@@ -6,14 +6,14 @@ not counted in ``nbytes``. Three value formats, one frozen class each:
 
 * ``Int8Values``: symmetric int8 codes in [-127, 127], one scale per output row;
 * ``Fp8Values``: ``torch.float8_e4m3fn`` codes (|code| <= 448), one scale per output row;
-* ``Int4Values(group_size)``: symmetric int4 codes in [-7, 7], packed two per byte (low nibble first) with each
-  row starting on a byte boundary, one scale per group of ``group_size`` (64 or 128) consecutive kept values of a
-  row; a row's last group holds the remaining ``n_row mod group_size`` values and gets its own scale.
+* ``Int4Values(group_size)``: symmetric int4 codes in [-7, 7], packed two per byte (low nibble first) in
+  row-major mask order, one scale per group of ``group_size`` (64, 128 or 256) consecutive columns of a row.
 
 Scales are fp16, computed as ``amax / qmax`` (qmax = 127, 448, 7) in fp32 and rounded **up** to the next fp16
 value, so no kept value clips under round-to-nearest; a row or group whose kept values are all zero gets scale
-1.0. Every scale is finite and > 0 (an ``amax/qmax`` above the fp16 range raises). Bytes per row with ``n`` kept
-values: int8 and fp8 ``n + 2``; int4 ``ceil(n/2) + 2·ceil(n/g)``.
+1.0. Every scale is finite and > 0 (an ``amax/qmax`` above the fp16 range raises). Bytes of a matrix [out, in]
+with ``nnz`` kept values: int8 and fp8 ``nnz + 2·out``; int4 ``ceil(nnz/2) + 2·out·ceil(in/g)``. These are the
+files' encodings (docs/format.md "Quantized values").
 
 Two algorithms, the same code path for sparse and dense (all-ones mask) weights:
 
@@ -48,6 +48,7 @@ from compress.solvers.base import (
 )
 from compress.solvers.dsf import refit_left
 from compress.solvers.sparsegpt import inverse_cholesky
+from dsf_runtime.formats import INT4_GROUP_SIZES, pack_int4, unpack_int4
 
 __all__ = [
     "FORMATS",
@@ -57,6 +58,7 @@ __all__ = [
     "QuantizedDSF",
     "QuantizedMatrix",
     "ValueFormat",
+    "ValueQuantization",
     "encode",
     "quantize_dense",
     "quantize_dsf",
@@ -93,8 +95,8 @@ class ValueFormat(ABC):
         """
 
     @abstractmethod
-    def row_bytes(self, counts: torch.Tensor) -> torch.Tensor:
-        """Stored bytes (codes + scales) of rows with ``counts`` kept values, long [out] -> long [out]."""
+    def stored_bytes(self, mask: torch.Tensor) -> int:
+        """Stored bytes (codes + scales) of the kept values of ``mask`` [out, in]."""
 
     @abstractmethod
     def round(self, scaled: torch.Tensor) -> torch.Tensor:
@@ -112,9 +114,9 @@ class ValueFormat(ABC):
         """Unpacked codes [nnz] from the stored form (identity except int4)."""
         return stored
 
-    def stored_codes(self, nnz_per_row: torch.Tensor) -> int:
-        """Number of stored code elements for rows with ``nnz_per_row`` kept values."""
-        return int(nnz_per_row.sum())
+    def stored_codes(self, nnz: int) -> int:
+        """Number of stored code elements for ``nnz`` kept values."""
+        return nnz
 
     def scales(self, amax: torch.Tensor, layer_name: str | None) -> torch.Tensor:
         """fp16 scales [S] from the fp32 amax [S] of each slot: ``amax/qmax`` rounded up to fp16, 1.0 for amax 0.
@@ -140,8 +142,8 @@ class _RowScaled(ValueFormat):
         rows = torch.arange(mask.shape[0], device=mask.device).unsqueeze(1)
         return rows.expand(mask.shape), mask.shape[0]
 
-    def row_bytes(self, counts: torch.Tensor) -> torch.Tensor:
-        return counts * self.code_dtype.itemsize + SCALE_DTYPE.itemsize
+    def stored_bytes(self, mask: torch.Tensor) -> int:
+        return int(mask.sum()) * self.code_dtype.itemsize + mask.shape[0] * SCALE_DTYPE.itemsize
 
 
 @dataclass(frozen=True)
@@ -170,11 +172,13 @@ class Fp8Values(_RowScaled):
 
 @dataclass(frozen=True)
 class Int4Values(ValueFormat):
-    """Symmetric int4: codes in [-7, 7], one fp16 scale per group of ``group_size`` consecutive kept values of a row.
+    """Symmetric int4: codes in [-7, 7], one fp16 scale per group of ``group_size`` consecutive columns of a row.
 
-    A row with ``n`` kept values has ``ceil(n/g)`` groups; the last holds the remaining ``n − g·(ceil(n/g) − 1)``
-    values and has its own scale. Codes are stored as uint8, two per byte (low nibble = even position in the
-    row, two's complement), each row starting on a byte boundary (an odd row ends with a zero nibble).
+    A row has ``ceil(in/g)`` groups whatever its mask, so the scales ``[out·ceil(in/g)]`` (row-major) do not depend
+    on which values are kept: every index layout, and a dense matrix, stores them unchanged, and a code that rounds
+    to 0 may be dropped from the index. The codes of the kept values are stored in row-major mask order, two per
+    byte, low nibble first, two's complement (``dsf_runtime.formats.pack_int4``; an odd count ends with a zero
+    nibble) — the files' encoding (docs/format.md "Quantized values").
     """
 
     group_size: int = 128
@@ -182,46 +186,35 @@ class Int4Values(ValueFormat):
     qmax: ClassVar[float] = 7.0
     code_dtype: ClassVar[torch.dtype] = torch.uint8
     per_row: ClassVar[bool] = False
-    GROUP_SIZES: ClassVar[tuple[int, ...]] = (64, 128)
+    GROUP_SIZES: ClassVar[tuple[int, ...]] = INT4_GROUP_SIZES
 
     def __post_init__(self) -> None:
         check_group_size(self.group_size, None)
 
-    def slots(self, mask: torch.Tensor) -> tuple[torch.Tensor, int]:
-        groups = (mask.sum(1) + self.group_size - 1) // self.group_size
-        offsets = torch.cumsum(groups, 0) - groups
-        position = mask.cumsum(1) - 1
-        return offsets.unsqueeze(1) + position.clamp(min=0) // self.group_size, int(groups.sum())
+    def groups(self, cols: int) -> int:
+        """Scales per row: ``ceil(cols / group_size)``."""
+        return -(-cols // self.group_size)
 
-    def row_bytes(self, counts: torch.Tensor) -> torch.Tensor:
-        groups = (counts + self.group_size - 1) // self.group_size
-        return (counts + 1) // 2 + groups * SCALE_DTYPE.itemsize
+    def slots(self, mask: torch.Tensor) -> tuple[torch.Tensor, int]:
+        rows, cols = mask.shape
+        groups = self.groups(cols)
+        row = torch.arange(rows, device=mask.device).unsqueeze(1) * groups
+        return row + torch.arange(cols, device=mask.device) // self.group_size, rows * groups
+
+    def stored_bytes(self, mask: torch.Tensor) -> int:
+        return (int(mask.sum()) + 1) // 2 + mask.shape[0] * self.groups(mask.shape[1]) * SCALE_DTYPE.itemsize
 
     def round(self, scaled: torch.Tensor) -> torch.Tensor:
         return scaled.round().clamp_(-self.qmax, self.qmax).to(torch.int8)
 
-    def stored_codes(self, nnz_per_row: torch.Tensor) -> int:
-        return int(((nnz_per_row + 1) // 2).sum())
+    def stored_codes(self, nnz: int) -> int:
+        return (nnz + 1) // 2
 
     def pack(self, codes: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        byte, shift = _nibble_positions(mask)
-        nibbles = ((codes.to(torch.int32) & 0xF) << shift).to(torch.int32)
-        packed = torch.zeros(self.stored_codes(mask.sum(1)), dtype=torch.int32, device=codes.device)
-        return packed.index_add_(0, byte, nibbles).to(torch.uint8)
+        return pack_int4(codes)
 
     def unpack(self, stored: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        byte, shift = _nibble_positions(mask)
-        nibbles = (stored.to(torch.int32)[byte] >> shift) & 0xF
-        return (nibbles - 16 * (nibbles >= 8)).to(torch.int8)
-
-
-def _nibble_positions(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Byte index and bit shift (0 or 4) of every kept value of ``mask`` [out, in] in the int4 packing, long [nnz]."""
-    counts = mask.sum(1)
-    offsets = torch.cumsum((counts + 1) // 2, 0) - (counts + 1) // 2
-    position = (mask.cumsum(1) - 1)[mask]
-    rows = mask.nonzero()[:, 0]
-    return offsets[rows] + position // 2, 4 * (position % 2)
+        return unpack_int4(stored, 0, int(mask.sum()))
 
 
 FORMATS: dict[str, type[ValueFormat]] = {"int8": Int8Values, "fp8": Fp8Values, "int4": Int4Values}
@@ -299,7 +292,7 @@ class QuantizedMatrix:
             raise ValueError(
                 f"{where}{self.format.name} codes must be {self.format.code_dtype}, got {self.codes.dtype}"
             )
-        expected = self.format.stored_codes(self.mask.sum(1))
+        expected = self.format.stored_codes(int(self.mask.sum()))
         if tuple(self.codes.shape) != (expected,):
             raise ValueError(f"{where}expected {expected} stored codes for this mask, got {tuple(self.codes.shape)}")
         check_scales(self.scales, self.layer_name)
@@ -309,7 +302,7 @@ class QuantizedMatrix:
 
     @property
     def nbytes(self) -> int:
-        """Stored bytes of codes and scales (equals ``format.row_bytes`` summed over rows)."""
+        """Stored bytes of codes and scales (equals ``format.stored_bytes(mask)``)."""
         return self.codes.numel() * self.codes.element_size() + self.scales.numel() * self.scales.element_size()
 
     def value_scales(self) -> torch.Tensor:
@@ -654,44 +647,76 @@ def _same_data(a: torch.Tensor, b: torch.Tensor) -> bool:
             and a.storage_offset() == b.storage_offset())
 
 
-# Value formats a compression run can store (docs/format.md "Quantized values"): one scale per row. int4 (group
-# scales) is measured by the benchmarks but has no file encoding yet.
-STORED_FORMATS = ("int8", "fp8")
-
-
 def quantize_result(result: SolveResult, weight: torch.Tensor, hessian: torch.Tensor, values: str,
-                    layer_name: str | None = None) -> SolveResult:
-    """``result`` with its factor values quantized to ``values`` (``"int8"`` or ``"fp8"``, one scale per row),
-    masks kept, by error feedback under ``hessian``: DSF factors through ``quantize_dsf`` (``B`` first, ``A``
-    refitted and quantized against ``B̂``), a single matrix through ``quantize_gptq``.
+                    layer_name: str | None = None, *, group_size: int | None = None,
+                    error_feedback: bool = True) -> SolveResult:
+    """``result`` with its factor values quantized to ``values`` (``"int8"``, ``"fp8"`` or ``"int4"``), masks
+    kept: by error feedback under ``hessian`` (DSF factors through ``quantize_dsf``: ``B`` first, ``A`` refitted
+    and quantized against ``B̂``; a single matrix through ``quantize_gptq``), or with ``error_feedback=False`` by
+    round-to-nearest.
+
+    Args:
+        group_size: int4 only, columns per scale (default 128).
 
     Returns:
         A ``SolveResult`` whose ``factors`` are the decoded values (``code · scale``, exact in fp32), with
-        ``values``, ``scales`` (fp16 ``[rows]`` per factor), ``nnz`` the kept positions and ``error`` /
-        ``relative_error`` of the decoded product against ``weight``.
+        ``values``, ``scales`` (fp16, ``[rows]`` per factor, int4 ``[rows, ceil(cols/g)]``), ``group_size`` (int4),
+        ``nnz`` the kept positions and ``error`` / ``relative_error`` of the decoded product against ``weight``.
     """
-    if values not in STORED_FORMATS:
-        raise ValueError(f"{layer_prefix(layer_name)}values must be one of {', '.join(STORED_FORMATS)}, got {values!r}")
-    fmt = value_format(values, layer_name=layer_name)
+    fmt = value_format(values, group_size=group_size, layer_name=layer_name)
     if result.kind == "dsf":
         quantized = quantize_dsf(result.factors["A"], result.factors["B"], hessian, fmt, weight=weight,
-                                 layer_name=layer_name)
+                                 error_feedback=error_feedback, layer_name=layer_name)
         matrices = {"A": quantized.A, "B": quantized.B}
-    else:
+    elif error_feedback:
         matrices = {"W": quantize_gptq(result.factors["W"], hessian, fmt, layer_name=layer_name)}
+    else:
+        matrices = {"W": quantize_rtn(result.factors["W"], fmt, layer_name=layer_name)}
     factors = {k: m.dequantize() for k, m in matrices.items()}
-    approx = factors["A"] @ factors["B"] if result.kind == "dsf" else factors["W"]
+    approx = factors["A"].double() @ factors["B"].double() if result.kind == "dsf" else factors["W"]
     error, relative = layer_error(weight, approx, hessian)
     return replace(
-        result, factors=factors, values=values, scales={k: m.scales for k, m in matrices.items()},
+        result, factors=factors, values=values,
+        scales={k: m.scales if fmt.per_row else m.scales.reshape(m.mask.shape[0], -1) for k, m in matrices.items()},
+        group_size=getattr(fmt, "group_size", None),
         nnz=sum(int(m.mask.sum()) for m in matrices.values()), error=error, relative_error=relative, masks=None,
     )
 
 
-def codes_of(factor: torch.Tensor, scales: torch.Tensor, values: str) -> torch.Tensor:
-    """The codes ``[rows, cols]`` (int8 or float8_e4m3fn) of a decoded factor (``code · scale`` in fp32, as
-    ``quantize_result`` returns it): ``factor / scale`` per row, exact."""
-    code_dtype = value_format(values).code_dtype
-    step = scales.float().unsqueeze(1)
+@dataclass(frozen=True)
+class ValueQuantization:
+    """How a compression run quantizes every solved layer's values (``dsf compress --values``).
+
+    Attributes:
+        values: ``"int8"``, ``"fp8"`` or ``"int4"``.
+        group_size: int4 only, columns per scale (64, 128 or 256; None = 128).
+        error_feedback: GPTQ on the mask under the layer's H (True) or round-to-nearest (False).
+    """
+
+    values: str
+    group_size: int | None = None
+    error_feedback: bool = True
+
+    def __post_init__(self) -> None:
+        value_format(self.values, group_size=self.group_size)  # raises ValueError for a bad name or group size
+
+    def apply(self, result: SolveResult, weight: torch.Tensor, hessian: torch.Tensor,
+              layer_name: str | None = None) -> SolveResult:
+        """``quantize_result`` with these settings."""
+        return quantize_result(result, weight, hessian, self.values, layer_name, group_size=self.group_size,
+                               error_feedback=self.error_feedback)
+
+
+def codes_of(factor: torch.Tensor, scales: torch.Tensor, values: str, group_size: int | None = None) -> torch.Tensor:
+    """The codes ``[rows, cols]`` (int8, float8_e4m3fn, or int4 as int8) of a decoded factor (``code · scale`` in
+    fp32, as ``quantize_result`` returns it): ``factor / scale``, exact. ``scales`` is ``[rows]`` (one per row) or,
+    with int4's ``group_size``, ``[rows, ceil(cols / group_size)]``."""
+    code_dtype = value_format(values, group_size=group_size).code_dtype
+    step = scales.float()
+    if group_size is not None:
+        step = step.repeat_interleave(group_size, dim=1)[:, : factor.shape[1]]
+        code_dtype = torch.int8
+    else:
+        step = step.unsqueeze(1)
     scaled = torch.where(step > 0, factor.float() / step, 0.0)
     return scaled.to(code_dtype) if code_dtype == torch.float8_e4m3fn else scaled.round().to(code_dtype)

@@ -33,6 +33,8 @@ _FLAGS = {
     "rounds": "--iobs-rounds",
     "step": "--iobs-step",
     "heldout": "--heldout",
+    "value_group_size": "--value-group-size",
+    "rounding": "--rounding",
     "layout": "--layout",
     "save_dtype": "--save-dtype",
     "embedding": "--embedding",
@@ -111,9 +113,17 @@ def compress(
         "is float16/bfloat16, else float16.",
     ),
     values: str = typer.Option(
-        "float", "--values", metavar="<float|int8|fp8>",
-        help="Factor values: float = in --save-dtype; int8 / fp8 = codes with one scale per row, quantized by error "
-        "feedback under each layer's H (about half the bytes of fp16 values; docs/quantized-values.md).",
+        "float", "--values", metavar="<float|int8|fp8|int4>",
+        help="Factor values: float = in --save-dtype; int8 / fp8 = codes with one scale per row; int4 = codes with "
+        "one scale per --value-group-size columns (docs/quantized-values.md).",
+    ),
+    value_group_size: int | None = typer.Option(
+        None, "--value-group-size", metavar="<64|128|256>", help="int4 values: columns per scale (default 128).",
+    ),
+    rounding: str = typer.Option(
+        "gptq", "--rounding", metavar="<gptq|rtn>",
+        help="How values are quantized: gptq = error feedback under each layer's H (restricted to the mask); "
+        "rtn = round to nearest, for comparison.",
     ),
     embedding: str = typer.Option(
         "int8", "--embedding", metavar="<int8|keep>",
@@ -181,6 +191,8 @@ def compress(
         dsf compress --nproc 2 --output runs/smollm2-dsf50          (2 ranks, same factors)
 
         dsf compress --values int8 --output runs/smollm2-dsf50-int8   (int8 factor values, row scales)
+
+        dsf compress --values int4 --value-group-size 128 --output runs/smollm2-dsf50-int4
     """
     import sys
 
@@ -204,6 +216,7 @@ def compress(
         calibration=calibration, samples=samples, seqlen=seqlen, seed=seed, device=device.value,
         dtype=dtype.value, batch_size=batch_size, offload=offload.value, true_sequential=true_sequential,
         layout=layout, save_dtype=save_dtype, embedding=embedding, values=values,
+        value_group_size=value_group_size, rounding=rounding,
     )
     try:
         if iobs_rounds:

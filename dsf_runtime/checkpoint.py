@@ -39,7 +39,18 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from dsf_runtime.formats import AUTO_LAYOUTS as _CODE_LAYOUTS
-from dsf_runtime.formats import CODE_DTYPES, LAYOUTS, VALUE_DTYPES, FormatError, dtype_name, from_meta
+from dsf_runtime.formats import (
+    CODE_DTYPES,
+    INT4,
+    INT4_GROUP_SIZES,
+    LAYOUTS,
+    VALUE_DTYPES,
+    FormatError,
+    dtype_name,
+    from_meta,
+)
+
+_CODE_NAMES = (*CODE_DTYPES.values(), INT4)  # manifest dtypes of quantized values (they come with scales)
 from dsf_runtime.layer import CompressedLayer, factor_problem
 from dsf_runtime.quantized import FORMAT as INT8_ROW, SCALE_SUFFIX, check_quantized, dequantize_rows
 
@@ -178,7 +189,7 @@ def _count_problem(entry: dict[str, Any]) -> str | None:
 def _part_names(fqn: str, entry: Mapping[str, Any]) -> list[str]:
     """Tensor names the manifest entry of layer ``fqn`` requires, factors in order, then the bias."""
     names = [f"{fqn}.{k}.{p}" for k, f in entry["factors"].items()
-             for p in LAYOUTS[f["layout"]].parts + (("scales",) if f["dtype"] in CODE_DTYPES.values() else ())]
+             for p in LAYOUTS[f["layout"]].parts + (("scales",) if f["dtype"] in _CODE_NAMES else ())]
     return names + ([f"{fqn}.bias"] if entry["bias"] else [])
 
 
@@ -194,7 +205,7 @@ def _check_entry(fqn: str, entry: Any) -> str | None:
             return f"factor {key!r} is not an object"
         if not isinstance(meta.get("layout"), str) or meta["layout"] not in LAYOUTS:
             return f"factor {key!r} has layout {meta.get('layout')!r}, expected one of {sorted(LAYOUTS)}"
-        if meta.get("dtype") in CODE_DTYPES.values():
+        if meta.get("dtype") in _CODE_NAMES:
             if meta["layout"] not in _CODE_LAYOUTS:
                 return (f"factor {key!r} holds {meta['dtype']} codes in layout {meta['layout']!r}; only "
                         f"{list(_CODE_LAYOUTS)} store quantized values")
@@ -202,8 +213,12 @@ def _check_entry(fqn: str, entry: Any) -> str | None:
                 return (f"factor {key!r} has scale_dtype {meta.get('scale_dtype')!r}, expected one of "
                         f"{sorted(VALUE_DTYPES.values())} for its {meta['dtype']} codes")
         elif meta.get("dtype") not in VALUE_DTYPES.values():
-            expected = sorted([*VALUE_DTYPES.values(), *CODE_DTYPES.values()])
+            expected = sorted([*VALUE_DTYPES.values(), *_CODE_NAMES])
             return f"factor {key!r} has dtype {meta.get('dtype')!r}, expected one of {expected}"
+        if (meta.get("dtype") == INT4) != ("group_size" in meta) or (
+                "group_size" in meta and (not _is_int(meta["group_size"]) or meta["group_size"] not in INT4_GROUP_SIZES)):
+            return (f"factor {key!r} has dtype {meta.get('dtype')!r} and group_size {meta.get('group_size')!r}; int4 "
+                    f"codes need a group_size of {list(INT4_GROUP_SIZES)}, other values none")
         fshape = meta.get("shape")
         if not (isinstance(fshape, list) and len(fshape) == 2 and all(_is_int(s) and s >= 0 for s in fshape)):
             return f"factor {key!r} has shape {fshape!r}, expected [rows, cols]"

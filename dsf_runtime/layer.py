@@ -75,6 +75,7 @@ class CompressedLayer:
         layout: str = "dense",
         dtype: torch.dtype | None = None,
         scales: Mapping[str, torch.Tensor] | None = None,
+        group_size: int | None = None,
         **opts: Any,
     ) -> CompressedLayer:
         """Pack dense factors (e.g. a solver's fp32 ``{"A": [out, k], "B": [k, in]}`` or ``{"W": [out, in]}``).
@@ -82,7 +83,9 @@ class CompressedLayer:
         ``layout="dense"`` keeps the inner dimension ``k`` (the compression output); other layouts drop empty
         inner indices (see ``pack_factors``). ``dtype`` casts the values; ``opts`` go to the layout
         (``block_size`` for ``bsr``). With ``scales`` (one ``[rows]`` tensor per factor), ``factors`` hold codes
-        (int8, float8_e4m3fn; docs/format.md "Quantized values") packed as they are, keeping ``k``. From a solver's
+        (int8, float8_e4m3fn; docs/format.md "Quantized values") packed as they are, keeping ``k``; with
+        ``group_size`` too they are int4 codes (int8 in [-7, 7]) and each scale tensor is
+        ``[rows, ceil(cols / group_size)]``. From a solver's
         ``SolveResult``::
 
             CompressedLayer.from_dense(result.kind, result.factors, method="dsf", bias=linear.bias,
@@ -97,7 +100,7 @@ class CompressedLayer:
         else:
             shape = tuple(factors["W"].shape)
         if scales is not None:
-            packed = {k: pack(f, layout, scales=scales[k], **opts) for k, f in factors.items()}
+            packed = {k: pack(f, layout, scales=scales[k], group_size=group_size, **opts) for k, f in factors.items()}
         elif kind == "dsf":
             packed = pack_factors(factors["A"], factors["B"], layout, dtype=dtype, drop_empty=layout != "dense", **opts)
         else:

@@ -32,7 +32,7 @@ def convert_layer(layer: CompressedLayer, config: ExportConfig) -> CompressedLay
     """``layer`` repacked into ``config.layout`` with values (and bias) in ``config.dtype`` (None: stored dtype).
 
     DSF inner indices that are empty after the cast are dropped unless the layout is ``dense``. Quantized values
-    (codes with row scales) keep their codes bit for bit in ``auto``/``bitmask``/``csr``/``dense``, and are
+    (codes with row or int4 group scales) keep their codes bit for bit in ``auto``/``bitmask``/``csr``/``dense``, and are
     decoded into floats for a ``--dtype`` or another layout (``bsr`` and the GPU layouts hold no codes).
     """
     dtype = config.torch_dtype
@@ -43,7 +43,7 @@ def convert_layer(layer: CompressedLayer, config: ExportConfig) -> CompressedLay
     if quantized and dtype is None and config.layout in (AUTO, *AUTO_LAYOUTS):  # the codes as they are
         codes = {name: f.dense_codes() for name, f in layer.factors.items()}
         return CompressedLayer.from_dense(layer.kind, codes, scales={k: f.scales for k, f in layer.factors.items()},
-                                          **common)
+                                          group_size=quantized[0].group_size, **common)
     if quantized and dtype is None:  # a layout without codes: decoded into the scales' dtype
         dtype = quantized[0].compute_dtype
         bias = layer.bias if layer.bias is None else layer.bias.to(dtype)

@@ -24,7 +24,18 @@ from typing import Any
 
 import torch
 
-from dsf_runtime.formats._common import CODE_DTYPES, VALUE_DTYPES, FormatError, PackedMatrix, dtype_name, part_name
+from dsf_runtime.formats._common import (
+    CODE_DTYPES,
+    INT4,
+    INT4_GROUP_SIZES,
+    VALUE_DTYPES,
+    FormatError,
+    PackedMatrix,
+    dtype_name,
+    pack_int4,
+    part_name,
+    unpack_int4,
+)
 from dsf_runtime.formats.balanced import balanced_per_group
 from dsf_runtime.formats.bitmask import BitmaskMatrix
 from dsf_runtime.formats.bsr import BLOCK_SIZES, BSRMatrix
@@ -38,6 +49,10 @@ __all__ = [
     "AUTO_LAYOUTS",
     "BLOCK_SIZES",
     "CODE_DTYPES",
+    "INT4",
+    "INT4_GROUP_SIZES",
+    "pack_int4",
+    "unpack_int4",
     "INT16_MAX_COLS",
     "LAYOUTS",
     "VALUE_DTYPES",
@@ -82,33 +97,46 @@ def _layout_class(layout: str) -> type:
         raise ValueError(f"unknown layout {layout!r}; expected one of {sorted(LAYOUTS)}") from None
 
 
+def _code_options(scales: torch.Tensor | None, group_size: int | None) -> dict[str, Any]:
+    """``from_dense`` keywords of codes: ``scales``, and ``group_size`` for int4."""
+    if scales is None:
+        if group_size is not None:
+            raise ValueError("group_size goes with int4 codes and their scales")
+        return {}
+    return {"scales": scales, **({"group_size": group_size} if group_size is not None else {})}
+
+
 def pack(matrix: torch.Tensor, layout: str, *, dtype: torch.dtype | None = None,
-         scales: torch.Tensor | None = None, **opts: Any) -> PackedMatrix:
+         scales: torch.Tensor | None = None, group_size: int | None = None, **opts: Any) -> PackedMatrix:
     """Pack a dense ``[rows, cols]`` matrix into ``layout`` with values in ``dtype`` (default: its own).
 
     Args:
-        matrix: the matrix, float16/bfloat16/float32, any device; or codes (``CODE_DTYPES``) with ``scales``.
+        matrix: the matrix, float16/bfloat16/float32, any device; or codes (``CODE_DTYPES``, or int4 codes as
+            int8 in [-7, 7]) with ``scales``.
         layout: a key of ``LAYOUTS``, or ``AUTO`` for ``smallest``.
         dtype: value dtype of the packed matrix.
-        scales: ``[rows]`` row scales of codes (value = code · scale); only ``dense``, ``csr`` and ``bitmask``
-            store codes.
+        scales: ``[rows]`` row scales of codes (value = code · scale), or int4's ``[rows, ceil(cols / group_size)]``
+            group scales; only ``dense``, ``csr`` and ``bitmask`` store codes.
+        group_size: int4 codes: columns per scale (``INT4_GROUP_SIZES``).
         **opts: layout options, e.g. ``block_size=32`` for ``bsr``.
     """
+    codes = _code_options(scales, group_size)
     if layout == AUTO:
-        return smallest(matrix, dtype=dtype, scales=scales)
+        return smallest(matrix, dtype=dtype, **codes)
     cls = _layout_class(layout)
-    if scales is not None and layout not in AUTO_LAYOUTS:
+    if codes and layout not in AUTO_LAYOUTS:
         raise ValueError(f"layout {layout!r} has no quantized values; use one of {list(AUTO_LAYOUTS)} for "
-                         f"{dtype_name(matrix.dtype)} codes, or decode them first")
-    return cls.from_dense(matrix, dtype=dtype, **({"scales": scales} if scales is not None else {}), **opts)
+                         f"{'int4' if group_size else dtype_name(matrix.dtype)} codes, or decode them first")
+    return cls.from_dense(matrix, dtype=dtype, **codes, **opts)
 
 
 def smallest(matrix: torch.Tensor, *, dtype: torch.dtype | None = None,
-             scales: torch.Tensor | None = None) -> PackedMatrix:
+             scales: torch.Tensor | None = None, group_size: int | None = None) -> PackedMatrix:
     """``matrix`` ``[rows, cols]`` packed into each of ``AUTO_LAYOUTS`` with values in ``dtype`` (or codes with
-    ``scales``); the one with the fewest stored bytes (``nbytes``), the earlier layout on a tie."""
-    extra = {"scales": scales} if scales is not None else {}
-    return min((_layout_class(layout).from_dense(matrix, dtype=dtype, **extra) for layout in AUTO_LAYOUTS),
+    ``scales`` and int4's ``group_size``); the one with the fewest stored bytes (``nbytes``), the earlier layout on
+    a tie."""
+    codes = _code_options(scales, group_size)
+    return min((_layout_class(layout).from_dense(matrix, dtype=dtype, **codes) for layout in AUTO_LAYOUTS),
                key=lambda packed: packed.nbytes)
 
 
@@ -181,7 +209,7 @@ def check_meta(packed: PackedMatrix, prefix: str, meta: Mapping[str, Any]) -> No
     """
     found = packed.meta()
     for key, part in (("dtype", "values"), ("index_dtype", "col_idx"), ("bit_order", "bitmask"), ("nnz", "values"),
-                      ("scale_dtype", "scales")):
+                      ("scale_dtype", "scales"), ("group_size", "scales")):
         if meta.get(key) != found.get(key):
             raise FormatError(
                 part_name(prefix, part if part in packed.stored_parts else "values"),

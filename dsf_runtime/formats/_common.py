@@ -12,8 +12,8 @@ from typing import Any, ClassVar, Protocol
 
 import torch
 
-__all__ = ["CHUNK_BYTES", "CODE_DTYPES", "SCALE_DTYPES", "VALUE_DTYPES", "FormatError", "KernelLayoutMixin",
-           "PackedMatrix", "PackedMixin", "dtype_name"]
+__all__ = ["CHUNK_BYTES", "CODE_DTYPES", "INT4", "INT4_GROUP_SIZES", "SCALE_DTYPES", "VALUE_DTYPES", "FormatError",
+           "KernelLayoutMixin", "PackedMatrix", "PackedMixin", "dtype_name", "pack_int4", "unpack_int4"]
 
 # Value dtypes a packed matrix may hold, with the names the manifest uses.
 VALUE_DTYPES: dict[torch.dtype, str] = {
@@ -28,6 +28,11 @@ CODE_DTYPES: dict[torch.dtype, str] = {
     torch.float8_e4m3fn: "float8_e4m3fn",
 }
 SCALE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# int4 codes (docs/format.md "Quantized values"): symmetric codes in [-7, 7], two per byte in storage order (low nibble
+# first), with one scale per group of ``group_size`` consecutive columns of a row: scales ``[rows, ceil(cols / g)]``.
+INT4 = "int4"
+INT4_GROUP_SIZES = (64, 128, 256)
+INT4_QMAX = 7
 _INDEX_DTYPES: dict[torch.dtype, str] = {torch.int16: "int16", torch.int32: "int32", torch.uint8: "uint8"}
 _FIX = "re-export the checkpoint"
 
@@ -79,16 +84,57 @@ def dtype_name(dtype: torch.dtype) -> str:
             or str(dtype).removeprefix("torch."))
 
 
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """int8 codes ``[n]`` in [-8, 7] -> uint8 ``[ceil(n / 2)]``: code ``p`` in nibble ``p & 1`` of byte ``p >> 1``
+    (low nibble first, two's complement); an odd ``n`` leaves the last high nibble 0."""
+    nibbles = codes.reshape(-1).to(torch.uint8) & 0xF
+    if nibbles.numel() % 2:
+        nibbles = torch.cat([nibbles, nibbles.new_zeros(1)])
+    pairs = nibbles.view(-1, 2)
+    return pairs[:, 0] | (pairs[:, 1] << 4)
+
+
+def unpack_int4(packed: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """Codes ``start:stop`` of a ``pack_int4`` stream, int8 ``[stop - start]`` in [-8, 7]."""
+    if stop <= start:
+        return torch.empty(0, dtype=torch.int8, device=packed.device)
+    pairs = packed[start // 2 : (stop + 1) // 2]
+    nibbles = torch.stack([pairs & 0xF, pairs >> 4], dim=1).reshape(-1)[start % 2 : start % 2 + stop - start]
+    return (nibbles.to(torch.int8) ^ 8) - 8  # sign-extend the low 4 bits
+
+
+def int4_group_count(cols: int, group_size: int) -> int:
+    """Scales per row of an int4 matrix with ``cols`` columns: ``ceil(cols / group_size)``."""
+    return -(-cols // group_size)
+
+
 def part_name(prefix: str, part: str) -> str:
     """Full tensor name of a part: ``"<prefix>.<part>"``, or ``part`` alone when ``prefix`` is empty."""
     return f"{prefix}.{part}" if prefix else part
 
 
-def check_matrix(matrix: torch.Tensor, dtype: torch.dtype | None, scales: torch.Tensor | None = None) -> torch.Tensor:
+def check_matrix(matrix: torch.Tensor, dtype: torch.dtype | None, scales: torch.Tensor | None = None,
+                 group_size: int | None = None) -> torch.Tensor:
     """Validate a dense input of ``from_dense`` and return it cast to the value dtype (default: its own). With
-    ``scales`` (``[rows]``), ``matrix`` holds codes (``CODE_DTYPES``) and is not cast."""
+    ``scales`` (``[rows]``), ``matrix`` holds codes (``CODE_DTYPES``) and is not cast; with ``group_size`` too,
+    ``matrix`` holds int4 codes (int8 in [-7, 7]) and ``scales`` is ``[rows, ceil(cols / group_size)]``."""
     if not isinstance(matrix, torch.Tensor) or matrix.dim() != 2:
         raise ValueError(f"expected a 2-D tensor, got {getattr(matrix, 'shape', type(matrix).__name__)}")
+    if group_size is not None:
+        if scales is None:
+            raise ValueError("group_size goes with int4 codes and their scales")
+        if isinstance(group_size, bool) or group_size not in INT4_GROUP_SIZES:
+            raise ValueError(f"int4 group_size must be one of {INT4_GROUP_SIZES}, got {group_size!r}")
+        rows, cols = matrix.shape
+        groups = int4_group_count(cols, group_size)
+        if matrix.dtype != torch.int8 or dtype not in (None, torch.int8):
+            raise TypeError(f"int4 codes are passed as int8, got {dtype_name(matrix.dtype)}")
+        if matrix.numel() and int(matrix.abs().max()) > INT4_QMAX:
+            raise ValueError(f"int4 codes must lie in [-{INT4_QMAX}, {INT4_QMAX}]")
+        if scales.dtype not in SCALE_DTYPES or tuple(scales.shape) != (rows, groups):
+            raise ValueError(f"int4 scales must be float [{rows}, {groups}], got {dtype_name(scales.dtype)} "
+                             f"{list(scales.shape)}")
+        return matrix.detach().contiguous()
     if scales is not None:
         if matrix.dtype not in CODE_DTYPES or dtype not in (None, matrix.dtype):
             raise TypeError(f"scales go with codes of {sorted(CODE_DTYPES.values())}, got {dtype_name(matrix.dtype)}")
@@ -102,9 +148,22 @@ def check_matrix(matrix: torch.Tensor, dtype: torch.dtype | None, scales: torch.
     return matrix.detach().to(target).contiguous()
 
 
-def check_scales(name: str, values: torch.Tensor, scales: torch.Tensor | None, rows: int) -> None:
-    """Codes (``CODE_DTYPES``) need float ``scales`` ``[rows]``, finite and ≥ 0; float values none. Raises
-    FormatError naming ``<prefix>.scales`` (``name``) or, for scales next to float values, the values."""
+def check_scales(name: str, values: torch.Tensor, scales: torch.Tensor | None, shape: tuple[int, int],
+                 group_size: int | None = None) -> None:
+    """Codes (``CODE_DTYPES``) need float ``scales`` ``[rows]``, int4 codes (``group_size`` set) float ``scales``
+    ``[rows, ceil(cols / group_size)]``, finite and ≥ 0; float values none. Raises FormatError naming
+    ``<prefix>.scales`` (``name``) or, for scales next to float values, the values."""
+    rows, cols = shape
+    if group_size is not None:
+        if isinstance(group_size, bool) or group_size not in INT4_GROUP_SIZES:
+            raise FormatError(name, f"belongs to int4 codes with group_size {group_size!r}; expected one of "
+                                    f"{list(INT4_GROUP_SIZES)}")
+        if scales is None:
+            raise FormatError(name, "is missing; int4 values need one scale per group")
+        check_tensor(name, scales, SCALE_DTYPES, (rows, int4_group_count(cols, group_size)))
+        if scales.numel() and not bool((torch.isfinite(scales) & (scales >= 0)).all()):
+            raise FormatError(name, "holds a negative, NaN or infinite scale")
+        return
     if values.dtype not in CODE_DTYPES:
         if scales is not None:
             raise FormatError(name, f"is stored next to {dtype_name(values.dtype)} values; only "
@@ -115,6 +174,21 @@ def check_scales(name: str, values: torch.Tensor, scales: torch.Tensor | None, r
     check_tensor(name, scales, SCALE_DTYPES, (rows,))
     if rows and not bool((torch.isfinite(scales) & (scales >= 0)).all()):
         raise FormatError(name, "holds a negative, NaN or infinite scale")
+
+
+def check_int4_values(name: str, values: torch.Tensor, count: int) -> None:
+    """Check a ``pack_int4`` stream of ``count`` codes: uint8 ``[ceil(count / 2)]``, no code -8 (outside the
+    symmetric range), and a zero padding nibble when ``count`` is odd. Raises FormatError naming ``name``."""
+    check_tensor(name, values, (torch.uint8,), ((count + 1) // 2,))
+    if not count:
+        return
+    low, high = values & 0xF, values >> 4
+    bad = torch.nonzero((low == 8) | (high == 8))
+    if bad.numel():
+        byte = int(bad[0, 0])
+        raise FormatError(name, f"holds the int4 code -8 in byte {byte}; codes lie in [-{INT4_QMAX}, {INT4_QMAX}]")
+    if count % 2 and int(high[-1]):
+        raise FormatError(name, f"sets the padding nibble after its {count} codes")
 
 
 # Upper bound on the temporary that one decompressed row chunk of a weight occupies in ``PackedMixin.matmul``.
@@ -129,7 +203,8 @@ class PackedMixin:
     options: ClassVar[tuple[str, ...]] = ()
     shape: tuple[int, int]
     values: torch.Tensor
-    scales: torch.Tensor | None = None  # row scales of quantized values (the stored layouts' dataclass field)
+    scales: torch.Tensor | None = None  # scales of quantized values (the stored layouts' dataclass field)
+    group_size: int | None = None  # int4 codes: columns per scale (the stored layouts' dataclass field)
 
     @property
     def stored_parts(self) -> tuple[str, ...]:
@@ -138,8 +213,25 @@ class PackedMixin:
 
     @property
     def quantized(self) -> bool:
-        """Whether the values are codes with row scales (``CODE_DTYPES``)."""
+        """Whether the values are codes with scales (``CODE_DTYPES`` with row scales, or int4 with group scales)."""
         return self.scales is not None
+
+    @property
+    def value_format(self) -> str:
+        """The manifest's ``dtype``: ``"int4"`` for int4 codes, else the name of the values' dtype."""
+        return INT4 if self.group_size is not None else dtype_name(self.dtype)
+
+    def code_options(self) -> dict[str, Any]:
+        """``from_dense`` keywords that store this matrix's codes again: ``scales`` (and int4's ``group_size``)."""
+        if self.scales is None:
+            return {}
+        return {"scales": self.scales, **({"group_size": self.group_size} if self.group_size is not None else {})}
+
+    def _stored_values(self, lo: int, hi: int) -> torch.Tensor:
+        """Stored values ``lo:hi`` in storage order: the values themselves, or int4 codes unpacked to int8."""
+        if self.group_size is not None:
+            return unpack_int4(self.values, lo, hi)
+        return self.values[lo:hi]
 
     @property
     def compute_dtype(self) -> torch.dtype:
@@ -153,7 +245,7 @@ class PackedMixin:
         if type(other) is cls and not opts:
             return other if dtype in (None, other.dtype) else other.to(dtype=dtype)
         if other.quantized and dtype in (None, other.dtype):  # codes move between layouts unchanged
-            return cls.from_dense(other.dense_codes(), scales=other.scales, **opts)
+            return cls.from_dense(other.dense_codes(), **other.code_options(), **opts)
         return cls.from_dense(other.to_dense(), dtype=dtype or other.compute_dtype, **opts)
 
     def kernel_ready(self, device: torch.device) -> bool:
@@ -192,15 +284,17 @@ class PackedMixin:
         """The manifest's per-factor entry: the common fields, then the layout's own (``_meta_fields``), then
         ``scale_dtype`` for quantized values."""
         scale = {"scale_dtype": dtype_name(self.scales.dtype)} if self.scales is not None else {}
-        return {"shape": list(self.shape), "layout": self.layout, "dtype": dtype_name(self.dtype), "nnz": self.nnz,
-                "index_dtype": None, "block_size": None, "bit_order": None, **self._meta_fields(), **scale}
+        group = {"group_size": self.group_size} if self.group_size is not None else {}
+        return {"shape": list(self.shape), "layout": self.layout, "dtype": self.value_format, "nnz": self.nnz,
+                "index_dtype": None, "block_size": None, "bit_order": None, **self._meta_fields(), **scale, **group}
 
     def dense_codes(self) -> torch.Tensor:
-        """The codes as a dense ``[rows, cols]`` matrix in the codes' dtype, zero where nothing is stored (a
-        quantized matrix only)."""
+        """The codes as a dense ``[rows, cols]`` matrix in the codes' dtype (int8 for int4), zero where nothing
+        is stored (a quantized matrix only)."""
         if self.scales is None:
             raise TypeError(f"a {dtype_name(self.dtype)} {self.layout} matrix has no codes")
-        return self._scatter_rows(0, self.shape[0], torch.float32).to(self.dtype)
+        code_dtype = torch.int8 if self.group_size is not None else self.dtype
+        return self._scatter_rows(0, self.shape[0], torch.float32).to(code_dtype)
 
     def _meta_fields(self) -> dict[str, Any]:
         """Manifest fields of this layout besides the common ones (``meta``)."""
@@ -234,8 +328,12 @@ class PackedMixin:
         dtype = dtype or self.compute_dtype
         if self.scales is None:
             return self._scatter_rows(start, stop, dtype)
-        rows = self._scatter_rows(start, stop, torch.float32) * self.scales[start:stop].float().unsqueeze(1)
-        return rows.to(dtype)
+        scales = self.scales[start:stop].float()
+        if self.group_size is not None:  # [rows, groups] -> one scale per column
+            scales = scales.repeat_interleave(self.group_size, dim=1)[:, : self.shape[1]]
+        else:
+            scales = scales.unsqueeze(1)
+        return (self._scatter_rows(start, stop, torch.float32) * scales).to(dtype)
 
     def _scatter_rows(self, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
         """Rows ``start:stop`` of the stored values (codes as numbers, no scales) as a dense tensor in ``dtype``."""
@@ -247,7 +345,7 @@ class PackedMixin:
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None):
         """A copy on ``device`` with values cast to ``dtype`` (indices keep their dtype). Quantized values cast to
-        a float ``dtype`` are decoded (code · row scale) and the matrix is packed again without scales."""
+        a float ``dtype`` are decoded (code · scale) and the matrix is packed again without scales."""
         moved = {p: getattr(self, p).to(device) for p in self.stored_parts}
         if dtype is not None:
             if dtype not in VALUE_DTYPES:

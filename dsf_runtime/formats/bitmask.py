@@ -16,12 +16,14 @@ from dsf_runtime.formats._common import (
     VALUE_DTYPES,
     FormatError,
     PackedMixin,
+    check_int4_values,
     check_matrix,
     check_row_ptr,
     check_scales,
     check_tensor,
     nonzero_entries,
     offsets,
+    pack_int4,
     part_name,
 )
 
@@ -108,14 +110,15 @@ class BitmaskMatrix(PackedMixin):
 
     Tensors:
         values: ``[nnz]`` float16, bfloat16 or float32; non-zeros row by row, columns ascending. Or codes (int8,
-            float8_e4m3fn) with ``scales``.
+            float8_e4m3fn) with ``scales``, or int4 codes packed two per byte, uint8 ``[ceil(nnz / 2)]``.
         bitmask: ``[rows, ceil(cols / 8)]`` uint8; element ``(i, j)`` is stored iff
             ``(bitmask[i, j >> 3] >> (j & 7)) & 1`` (bit order ``little``); padding bits are 0.
         row_ptr: ``[rows + 1]`` int32; ``row_ptr[i + 1] - row_ptr[i]`` is the popcount of row ``i``.
-        scales: ``[rows]`` float16/bfloat16/float32 for codes (value = code · ``scales[row]``), else None.
+        scales: for codes, ``[rows]`` float16/bfloat16/float32 (value = code · ``scales[row]``), or for int4
+            ``[rows, ceil(cols / group_size)]`` (value = code · ``scales[row, col // group_size]``); else None.
 
     Scalars:
-        shape: ``(rows, cols)``.
+        shape: ``(rows, cols)``; group_size: columns per int4 scale, else None.
     """
 
     values: torch.Tensor
@@ -123,22 +126,28 @@ class BitmaskMatrix(PackedMixin):
     row_ptr: torch.Tensor
     shape: tuple[int, int]
     scales: torch.Tensor | None = None
+    group_size: int | None = None
 
     layout: ClassVar[str] = "bitmask"
     parts: ClassVar[tuple[str, ...]] = ("values", "bitmask", "row_ptr")
+    options: ClassVar[tuple[str, ...]] = ("group_size",)
 
     @classmethod
     def from_dense(cls, matrix: torch.Tensor, *, dtype: torch.dtype | None = None,
-                   scales: torch.Tensor | None = None) -> BitmaskMatrix:
+                   scales: torch.Tensor | None = None, group_size: int | None = None) -> BitmaskMatrix:
         """Pack the non-zeros of ``matrix`` ([rows, cols]) after casting it to ``dtype`` (default: its own); with
-        ``scales`` (``[rows]``), ``matrix`` holds codes (int8, float8_e4m3fn), stored with their row scales.
+        ``scales`` (``[rows]``), ``matrix`` holds codes (int8, float8_e4m3fn), stored with their row scales; with
+        ``group_size`` too, int4 codes (int8 in [-7, 7]) with scales ``[rows, ceil(cols / group_size)]``.
 
-        Zeros produced by the cast are dropped; ``-0.0`` counts as zero (it unpacks as ``+0.0``).
+        Zeros produced by the cast are dropped (and zero codes); ``-0.0`` counts as zero (it unpacks as ``+0.0``).
         """
-        dense = check_matrix(matrix, dtype, scales)
+        dense = check_matrix(matrix, dtype, scales, group_size)
         mask, _, values = nonzero_entries(dense)
         row_ptr = offsets(mask.sum(dim=1, dtype=torch.int32))
-        return cls(values=values, bitmask=pack_bits(mask), row_ptr=row_ptr, shape=tuple(dense.shape), scales=scales)
+        if group_size is not None:
+            values = pack_int4(values)
+        return cls(values=values, bitmask=pack_bits(mask), row_ptr=row_ptr, shape=tuple(dense.shape), scales=scales,
+                   group_size=group_size)
 
     def matmul(self, x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
         """``y = x·Wᵀ``: on the CPU through the compiled kernel when ``cpu_linear`` takes it, else
@@ -157,23 +166,29 @@ class BitmaskMatrix(PackedMixin):
     @property
     def nnz(self) -> int:
         """Number of stored values."""
-        return self.values.numel()
+        return int(self.row_ptr[-1]) if self.group_size is not None else self.values.numel()
 
     def _scatter_rows(self, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
         mask = unpack_bits(self.bitmask[start:stop], self.shape[1])
         out = torch.zeros(mask.shape, dtype=dtype, device=self.device)
         lo, hi = int(self.row_ptr[start]), int(self.row_ptr[stop])
-        return out.masked_scatter_(mask, self.values[lo:hi].to(out.dtype))
+        return out.masked_scatter_(mask, self._stored_values(lo, hi).to(out.dtype))
 
     def validate(self, prefix: str = "") -> None:
         """Check dtypes, shapes, padding bits and popcounts against ``row_ptr``; raises FormatError naming the
         tensor."""
         rows, cols = self.shape
         name = partial(part_name, prefix)
-        check_tensor(name("values"), self.values, (*VALUE_DTYPES, *CODE_DTYPES), (None,))
-        check_scales(name("scales"), self.values, self.scales, rows)
+        check_scales(name("scales"), self.values, self.scales, self.shape, self.group_size)
         check_tensor(name("bitmask"), self.bitmask, (torch.uint8,), (rows, (cols + 7) // 8))
-        check_row_ptr(name("row_ptr"), self.row_ptr, rows, self.values.shape[0])
+        if self.group_size is not None:
+            check_tensor(name("row_ptr"), self.row_ptr, (torch.int32,), (rows + 1,))
+            nnz = int(self.row_ptr[-1])
+            check_int4_values(name("values"), self.values, max(nnz, 0))
+        else:
+            check_tensor(name("values"), self.values, (*VALUE_DTYPES, *CODE_DTYPES), (None,))
+            nnz = self.values.shape[0]
+        check_row_ptr(name("row_ptr"), self.row_ptr, rows, nnz)
         if cols % 8 and rows:
             padding = self.bitmask[:, -1] >> (cols % 8)
             bad = torch.nonzero(padding)

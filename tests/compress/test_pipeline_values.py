@@ -1,4 +1,4 @@
-"""``compress_model(values="int8"/"fp8")`` on the 2-block SmolLM2: codes with row scales in the output, the
+"""``compress_model(values="int8"/"fp8"/"int4")`` on the 2-block SmolLM2: codes with their scales in the output, the
 reloaded model equal to the quantized model in memory, the recorded errors those of the decoded values, resume
 after an interruption bit-exact, and the settings that cannot store quantized values refused."""
 
@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from compress.api import CompressConfig, ConfigError, compress_model
 from compress.data import load_calibration
 from compress.output import PARTIAL_DIR
-from compress.quantize import codes_of, quantize_result
+from compress.quantize import ValueQuantization, codes_of, quantize_result
 from compress.solvers import make_config, solve_group
 from tests.compress.test_pipeline import two_block_smollm2
 
@@ -28,13 +28,15 @@ def smol():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("method", "values", "dtype"), [("dsf", "int8", "int8"), ("sparsegpt", "fp8", "float8_e4m3fn")])
-def test_quantized_output_reloads_as_the_quantized_model(smol, tmp_path, method, values, dtype):
+@pytest.mark.parametrize(("method", "values", "dtype", "ratio"), [
+    ("dsf", "int8", "int8", 0.45), ("sparsegpt", "fp8", "float8_e4m3fn", 0.45), ("dsf", "int4", "int4", 0.3)])
+def test_quantized_output_reloads_as_the_quantized_model(smol, tmp_path, method, values, dtype, ratio):
     import dsf_runtime
 
     model, tokenizer = copy.deepcopy(smol[0]), smol[1]
     settings = {**SETTINGS, "method": method, "solver_options": SETTINGS["solver_options"] if method == "dsf" else {}}
-    config = CompressConfig(**settings, values=values, save_dtype="float32")  # fp32 scales: the decode is exact
+    group = {"value_group_size": 64} if values == "int4" else {}
+    config = CompressConfig(**settings, values=values, **group, save_dtype="float32")  # fp32 scales: exact decode
     report = compress_model(config, tmp_path / "out", model=model, tokenizer=tokenizer, progress=False)
     manifest = json.loads((tmp_path / "out" / "dsf_manifest.json").read_text())
     assert manifest["compression"]["values"] == values
@@ -42,9 +44,10 @@ def test_quantized_output_reloads_as_the_quantized_model(smol, tmp_path, method,
     for name, entry in manifest["layers"].items():
         for factor in entry["factors"].values():
             assert (factor["dtype"], factor["scale_dtype"]) == (dtype, "float32"), name
+            assert factor.get("group_size") == group.get("value_group_size"), name
         assert entry["relative_error"] == reported[name]["relative_error"]
     with dsf_runtime.open_compressed(tmp_path / "out") as ckpt:
-        assert ckpt.size_summary()["linear_ratio"] < 0.45  # one byte per value instead of two
+        assert ckpt.size_summary()["linear_ratio"] < ratio  # one byte per value (int4: half a byte) instead of two
         layer = ckpt.load_layer("model.layers.1.mlp.down_proj")
         assert layer.kind == ("dsf" if method == "dsf" else "single")
     # the model in memory holds the decoded product: the stored codes decode to exactly its weight
@@ -78,8 +81,28 @@ def test_quantize_result_errors_and_codes_are_exact(smol):
     reference = float(torch.sum((weight.double() @ hessian.double()) * weight.double()))
     assert quantized.relative_error == pytest.approx(quantized.error / reference, rel=1e-9)
     # (the error may be below the fp32 solve's: quantize_dsf refits A against B̂ with 20 more finalize steps)
-    with pytest.raises(ValueError, match="layer 'down_proj': values must be one of int8, fp8, got 'int4'"):
-        quantize_result(result, weight, hessian, "int4", "down_proj")
+    with pytest.raises(ValueError, match="layer 'down_proj': unknown value format 'int2'"):
+        quantize_result(result, weight, hessian, "int2", "down_proj")
+
+
+def test_int4_result_codes_are_exact_and_rtn_is_worse(smol):
+    """int4 codes with column-group scales decode exactly; error feedback beats round-to-nearest on a real layer."""
+    model = smol[0]
+    weight = model.get_submodule("model.layers.0.self_attn.q_proj").weight.detach().float()
+    x = torch.randn(256, weight.shape[1], generator=torch.Generator().manual_seed(0))
+    hessian = 2 * x.T @ x / x.shape[0]
+    result = solve_group([weight], hessian, make_config("sparsegpt", 0.5))[0]
+    gptq = ValueQuantization("int4", 64).apply(result, weight, hessian, "q_proj")
+    rtn = ValueQuantization("int4", 64, error_feedback=False).apply(result, weight, hessian, "q_proj")
+    assert gptq.error < rtn.error and gptq.group_size == 64
+    scales = gptq.scales["W"]
+    assert scales.shape == (weight.shape[0], weight.shape[1] // 64) and scales.dtype == torch.float16
+    codes = codes_of(gptq.factors["W"], scales, "int4", 64)
+    assert codes.dtype == torch.int8 and int(codes.abs().max()) <= 7
+    step = scales.double().repeat_interleave(64, dim=1)
+    assert torch.equal(codes.double() * step, gptq.factors["W"].double())  # exact decode
+    with pytest.raises(ValueError, match="int4 group size must be one of"):
+        ValueQuantization("int4", 100)
 
 
 @pytest.mark.slow
@@ -115,8 +138,12 @@ def test_resume_of_a_quantized_run_is_bit_exact(smol, tmp_path, monkeypatch):
 
 
 def test_settings_without_a_stored_encoding_are_refused(monkeypatch, tmp_path):
-    with pytest.raises(ConfigError, match="int4 is measured .* but has no file encoding yet"):
-        CompressConfig(values="int4")
+    with pytest.raises(ConfigError, match="value_group_size: applies to int4 values only, not 'int8'"):
+        CompressConfig(values="int8", value_group_size=128)
+    with pytest.raises(ConfigError, match="value_group_size: .*int4 group size must be one of"):
+        CompressConfig(values="int4", value_group_size=100)
+    with pytest.raises(ConfigError, match="rounding: must be one of gptq, rtn"):
+        CompressConfig(values="int8", rounding="awq")
     from compress import distributed
 
     monkeypatch.setenv("WORLD_SIZE", "2")

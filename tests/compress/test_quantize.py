@@ -25,8 +25,8 @@ from compress.solvers.base import layer_error
 from tests.compress.dsf_reference import synthetic_layer
 from tests.dsf_runtime.helpers import single_thread  # noqa: F401 (autouse fixture)
 
-FORMATS = [Int8Values(), Fp8Values(), Int4Values(64), Int4Values(128)]
-IDS = ["int8", "fp8", "int4g64", "int4g128"]
+FORMATS = [Int8Values(), Fp8Values(), Int4Values(64), Int4Values(128), Int4Values(256)]
+IDS = ["int8", "fp8", "int4g64", "int4g128", "int4g256"]
 BLOCK0 = "model.layers.0."
 REAL_LAYERS = ["self_attn.q_proj", "mlp.up_proj"]
 
@@ -54,10 +54,11 @@ def _step(format: ValueFormat, scaled: torch.Tensor) -> torch.Tensor:
     return torch.ones_like(scaled)
 
 
-def _expected_row_bytes(format: ValueFormat, n: int) -> int:
+def _expected_bytes(format: ValueFormat, rows: int, cols: int, nnz: int) -> int:
+    """docs/format.md "Quantized values": codes + fp16 scales."""
     if isinstance(format, Int4Values):
-        return math.ceil(n / 2) + 2 * math.ceil(n / format.group_size)
-    return n + 2
+        return math.ceil(nnz / 2) + 2 * rows * math.ceil(cols / format.group_size)
+    return nnz + 2 * rows
 
 
 # ------------------------------------------------------------------------------------------- formats and bytes
@@ -72,9 +73,8 @@ def test_round_trip_and_bytes(format: ValueFormat) -> None:
         assert not values[~mask].any()
         again = encode(format, values, mask, quantized.scales)  # the stored codes come back bit for bit
         assert _codes_equal(again, quantized)
-        counts = mask.sum(1).tolist()
-        assert quantized.nbytes == sum(_expected_row_bytes(format, n) for n in counts)
-        assert quantized.nbytes == int(format.row_bytes(mask.sum(1)).sum())
+        assert quantized.nbytes == _expected_bytes(format, *mask.shape, int(mask.sum()))
+        assert quantized.nbytes == format.stored_bytes(mask)
         assert quantized.codes.dtype == format.code_dtype and quantized.scales.dtype == torch.float16
     rtn = quantize_rtn(weight, format, mask=mask)
     assert _codes_equal(quantize_rtn(rtn.dequantize(), format, mask=mask), rtn)  # RTN is idempotent
@@ -97,15 +97,18 @@ def test_rtn_within_half_a_step_float64(format: ValueFormat) -> None:
 def test_int4_packing_layout() -> None:
     values = torch.tensor([[1.0, -1.0, 7.0, 0.0], [0.0, 0.0, 0.0, -7.0]])
     quantized = encode(Int4Values(64), values, values != 0, torch.ones(2, dtype=torch.float16))
-    assert quantized.codes.tolist() == [0xF1, 0x07, 0x09]  # low nibble first, each row on a byte boundary
+    assert quantized.codes.tolist() == [0xF1, 0x97]  # low nibble first, one stream over the rows (no row padding)
     assert torch.equal(quantized.dequantize(), values)
 
 
-def test_int4_last_partial_group_has_its_own_scale() -> None:
-    weight = torch.ones(1, 130)
-    weight[0, 128:] = 0.5  # positions 128, 129: the last group at g=64 is {128, 129}
+def test_int4_groups_are_columns_whatever_the_mask() -> None:
+    weight = torch.ones(2, 130)
+    weight[:, 128:] = 0.5  # columns 128, 129: the last group at g=64
+    weight[1, :64] = 0  # row 1 keeps nothing in its first group: that group's scale is 1.0
     quantized = quantize_rtn(weight, Int4Values(64))
-    first, second, last = quantized.scales
+    assert quantized.scales.shape == (6,)  # 2 rows x ceil(130/64) groups, row-major
+    assert quantized.scales[3].item() == 1.0 and torch.equal(quantized.scales[4:], quantized.scales[1:3])
+    first, second, last = quantized.scales[:3]
     assert first == second and last == first / 2  # 0.5/7 is (1/7)/2: the same fp16 mantissa
     below = torch.nextafter(first, torch.tensor(0.0, dtype=torch.float16))
     assert below.item() < 1 / 7 <= first.item()  # amax/qmax rounded up to the next fp16
@@ -162,8 +165,8 @@ def test_dense_mask_makes_the_pruned_rule_irrelevant() -> None:
 def test_bad_group_size_names_the_layer() -> None:
     with pytest.raises(ValueError) as info:
         value_format("int4", group_size=100, layer_name="model.layers.3.mlp.up_proj")
-    assert str(info.value) == "layer 'model.layers.3.mlp.up_proj': int4 group size must be one of (64, 128), got 100"
-    with pytest.raises(ValueError, match=r"^int4 group size must be one of \(64, 128\), got 32$"):
+    assert str(info.value) == "layer 'model.layers.3.mlp.up_proj': int4 group size must be one of (64, 128, 256), got 100"
+    with pytest.raises(ValueError, match=r"^int4 group size must be one of \(64, 128, 256\), got 32$"):
         Int4Values(32)
     with pytest.raises(ValueError, match=r"^layer 'q': int8 has one scale per row; group_size applies to int4"):
         value_format("int8", group_size=128, layer_name="q")

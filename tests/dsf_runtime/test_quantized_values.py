@@ -1,5 +1,5 @@
-"""Quantized factor values (docs/format.md "Quantized values"): int8 / float8 codes with one scale per row in the
-``dense``, ``csr`` and ``bitmask`` layouts, against float64; files round-tripped bit-exact through both loaders and
+"""Quantized factor values (docs/format.md "Quantized values"): int8 / float8 codes with one scale per row and int4
+codes with one scale per group of columns in the ``dense``, ``csr`` and ``bitmask`` layouts, against float64; files round-tripped bit-exact through both loaders and
 the exporter; and the errors for tensors or manifests that disagree."""
 
 from __future__ import annotations
@@ -12,23 +12,29 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from compress.quantize import Fp8Values, Int8Values, quantize_rtn
+from compress.quantize import Fp8Values, Int4Values, Int8Values, quantize_rtn
 from dsf_runtime import CompressedLayer, from_pretrained, save_compressed
 from dsf_runtime.checkpoint import FILE_METADATA, MANIFEST_NAME, SINGLE_FILE, CheckpointError, open_compressed
 from dsf_runtime.formats import FormatError, from_meta, kernel_layout, pack
 from tests.dsf_runtime.helpers import linear_names, tiny_llama, uncompressed
 
 os.environ["HF_HUB_OFFLINE"] = "1"
-FORMATS = {"int8": Int8Values(), "fp8": Fp8Values()}
+FORMATS = {"int8": Int8Values(), "fp8": Fp8Values(), "int4": Int4Values(64)}
+MANIFEST_DTYPES = {"int8": "int8", "fp8": "float8_e4m3fn", "int4": "int4"}
 IDS = torch.tensor([[1, 5, 9, 13, 17, 21, 3, 127]])
 
 
-def _codes(weight: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Codes ``[rows, cols]``, fp16 row scales and the float64 matrix they encode, for ``weight``'s non-zeros."""
-    quantized = quantize_rtn(weight, FORMATS[name])
+def _codes(weight: torch.Tensor, name: str) -> tuple[torch.Tensor, dict, torch.Tensor]:
+    """Codes ``[rows, cols]`` (int4 as int8), the ``pack`` keywords of their fp16 scales (int4: ``[rows, groups]``
+    and ``group_size``) and the float64 matrix they encode, for ``weight``'s non-zeros."""
+    fmt = FORMATS[name]
+    quantized = quantize_rtn(weight, fmt)
     dense = torch.zeros(weight.shape)
-    dense[quantized.mask] = quantized.codes.float()
-    return dense.to(quantized.codes.dtype), quantized.scales, quantized.dequantize().double()
+    dense[quantized.mask] = fmt.unpack(quantized.codes, quantized.mask).float()
+    if fmt.per_row:
+        return dense.to(quantized.codes.dtype), {"scales": quantized.scales}, quantized.dequantize().double()
+    options = {"scales": quantized.scales.reshape(weight.shape[0], -1), "group_size": fmt.group_size}
+    return dense.to(torch.int8), options, quantized.dequantize().double()
 
 
 def _sparse(rows: int, cols: int, seed: int = 0, density: float = 0.4) -> torch.Tensor:
@@ -43,10 +49,11 @@ def _sparse(rows: int, cols: int, seed: int = 0, density: float = 0.4) -> torch.
 @pytest.mark.parametrize("layout", ["dense", "csr", "bitmask", "auto"])
 @pytest.mark.parametrize("tokens", [1, 3, 140])
 def test_codes_decode_and_multiply_like_float64(name, layout, tokens):
-    codes, scales, reference = _codes(_sparse(37, 70, seed=tokens), name)
-    packed = pack(codes, layout, scales=scales)
+    codes, options, reference = _codes(_sparse(37, 70, seed=tokens), name)
+    packed = pack(codes, layout, **options)
     packed.validate("w")
-    assert packed.quantized and packed.dtype == codes.dtype and packed.compute_dtype == torch.float16
+    assert packed.quantized and packed.value_format == MANIFEST_DTYPES[name]
+    assert packed.compute_dtype == torch.float16
     assert torch.equal(packed.to_dense(torch.float64), reference)
     assert torch.equal(packed.dense_codes(), codes)
     again = from_meta(packed.to_tensors("w"), "w", packed.meta())
@@ -62,8 +69,8 @@ def test_codes_decode_and_multiply_like_float64(name, layout, tokens):
 
 @pytest.mark.parametrize("name", sorted(FORMATS))
 def test_cast_decodes_and_gpu_layout_decodes(name):
-    codes, scales, reference = _codes(_sparse(20, 48), name)
-    packed = pack(codes, "bitmask", scales=scales)
+    codes, options, reference = _codes(_sparse(20, 148), name)
+    packed = pack(codes, "bitmask", **options)
     cast = packed.to(dtype=torch.float32)
     assert not cast.quantized and torch.equal(cast.to_dense(torch.float64), reference)
     kernel = kernel_layout(packed)
@@ -81,17 +88,57 @@ def test_cast_decodes_and_gpu_layout_decodes(name):
     ],
 )
 def test_bad_scales_name_the_tensor(change, message):
-    codes, scales, _ = _codes(_sparse(20, 48), "int8")
-    tensors = pack(codes, "csr", scales=scales).to_tensors("w")
+    codes, options, _ = _codes(_sparse(20, 48), "int8")
+    tensors = pack(codes, "csr", **options).to_tensors("w")
     change(tensors)
     with pytest.raises(FormatError, match=message):
-        from_meta(tensors, "w", {"layout": "csr", "shape": [20, 48]} | pack(codes, "csr", scales=scales).meta())
+        from_meta(tensors, "w", pack(codes, "csr", **options).meta())
+
+
+def _set_nibble(t: dict, value: int) -> None:
+    """Set the first code of ``w.values`` to the raw nibble ``value``."""
+    t["w.values"] = t["w.values"].clone()
+    t["w.values"][0] = (t["w.values"][0] & 0xF0) | value
+
+
+@pytest.mark.parametrize("layout", ["csr", "bitmask", "dense"])
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda t: t.pop("w.scales"), r"'w.scales' is missing; int4 values need one scale per group"),
+        (lambda t: t.update({"w.scales": t["w.scales"][:, :1]}), r"'w.scales' has shape \[20, 1\], expected \[20, 3\]"),
+        (lambda t: t.update({"w.scales": t["w.scales"].flatten()}), r"'w.scales' has shape \[60\], expected \[20, 3\]"),
+        (lambda t: t.update({"w.scales": t["w.scales"] * float("nan")}), "'w.scales' holds a negative, NaN or infinite"),
+        (lambda t: t.update({"w.values": t["w.values"][:-1]}), r"'w.values' has shape \[\d+\], expected \[\d+\]"),
+        (lambda t: t.update({"w.values": t["w.values"].view(torch.int8)}), "'w.values' is int8, expected uint8"),
+        (lambda t: _set_nibble(t, 8), "'w.values' holds the int4 code -8 in byte 0"),
+    ],
+)
+def test_bad_int4_tensors_name_the_tensor(layout, change, message):
+    codes, options, _ = _codes(_sparse(20, 148), "int4")
+    packed = pack(codes, layout, **options)
+    tensors = packed.to_tensors("w")
+    change(tensors)
+    with pytest.raises(FormatError, match=message):
+        from_meta(tensors, "w", packed.meta())
+
+
+def test_int4_group_size_is_checked():
+    codes, options, _ = _codes(_sparse(20, 148), "int4")
+    with pytest.raises(ValueError, match=r"int4 group_size must be one of \(64, 128, 256\), got 32"):
+        pack(codes, "csr", scales=options["scales"], group_size=32)
+    with pytest.raises(ValueError, match=r"int4 codes must lie in \[-7, 7\]"):
+        pack(codes * 2, "csr", **options)
+    packed = pack(codes, "csr", **options)
+    with pytest.raises(FormatError, match="'w.scales' belongs to int4 codes with group_size 100"):
+        from_meta(packed.to_tensors("w"), "w", packed.meta() | {"group_size": 100})
 
 
 def test_layouts_without_codes_refuse_them():
-    codes, scales, _ = _codes(_sparse(20, 48), "int8")
-    with pytest.raises(ValueError, match="layout 'nibble' has no quantized values"):
-        pack(codes, "nibble", scales=scales)
+    for name in ("int8", "int4"):
+        codes, options, _ = _codes(_sparse(20, 48), name)
+        with pytest.raises(ValueError, match="layout 'nibble' has no quantized values"):
+            pack(codes, "nibble", **options)
 
 
 def _directory(tmp_path: Path, name: str) -> tuple[Path, torch.nn.Module]:
@@ -103,10 +150,11 @@ def _directory(tmp_path: Path, name: str) -> tuple[Path, torch.nn.Module]:
         linear = model.get_submodule(layer_name)
         out, inp = linear.weight.shape
         # factors of magnitude ~0.15, so that the product is O(1/30) like a trained weight, not a chaotic network
-        a, sa, ra = _codes(_sparse(out, inp, seed=2 * i, density=0.2) * 0.15, name)
-        b, sb, rb = _codes(_sparse(inp, inp, seed=2 * i + 1, density=0.2) * 0.15, name)
-        layers[layer_name] = CompressedLayer.from_dense("dsf", {"A": a, "B": b}, scales={"A": sa, "B": sb},
-                                                        method="test", layout="auto")
+        a, oa, ra = _codes(_sparse(out, inp, seed=2 * i, density=0.2) * 0.15, name)
+        b, ob, rb = _codes(_sparse(inp, inp, seed=2 * i + 1, density=0.2) * 0.15, name)
+        layers[layer_name] = CompressedLayer.from_dense(
+            "dsf", {"A": a, "B": b}, scales={"A": oa["scales"], "B": ob["scales"]}, group_size=oa.get("group_size"),
+            method="test", layout="auto")
         with torch.no_grad():
             linear.weight.copy_((ra @ rb).float())
     model.half().float()
@@ -125,7 +173,8 @@ def test_both_loaders_run_the_codes_and_save_pretrained_round_trips(tmp_path, na
     directory, reference = _directory(tmp_path, name)
     manifest = json.loads((directory / MANIFEST_NAME).read_text())
     factor = next(iter(manifest["layers"].values()))["factors"]["A"]
-    assert factor["dtype"] == {"int8": "int8", "fp8": "float8_e4m3fn"}[name] and factor["scale_dtype"] == "float16"
+    assert factor["dtype"] == MANIFEST_DTYPES[name] and factor["scale_dtype"] == "float16"
+    assert factor.get("group_size") == (64 if name == "int4" else None)
     assert json.loads((directory / "config.json").read_text())["quantization_config"]["value_dtypes"] == [factor["dtype"]]
     with torch.inference_mode():
         expected = reference.double()(IDS).logits
@@ -174,7 +223,10 @@ def _rewrite_manifest(directory: Path, change) -> None:
         (lambda f: f.update(layout="nibble", group=16, per_group=16), "holds int8 codes in layout 'nibble'"),
         (lambda f: f.pop("scale_dtype"), "has scale_dtype None, expected one of"),
         (lambda f: f.update(scale_dtype="bfloat16"), "has scale_dtype 'float16' but the manifest says 'bfloat16'"),
-        (lambda f: f.update(dtype="int4"), "has dtype 'int4', expected one of"),
+        (lambda f: f.update(dtype="int2"), "has dtype 'int2', expected one of"),
+        (lambda f: f.update(dtype="int4"), "has dtype 'int4' and group_size None; int4 codes need a group_size"),
+        (lambda f: f.update(dtype="int4", group_size=64), r"value_dtypes' is \['int8'\], expected \['int4', 'int8'\]"),
+        (lambda f: f.update(group_size=64), "has dtype 'int8' and group_size 64; int4 codes need"),
     ],
 )
 def test_manifest_that_disagrees_is_an_error(tmp_path, change, message):
