@@ -8,16 +8,19 @@ embedding as stored: ``--embedding keep``, so that ``bytes_ratio`` is the linear
 1024 tokens (``compress.evaluate``). ``bytes_ratio`` = the stored bytes of the compressed linears (indices, values,
 scales, biases) / their dense fp16 bytes, from the file headers (``CompressedCheckpoint.size_summary``).
 
-A point is ``METHOD:DENSITY:VALUES``, e.g. ``dsf:0.5:int8``; ``VALUES`` is ``fp16``, ``int8`` or ``fp8`` (what
-files can store; int4 has no file encoding yet). ``magnitude:1.0:int8`` is the dense model quantized by error
-feedback (GPTQ int8). Points already in ``--out`` are skipped, so an interrupted sweep continues.
+A point is ``METHOD:DENSITY:VALUES[:ROUNDING]``, e.g. ``dsf:0.5:int8``; ``VALUES`` is ``fp16``, ``int8``, ``fp8``
+or ``int4`` (group 128), ``ROUNDING`` ``gptq`` (error feedback, the default) or ``rtn``. ``magnitude:1.0:int4`` is
+the dense model quantized by GPTQ (int4, group 128), ``magnitude:1.0:int4:rtn`` by round-to-nearest. The dense
+fp16 model is the point ``dense`` (bytes 1.0, the dense perplexity). Points already in ``--out`` are skipped, so an
+interrupted sweep continues; ``--plot`` only redraws the PNG.
 
     python benchmarks/frontier_smollm2.py --points dsf:0.5:fp16,dsf:0.5:int8,dsf:0.5:fp8 \\
         --out benchmarks/results/frontier-smollm2.json
 
 The output has the issue's format: ``{"dense_perplexity", "points": [{"method", "density", "values",
-"bytes_ratio", "perplexity"}]}`` plus the settings, each point's compression seconds and which points lie on the
-Pareto front (no other point has fewer or equal bytes and a lower perplexity).
+"bytes_ratio", "perplexity"}]}`` plus each point's ``rounding`` and compression seconds, the settings, and which
+points lie on the Pareto front (no other point has fewer or equal bytes and a lower perplexity). A PNG of
+perplexity against bytes is written beside the JSON.
 """
 
 from __future__ import annotations
@@ -53,13 +56,29 @@ def pareto(points: list[dict]) -> list[dict]:
     return points
 
 
+def parse_point(point: str) -> tuple[str, float, str, str | None]:
+    """``METHOD:DENSITY:VALUES[:ROUNDING]`` -> ``(method, density, values, rounding)``; rounding None for fp16."""
+    method, density, values, *rest = point.split(":")
+    if values not in ("fp16", "int8", "fp8", "int4") or len(rest) > 1 or rest[:1] not in ([], ["gptq"], ["rtn"]):
+        raise SystemExit(f"bad point {point!r}: expected METHOD:DENSITY:fp16|int8|fp8|int4[:gptq|rtn]")
+    if values == "fp16" and rest:
+        raise SystemExit(f"bad point {point!r}: fp16 values have no rounding")
+    return method, float(density), values, None if values == "fp16" else (rest or ["gptq"])[0]
+
+
+def _key(p: dict) -> tuple:
+    """Identity of a point (a point written before ``rounding`` was recorded used GPTQ)."""
+    rounding = p.get("rounding", None if p["values"] == "fp16" else "gptq")
+    return p["method"], p["density"], p["values"], rounding
+
+
 def run_point(point: str, args: argparse.Namespace, windows: torch.Tensor, scratch: Path) -> dict:
-    """Compress, reload and evaluate one ``METHOD:DENSITY:VALUES`` point."""
-    method, density, values = point.split(":")
+    """Compress, reload and evaluate one ``METHOD:DENSITY:VALUES[:ROUNDING]`` point."""
+    method, density, values, rounding = parse_point(point)
     options = {"iters": args.iters} if method == "dsf" else {}
-    config = CompressConfig(method=method, density=float(density), solver_options=options, samples=args.samples,
+    config = CompressConfig(method=method, density=density, solver_options=options, samples=args.samples,
                             seqlen=512, device="cpu", save_dtype="float16", embedding="keep",
-                            values="float" if values == "fp16" else values)
+                            values="float" if values == "fp16" else values, rounding=rounding or "gptq")
     out = scratch / point.replace(":", "-")
     start = time.perf_counter()
     compress_model(config, out, resume=out.exists(), progress=not args.quiet)
@@ -70,8 +89,39 @@ def run_point(point: str, args: argparse.Namespace, windows: torch.Tensor, scrat
     ppl = perplexity(model, windows, progress=not args.quiet).perplexity
     del model
     shutil.rmtree(out)
-    return {"method": method, "density": float(density), "values": values, "bytes_ratio": size["linear_ratio"],
-            "perplexity": ppl, "compress_seconds": seconds}
+    return {"method": method, "density": density, "values": values, "rounding": rounding,
+            "bytes_ratio": size["linear_ratio"], "perplexity": ppl, "compress_seconds": seconds}
+
+
+def plot_frontier(result: dict, out: Path) -> Path:
+    """Perplexity against bytes / dense fp16 for every point (Pareto points filled), written to ``out`` (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    markers = {"fp16": "o", "int8": "s", "fp8": "D", "int4": "^"}
+    colors = {"dsf": "tab:blue", "sparsegpt": "tab:orange", "magnitude": "tab:green", "dense": "black"}
+    for p in result["points"]:
+        label = p["method"] if p["method"] != "magnitude" or p["density"] < 1 else "dense"
+        color = colors.get(p["method"] if label != "dense" else "dense", "tab:gray")
+        ax.scatter(p["bytes_ratio"], p["perplexity"], marker=markers[p["values"]], s=60, color=color,
+                   facecolors=color if p.get("pareto") else "none")
+        text = f"{label} {p['density']:g} {p['values']}" + (" rtn" if p.get("rounding") == "rtn" else "")
+        ax.annotate(text, (p["bytes_ratio"], p["perplexity"]), fontsize=7, xytext=(4, 3), textcoords="offset points")
+    ax.set_xlabel("stored bytes of the linears / dense fp16")
+    ax.set_ylabel("Persuasion perplexity")
+    ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.set_title(f"SmolLM2-135M: {result.get('calibration', '')}\nfilled = Pareto front", fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,7 +134,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scratch", type=Path, default=Path("runs/frontier"))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/frontier-smollm2.json"))
     parser.add_argument("--quiet", action="store_true")
+    parser.add_argument("--plot", action="store_true", help="only redraw the PNG of --out")
     args = parser.parse_args(argv)
+    png = args.out.with_suffix(".png")
+    if args.plot:
+        print(plot_frontier(json.loads(args.out.read_text()), png))
+        return 0
     torch.set_num_threads(args.threads)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -96,21 +151,25 @@ def main(argv: list[str] | None = None) -> int:
         result["dense_perplexity"] = perplexity(dense, windows, progress=not args.quiet).perplexity
         del dense
     load_before = os.getloadavg()
-    done = {(p["method"], p["density"], p["values"]) for p in result.get("points", [])}
+    points = result.setdefault("points", [])
+    if not any(p["method"] == "dense" for p in points):
+        points.insert(0, {"method": "dense", "density": 1.0, "values": "fp16", "rounding": None, "bytes_ratio": 1.0,
+                          "perplexity": result["dense_perplexity"], "compress_seconds": 0.0})
+    done = {_key(p) for p in points}
     for point in args.points.split(","):
-        method, density, values = point.split(":")
-        if (method, float(density), values) in done:
+        if point == "dense" or parse_point(point) in done:
             continue
-        result.setdefault("points", []).append(run_point(point, args, windows, args.scratch))
+        points.append(run_point(point, args, windows, args.scratch))
         result.update({
             "machine": machine(args.threads, load_before), "date": datetime.date.today().isoformat(),
             "calibration": f"Emma, {args.samples} windows of 512 tokens, seed 0; DSF {args.iters} iterations",
             "eval": f"Persuasion, first {int(windows.shape[0])} windows of 1024 tokens",
             "bytes": "stored bytes of the compressed linears / their dense fp16 bytes (embedding excluded)",
         })
-        pareto(result["points"])
+        pareto(points)
         write_json_atomic(args.out, result)
-        print(json.dumps(result["points"][-1]), flush=True)
+        plot_frontier(result, png)
+        print(json.dumps(points[-1]), flush=True)
     return 0
 
 
