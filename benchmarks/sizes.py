@@ -1,7 +1,7 @@
 """How many bytes does each packed layout take against dense fp16, for DSF factor pairs and single sparse matrices?
 
 LLaMA-7B shapes (4096×4096, 11008×4096, 4096×11008) at densities 0.5 and 0.3, fp16 values (and int8 / fp8 codes
-with fp16 row scales in dense, csr and bitmask), random masks of exactly the target non-zero counts. DSF uses its real factor budget (the reference code's ``factorize``): inner
+with fp16 row scales, and int4 codes with an fp16 scale per 128 columns, in dense, csr and bitmask), random masks of exactly the target non-zero counts. DSF uses its real factor budget (the reference code's ``factorize``): inner
 dim ``k = min(m, n)``, the square ``k×k`` factor holds ``0.16·k²`` (square W) or ``0.25·k²`` non-zeros and the
 other factor the rest of ``density·m·n``; the square factor is ``A`` when ``m < n`` and ``B`` otherwise. Bytes are
 measured (``nbytes`` of the packed tensors), not modelled.
@@ -29,9 +29,10 @@ logger = logging.getLogger("benchmarks.sizes")
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]
 DENSITIES = [0.5, 0.3]
 LAYOUTS = [("dense", None), ("csr", None), ("bitmask", None)] + [("bsr", b) for b in BLOCK_SIZES]
-# Quantized values (docs/format.md "Quantized values"): one-byte codes plus an fp16 scale per row, in the layouts
-# that store codes.
+# Quantized values (docs/format.md "Quantized values"): one-byte codes plus an fp16 scale per row, and int4 codes
+# plus an fp16 scale per INT4_GROUP columns, in the layouts that store codes.
 CODES = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}
+INT4_GROUP = 128
 CODE_LAYOUTS = ("dense", "csr", "bitmask")
 
 
@@ -62,13 +63,19 @@ def dsf_budget(rows: int, cols: int, density: float) -> tuple[tuple[int, int], i
 
 def measure(matrix: torch.Tensor) -> dict[tuple[str, int | None, str], int]:
     """Packed bytes of ``matrix`` (fp16) per (layout, block size, values): fp16 values in every layout, and
-    int8 / fp8 codes (non-zero where ``matrix`` is) with fp16 row scales in the layouts that store codes."""
+    int8 / fp8 codes (non-zero where ``matrix`` is) with fp16 row scales and int4 codes with fp16 group scales in
+    the layouts that store codes."""
     sizes = {(layout, block, "fp16"): pack(matrix, layout, **({"block_size": block} if block else {})).nbytes
              for layout, block in LAYOUTS}
     scales = torch.ones(matrix.shape[0], dtype=torch.float16)
     for name, dtype in CODES.items():
         codes = (matrix != 0).to(dtype)
         sizes.update({(layout, None, name): pack(codes, layout, scales=scales).nbytes for layout in CODE_LAYOUTS})
+    rows, cols = matrix.shape
+    group_scales = torch.ones(rows, -(-cols // INT4_GROUP), dtype=torch.float16)
+    codes = (matrix != 0).to(torch.int8)
+    sizes.update({(layout, None, "int4"): pack(codes, layout, scales=group_scales, group_size=INT4_GROUP).nbytes
+                  for layout in CODE_LAYOUTS})
     return sizes
 
 
@@ -132,7 +139,8 @@ def main() -> None:
         "machine": {"node": platform.node(), "machine": platform.machine(), "cpus": os.cpu_count(),
                     "python": platform.python_version()},
         "git_sha": git_sha(),
-        "values_dtype": "float16 (rows with values fp16); int8 / fp8 codes with fp16 row scales",
+        "values_dtype": "float16 (rows with values fp16); int8 / fp8 codes with fp16 row scales; int4 codes with an "
+                        f"fp16 scale per {INT4_GROUP} columns",
         "seed": args.seed,
         "seconds": round(time.perf_counter() - start, 1),
         "rows": rows,
