@@ -247,18 +247,20 @@ def test_a_missing_scales_tensor_is_named(tmp_path):
 
 
 @pytest.mark.slow
-def test_onnx_export_decodes_the_codes(tmp_path):
+@pytest.mark.parametrize("name", ["int8", "int4"])
+def test_onnx_export_decodes_the_codes(tmp_path, name):
     from exporters.onnx_export import export_onnx
 
-    directory, _ = _directory(tmp_path, "int8")
+    directory, _ = _directory(tmp_path, name)
     out = export_onnx(directory, tmp_path / "m.onnx", verify=True)  # verify: ONNX Runtime against torch
     assert out.exists() and (tmp_path / "m.onnx.data").exists()
 
 
-def test_dense_fallback_decodes_the_codes(tmp_path):
+@pytest.mark.parametrize("name", ["int8", "int4"])
+def test_dense_fallback_decodes_the_codes(tmp_path, name):
     from exporters.dense_fallback import export_dense_fallback
 
-    directory, _ = _directory(tmp_path, "int8")
+    directory, _ = _directory(tmp_path, name)
     out = export_dense_fallback(directory, tmp_path / "dense")
     stored = load_file(out / SINGLE_FILE)
     with open_compressed(directory) as ckpt:
