@@ -51,6 +51,9 @@ from dsf_runtime.formats import (
 )
 
 _CODE_NAMES = (*CODE_DTYPES.values(), INT4)  # manifest dtypes of quantized values (they come with scales)
+# Layouts that store codes, and which: the stored layouts all of them, the nibble kernel layout int8 (its decode
+# kernel reads them; a CUDA-loaded model saves it so).
+_LAYOUT_CODES = {**{layout: _CODE_NAMES for layout in _CODE_LAYOUTS}, "nibble": ("int8",)}
 from dsf_runtime.layer import CompressedLayer, factor_problem
 from dsf_runtime.quantized import FORMAT as INT8_ROW, SCALE_SUFFIX, check_quantized, dequantize_rows
 
@@ -206,9 +209,10 @@ def _check_entry(fqn: str, entry: Any) -> str | None:
         if not isinstance(meta.get("layout"), str) or meta["layout"] not in LAYOUTS:
             return f"factor {key!r} has layout {meta.get('layout')!r}, expected one of {sorted(LAYOUTS)}"
         if meta.get("dtype") in _CODE_NAMES:
-            if meta["layout"] not in _CODE_LAYOUTS:
+            if meta["dtype"] not in _LAYOUT_CODES.get(meta["layout"], ()):
+                holders = [layout for layout, codes in _LAYOUT_CODES.items() if meta["dtype"] in codes]
                 return (f"factor {key!r} holds {meta['dtype']} codes in layout {meta['layout']!r}; only "
-                        f"{list(_CODE_LAYOUTS)} store quantized values")
+                        f"{holders} store them")
             if meta.get("scale_dtype") not in VALUE_DTYPES.values():
                 return (f"factor {key!r} has scale_dtype {meta.get('scale_dtype')!r}, expected one of "
                         f"{sorted(VALUE_DTYPES.values())} for its {meta['dtype']} codes")

@@ -6,7 +6,9 @@ Every row is cut into groups of ``G`` (``group``, 1..16) consecutive columns; ea
 4-bit column inside the group; a group with fewer than ``N`` non-zeros stores its non-zeros first (ascending
 column) and zero-valued slots after them.
 
-- ``values``: ``[rows_pad, S]``; slot ``s`` of row ``i`` belongs to group ``s // N``. ``rows_pad`` is ``rows``
+- ``values``: ``[rows_pad, S]``, floats or int8 codes with ``scales`` ``[rows]`` (value = code · ``scales[row]``,
+  docs/format.md "Quantized values"; the decode kernel multiplies each row's sum by its scale); slot ``s`` of row
+  ``i`` belongs to group ``s // N``. ``rows_pad`` is ``rows``
   rounded up to ``ROW_PAD``; ``S = ceil(ngroups·N / 32)·32`` (``ngroups = ceil(cols / G)``); pad rows and pad slots
   hold zeros.
 - ``index``: ``[rows_pad, S // 2]`` uint8, "split halves" per chunk of 32 slots: byte ``j`` (0..15) of chunk ``c``
@@ -29,6 +31,7 @@ from dsf_runtime.formats._common import (
     FormatError,
     KernelLayoutMixin,
     check_matrix,
+    check_scales,
     check_tensor,
     count_nonzero,
     part_name,
@@ -96,8 +99,9 @@ class NibbleMatrix(KernelLayoutMixin):
     """Balanced groups of ``group`` columns with ``per_group`` slots each (module docstring).
 
     Tensors:
-        values: ``[rows_pad, S]`` float16, bfloat16 or float32.
+        values: ``[rows_pad, S]`` float16, bfloat16 or float32; or int8 codes with ``scales``.
         index: ``[rows_pad, S // 2]`` uint8, two 4-bit in-group columns per byte (split halves).
+        scales: ``[rows]`` float16/bfloat16/float32 for int8 codes, else None.
 
     Scalars:
         shape: ``(rows, cols)``; group: ``G`` (1..16); per_group: ``N`` (1..G).
@@ -108,6 +112,7 @@ class NibbleMatrix(KernelLayoutMixin):
     shape: tuple[int, int]
     group: int
     per_group: int
+    scales: torch.Tensor | None = None
 
     layout: ClassVar[str] = "nibble"
     parts: ClassVar[tuple[str, ...]] = ("values", "index")
@@ -115,15 +120,18 @@ class NibbleMatrix(KernelLayoutMixin):
 
     @classmethod
     def from_dense(cls, matrix: torch.Tensor, *, dtype: torch.dtype | None = None, group: int = 16,
-                   per_group: int | None = None) -> NibbleMatrix:
+                   per_group: int | None = None, scales: torch.Tensor | None = None) -> NibbleMatrix:
         """Pack ``matrix`` ([rows, cols]) whose groups hold at most ``per_group`` non-zeros (default: the largest
-        group count, at least 1), values cast to ``dtype``.
+        group count, at least 1), values cast to ``dtype``; with ``scales`` (``[rows]``), ``matrix`` holds int8
+        codes, stored with their row scales.
 
         Raises:
             ValueError: a group holds more than ``per_group`` non-zeros (balance the mask with ``balance_mask``,
-                or store the matrix as ``delta``).
+                or store the matrix as ``delta``); TypeError: codes other than int8.
         """
-        w = check_matrix(matrix, dtype)
+        w = check_matrix(matrix, dtype, scales)
+        if scales is not None and w.dtype != torch.int8:
+            raise TypeError(f"the nibble layout holds int8 codes only, got {w.dtype}; decode them first")
         _check_group(group)
         rows, cols = w.shape
         counts = group_counts(w, group)
@@ -147,7 +155,7 @@ class NibbleMatrix(KernelLayoutMixin):
         nib[:rows, : ngroups * n] = order.reshape(rows, ngroups * n).to(torch.uint8)
         nib = nib.view(rows_pad, S // CHUNK, 2, CHUNK // 2)
         index = (nib[:, :, 0] | (nib[:, :, 1] << 4)).reshape(rows_pad, S // 2).contiguous()
-        return cls(values=values, index=index, shape=(rows, cols), group=group, per_group=n)
+        return cls(values=values, index=index, shape=(rows, cols), group=group, per_group=n, scales=scales)
 
     @cached_property
     def nnz(self) -> int:
@@ -167,12 +175,11 @@ class NibbleMatrix(KernelLayoutMixin):
         s = torch.arange(self.slots, device=self.index.device)
         return (s // self.per_group) * self.group + nib
 
-    def dense_rows(self, start: int, stop: int, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """Rows ``start:stop`` as a dense ``[stop - start, cols]`` tensor in ``dtype`` (default: values' dtype)."""
+    def _scatter_rows(self, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
         col = self.columns(start, stop)
         v = self.values[start:stop]
         keep = v != 0
-        out = torch.zeros(stop - start, self.shape[1], dtype=dtype or self.dtype, device=self.device)
+        out = torch.zeros(stop - start, self.shape[1], dtype=dtype, device=self.device)
         rr = torch.arange(stop - start, device=self.device)[:, None].expand_as(col)
         out[rr[keep], col[keep]] = v[keep].to(out.dtype)
         return out
@@ -189,7 +196,8 @@ class NibbleMatrix(KernelLayoutMixin):
             raise FormatError(name("index"), f"cannot be read: {exc}") from None
         G, N = self.group, self.per_group
         rows_pad, S, ngroups = _padded_dims(rows, cols, G, N)
-        check_tensor(name("values"), self.values, tuple(VALUE_DTYPES), (rows_pad, S))
+        check_tensor(name("values"), self.values, (*VALUE_DTYPES, torch.int8), (rows_pad, S))
+        check_scales(name("scales"), self.values, self.scales, self.shape)
         check_tensor(name("index"), self.index, (torch.uint8,), (rows_pad, S // 2))
         v = self.values
         if bool((v[rows:] != 0).any()) or bool((v[:, ngroups * N:] != 0).any()):

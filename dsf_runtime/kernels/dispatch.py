@@ -73,9 +73,11 @@ def _decode(x2: torch.Tensor, factors: Sequence[Any], bias: torch.Tensor | None,
 
 
 def _dense_of(k: Any, dtype: torch.dtype) -> torch.Tensor:
-    """``k`` as a dense ``[rows, cols]`` temporary in ``dtype`` (the Triton unpack kernels for sparse layouts)."""
+    """``k`` as a dense ``[rows, cols]`` temporary in ``dtype`` (the Triton unpack kernels for sparse layouts; int8
+    codes are unpacked, then multiplied by their row scales: code · scale is exact before the one rounding)."""
     if k.layout == "nibble":
-        return nibble_unpack(k, dtype=dtype, **configs.unpack_config(k.shape[0], k.slots))
+        dense = nibble_unpack(k, dtype=dtype, **configs.unpack_config(k.shape[0], k.slots))
+        return dense if k.scales is None else dense.mul_(k.scales.to(dtype)[:, None])
     if k.layout == "delta":
         return delta_unpack(k, dtype=dtype)
     return k.values if k.values.dtype == dtype else k.values.to(dtype)
@@ -112,14 +114,16 @@ def _choose_path(tokens: int, factors: Sequence[Any]) -> str:
 
 def _check(x: torch.Tensor, factors: Sequence[Any], bias: torch.Tensor | None, path: str) -> None:
     m, n = factors[0].shape[0], factors[-1].shape[1]
-    dev, dtype = factors[0].values.device, factors[0].values.dtype
+    dev, dtype = factors[0].values.device, factors[0].compute_dtype
     for outer, inner in zip(factors, factors[1:]):
         if outer.shape[1] != inner.shape[0]:
             raise ValueError(f"factors do not chain: {list(outer.shape)} then {list(inner.shape)}")
     for k in factors:
-        if k.values.device != dev or k.values.dtype != dtype:
-            raise ValueError(f"factors must share one device and dtype, got {dev}/{dtype} and "
-                             f"{k.values.device}/{k.values.dtype}")
+        if k.values.device != dev or k.compute_dtype != dtype:
+            raise ValueError(f"factors must share one device and compute dtype, got {dev}/{dtype} and "
+                             f"{k.values.device}/{k.compute_dtype}")
+        if k.quantized and k.layout != "nibble":
+            raise ValueError(f"the {k.layout!r} kernels read float values; decode its codes first (kernel_layout)")
     if x.dim() < 1 or x.shape[-1] != n:
         raise ValueError(f"x must be [..., {n}], got {list(x.shape)}")
     if x.device != dev:
@@ -139,9 +143,10 @@ def linear(x: torch.Tensor, factors: Sequence[Any], bias: torch.Tensor | None = 
     """``y = F₀·(F₁·(…·x)) + b`` on the Triton kernels.
 
     Args:
-        x: ``[..., in]`` float16/bfloat16/float32 on the factors' device; cast to the factors' value dtype.
-        factors: ``nibble``/``delta``/``dense`` matrices (``dsf_runtime.formats``), outermost first, one dtype.
-        bias: ``[out]`` or None, added in the factors' value dtype.
+        x: ``[..., in]`` float16/bfloat16/float32 on the factors' device; cast to the factors' compute dtype.
+        factors: ``nibble``/``delta``/``dense`` matrices (``dsf_runtime.formats``), outermost first, one compute
+            dtype (the values', or the row scales' of ``nibble`` int8 codes).
+        bias: ``[out]`` or None, added in the factors' compute dtype.
         out_dtype: dtype of ``y`` (default ``x.dtype``).
         path: see the module docstring.
 
@@ -153,7 +158,7 @@ def linear(x: torch.Tensor, factors: Sequence[Any], bias: torch.Tensor | None = 
     """
     _check(x, factors, bias, path)
     m, n = factors[0].shape[0], factors[-1].shape[1]
-    dtype = factors[0].values.dtype
+    dtype = factors[0].compute_dtype
     out_dtype = out_dtype or x.dtype
     x2 = x.reshape(-1, n).to(dtype)
     if x2.stride(-1) != 1:

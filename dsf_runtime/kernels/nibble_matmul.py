@@ -1,8 +1,9 @@
 """Decode matmul over the ``nibble`` layout: ``y[t, i] = Σ_s values[i, s] · x[t, col(i, s)]`` (+ bias).
 
-Memory-bound at small batch: every program streams ``BLOCK_R`` rows of values (2 B/slot) and 4-bit in-group
-columns (0.5 B/slot) as wide contiguous vectors, gathers the activations by column from L1/L2 and accumulates in
-fp32. Activations come in one of two forms (``activation_layout`` below):
+Memory-bound at small batch: every program streams ``BLOCK_R`` rows of values (2 B/slot, or 1 B/slot for int8
+codes) and 4-bit in-group columns (0.5 B/slot) as wide contiguous vectors, gathers the activations by column from
+L1/L2 and accumulates in fp32. int8 codes are converted in registers and each row's sum is multiplied by its scale
+once, before the bias. Activations come in one of two forms (``activation_layout`` below):
 
 - ``BN == 1``: ``x`` is ``[T, cols]`` (any row stride); program column ``c`` handles token ``c``.
 - ``BN > 1``: ``x`` is packed ``[T_chunks, cols, BN]`` (``pack_activations``): the ``BN`` tokens of a column are
@@ -64,13 +65,13 @@ def _load_step(
 @triton.jit
 def _nibble_rows(
     pid_c, pid_r,  # token chunk and row block of this program
-    x_ptr, vals_ptr, nib_ptr, bias_ptr, y_ptr,  # as _nibble_matmul_kernel
+    x_ptr, vals_ptr, nib_ptr, bias_ptr, scale_ptr, y_ptr,  # as _nibble_matmul_kernel
     rows, cols, S, S2, n_tokens, stride_xc, stride_yc, stride_yb, stride_yi,  # as _nibble_matmul_kernel
     wait_ptr,  # int32 counter to spin on before reading x (WAIT only)
     wait_target,  # value of *wait_ptr that means "x is ready"
     G: tl.constexpr, N: tl.constexpr, BN: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr,
-    EVEN_S: tl.constexpr, HAS_BIAS: tl.constexpr, PREFETCH: tl.constexpr, CG: tl.constexpr,
-    WAIT: tl.constexpr,  # spin on wait_ptr after the first weight step is in flight (fused DSF, second factor)
+    EVEN_S: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, PREFETCH: tl.constexpr,
+    CG: tl.constexpr, WAIT: tl.constexpr,  # spin on wait_ptr after the first weight step is in flight (fused DSF, second factor)
     GDC: tl.constexpr = False,  # programmatic dependent launch: wait for the previous grid only before reading x
 ):
     # Tiles are [slots, rows] (slots on axis 0): the value/index loads are contiguous along axis 0, and the
@@ -120,6 +121,8 @@ def _nibble_rows(
         out = tl.sum(acc, axis=0)[:, None]  # [BLOCK_R, 1]
     else:
         out = tl.sum(acc, axis=0)  # [BLOCK_R, BN]
+    if HAS_SCALE:
+        out *= tl.load(scale_ptr + r, mask=r < rows, other=0.0).to(tl.float32)[:, None]
     if HAS_BIAS:
         out += tl.load(bias_ptr + r, mask=r < rows, other=0.0).to(tl.float32)[:, None]
     lane = tl.arange(0, BN)[None, :]
@@ -131,9 +134,10 @@ def _nibble_rows(
 @triton.jit
 def _nibble_matmul_kernel(
     x_ptr,  # activations: element (chunk c, column k, lane b) at x_ptr + c*stride_xc + k*BN + b
-    vals_ptr,  # [rows_pad, S] stored values (fp16/bf16/fp32)
+    vals_ptr,  # [rows_pad, S] stored values (fp16/bf16/fp32, or int8 codes)
     nib_ptr,  # [rows_pad, S2] uint8 in-group columns, split halves per 32-slot chunk
     bias_ptr,  # [rows] bias (read only when HAS_BIAS)
+    scale_ptr,  # [rows] row scales of int8 codes (read only when HAS_SCALE)
     y_ptr,  # output: element (chunk c, lane b, row i) at y_ptr + c*stride_yc + b*stride_yb + i*stride_yi
     rows,  # logical rows (outputs); rows >= rows are computed from zero padding and not stored
     cols,  # logical columns (inputs); gathers are clamped to cols - 1 (zero-valued pad slots)
@@ -151,13 +155,14 @@ def _nibble_matmul_kernel(
     BLOCK_S: tl.constexpr,  # slots per loop step, a multiple of 32
     EVEN_S: tl.constexpr,  # S % BLOCK_S == 0: no slot mask
     HAS_BIAS: tl.constexpr,  # add bias_ptr[i] to every output of row i
+    HAS_SCALE: tl.constexpr,  # multiply row i's sum by scale_ptr[i] (int8 codes)
     PREFETCH: tl.constexpr,  # load the next step's weights before using the current ones (register double buffer)
     CG: tl.constexpr,  # weights bypass L1 (cache_modifier ".cg")
     GDC: tl.constexpr,  # launched with programmatic dependent launch (griddepcontrol wait / launch_dependents)
 ):
-    _nibble_rows(tl.program_id(0), tl.program_id(1), x_ptr, vals_ptr, nib_ptr, bias_ptr, y_ptr,
+    _nibble_rows(tl.program_id(0), tl.program_id(1), x_ptr, vals_ptr, nib_ptr, bias_ptr, scale_ptr, y_ptr,
                  rows, cols, S, S2, n_tokens, stride_xc, stride_yc, stride_yb, stride_yi, x_ptr, 0,
-                 G, N, BN, BLOCK_R, BLOCK_S, EVEN_S, HAS_BIAS, PREFETCH, CG, False, GDC)
+                 G, N, BN, BLOCK_R, BLOCK_S, EVEN_S, HAS_BIAS, HAS_SCALE, PREFETCH, CG, False, GDC)
 
 def nibble_matmul(
     x: torch.Tensor,
@@ -170,7 +175,8 @@ def nibble_matmul(
     config: dict | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``y = x · Wᵀ (+ bias)`` for a ``nibble`` matrix ``W`` [rows, cols].
+    """``y = x · Wᵀ (+ bias)`` for a ``nibble`` matrix ``W`` [rows, cols] (float values, or int8 codes with row
+    scales: ``y = scale · (x · codesᵀ) (+ bias)``).
 
     Args:
         x: ``[T, cols]`` (processed with ``BN = 1`` unless ``config`` says otherwise, then packed here) or an
@@ -201,11 +207,12 @@ def nibble_matmul(
     if L.chunks == 0 or rows == 0:
         return L.y.zero_()
     grid = (L.chunks, triton.cdiv(rows, cfg["BLOCK_R"]))
+    scales = getattr(w, "scales", None)
     _nibble_matmul_kernel[grid](
-        L.x, w.values, w.index, bias if bias is not None else w.values, L.y,
+        L.x, w.values, w.index, bias if bias is not None else L.y, scales if scales is not None else L.y, L.y,
         rows, cols, S, S // 2, L.store_tokens, L.x.stride(0), *L.y_strides,
         G=w.group, N=w.per_group, BN=cfg["BN"], BLOCK_R=cfg["BLOCK_R"], BLOCK_S=cfg["BLOCK_S"],
-        EVEN_S=S % cfg["BLOCK_S"] == 0, HAS_BIAS=bias is not None,
+        EVEN_S=S % cfg["BLOCK_S"] == 0, HAS_BIAS=bias is not None, HAS_SCALE=scales is not None,
         PREFETCH=bool(cfg.get("PREFETCH", False)), CG=bool(cfg.get("CG", False)),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl_options(L.x),
     )

@@ -220,7 +220,7 @@ def _rewrite_manifest(directory: Path, change) -> None:
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        (lambda f: f.update(layout="nibble", group=16, per_group=16), "holds int8 codes in layout 'nibble'"),
+        (lambda f: f.update(layout="delta"), "holds int8 codes in layout 'delta'"),
         (lambda f: f.pop("scale_dtype"), "has scale_dtype None, expected one of"),
         (lambda f: f.update(scale_dtype="bfloat16"), "has scale_dtype 'float16' but the manifest says 'bfloat16'"),
         (lambda f: f.update(dtype="int2"), "has dtype 'int2', expected one of"),

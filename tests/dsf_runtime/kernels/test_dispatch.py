@@ -114,7 +114,7 @@ def test_errors(device):
         linear(x, [kB, kA])
     with pytest.raises(ValueError, match=r"x must be \[\.\.\., 40\]"):
         linear(torch.zeros(1, 41, dtype=torch.float16, device=device), [kA, kB])
-    with pytest.raises(ValueError, match="factors must share one device and dtype"):
+    with pytest.raises(ValueError, match="factors must share one device and compute dtype"):
         linear(x, [kA, kB.to(dtype=torch.float32)])
     with pytest.raises(ValueError, match="unknown path 'fast'"):
         linear(x, [kA, kB], path="fast")
