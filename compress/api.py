@@ -29,7 +29,7 @@ from compress.quantize import ValueQuantization
 from compress.solvers import METHODS, make_config
 from compress.solvers.base import check_density
 from dsf_runtime.checkpoint import MANIFEST_NAME
-from dsf_runtime.formats import AUTO, LAYOUTS
+from dsf_runtime.formats import AUTO, AUTO_LAYOUTS, LAYOUTS
 
 __all__ = [
     "ConfigError",
@@ -132,6 +132,11 @@ class CompressConfig:
             raise ConfigError("value_group_size", f"applies to int4 values only, not {self.values!r}")
         if self.rounding not in ROUNDINGS:
             raise ConfigError("rounding", f"must be one of {', '.join(ROUNDINGS)}, got {self.rounding!r}")
+        if self.rounding != "gptq" and self.values == "float":
+            raise ConfigError("rounding", "applies to quantized values; add --values int8|fp8|int4")
+        if self.values != "float" and self.layout not in (AUTO, *AUTO_LAYOUTS):
+            raise ConfigError("layout", f"{self.values} codes are stored in {AUTO} or one of {', '.join(AUTO_LAYOUTS)}, "
+                                        f"not {self.layout!r} (convert later: dsf export --layout)")
         try:
             self.value_quantization()
         except ValueError as exc:

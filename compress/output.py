@@ -189,7 +189,7 @@ class PartialRun:
         return results
 
     def save_results(self, name: str, results: Mapping[str, SolveResult]) -> None:
-        """Store layers' factors (fp32, CPU), row scales of quantized values, and errors atomically as
+        """Store layers' factors (fp32, CPU), the scales of quantized values, and errors atomically as
         ``<name>.safetensors`` (masks are dropped)."""
         tensors, layers = {}, {}
         for layer, result in results.items():

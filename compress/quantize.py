@@ -48,7 +48,7 @@ from compress.solvers.base import (
 )
 from compress.solvers.dsf import refit_left
 from compress.solvers.sparsegpt import inverse_cholesky
-from dsf_runtime.formats import INT4_GROUP_SIZES, pack_int4, unpack_int4
+from dsf_runtime.formats import INT4_GROUP_SIZES, int4_group_count, pack_int4, unpack_int4
 
 __all__ = [
     "FORMATS",
@@ -191,18 +191,15 @@ class Int4Values(ValueFormat):
     def __post_init__(self) -> None:
         check_group_size(self.group_size, None)
 
-    def groups(self, cols: int) -> int:
-        """Scales per row: ``ceil(cols / group_size)``."""
-        return -(-cols // self.group_size)
-
     def slots(self, mask: torch.Tensor) -> tuple[torch.Tensor, int]:
         rows, cols = mask.shape
-        groups = self.groups(cols)
+        groups = int4_group_count(cols, self.group_size)
         row = torch.arange(rows, device=mask.device).unsqueeze(1) * groups
         return row + torch.arange(cols, device=mask.device) // self.group_size, rows * groups
 
     def stored_bytes(self, mask: torch.Tensor) -> int:
-        return (int(mask.sum()) + 1) // 2 + mask.shape[0] * self.groups(mask.shape[1]) * SCALE_DTYPE.itemsize
+        groups = int4_group_count(mask.shape[1], self.group_size)
+        return (int(mask.sum()) + 1) // 2 + mask.shape[0] * groups * SCALE_DTYPE.itemsize
 
     def round(self, scaled: torch.Tensor) -> torch.Tensor:
         return scaled.round().clamp_(-self.qmax, self.qmax).to(torch.int8)
@@ -233,7 +230,7 @@ def value_format(name: str, *, group_size: int | None = None, layer_name: str | 
 
     Args:
         name: format name.
-        group_size: int4 only, 64 or 128 (default 128).
+        group_size: int4 only, 64, 128 or 256 (default 128).
         layer_name: put into error messages.
 
     Raises:
@@ -273,8 +270,8 @@ class QuantizedMatrix:
         format: the value format.
         mask: bool [out, in], the kept positions (the index layout's job; not counted in ``nbytes``).
         codes: stored codes of the kept values in row-major mask order: int8 [nnz], float8_e4m3fn [nnz], or
-            uint8 [Σ ceil(n_row/2)] packed int4.
-        scales: fp16, [out] for int8/fp8, [Σ ceil(n_row/g)] (row-major groups) for int4.
+            uint8 [ceil(nnz/2)] packed int4 (one nibble stream).
+        scales: fp16, [out] for int8/fp8, [out·ceil(in/g)] (row-major column groups) for int4.
         layer_name: put into error messages.
     """
 

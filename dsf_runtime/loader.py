@@ -291,7 +291,8 @@ def warmup(model: nn.Module, tokens: tuple[int, ...] = (1,), dtype: torch.dtype 
             continue
         seen.add(signature)
         for t in tokens:
-            module(torch.zeros(t, module.in_features, dtype=dtype or factors[0].dtype, device=factors[0].device))
+            module(torch.zeros(t, module.in_features, dtype=dtype or factors[0].compute_dtype,
+                               device=factors[0].device))
             runs += 1
     return runs
 

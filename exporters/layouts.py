@@ -18,7 +18,7 @@ import torch
 
 from compress.quantize import quantize_embedding
 from dsf_runtime.checkpoint import CompressedLayer, open_compressed, save_compressed
-from dsf_runtime.formats import AUTO, AUTO_LAYOUTS
+from dsf_runtime.formats import AUTO, AUTO_LAYOUTS, pack
 from dsf_runtime.quantized import input_embedding_name
 from exporters._files import atomic_directory
 from exporters.config import ExportConfig
@@ -32,18 +32,18 @@ def convert_layer(layer: CompressedLayer, config: ExportConfig) -> CompressedLay
     """``layer`` repacked into ``config.layout`` with values (and bias) in ``config.dtype`` (None: stored dtype).
 
     DSF inner indices that are empty after the cast are dropped unless the layout is ``dense``. Quantized values
-    (codes with row or int4 group scales) keep their codes bit for bit in ``auto``/``bitmask``/``csr``/``dense``, and are
-    decoded into floats for a ``--dtype`` or another layout (``bsr`` and the GPU layouts hold no codes).
+    (codes with row or int4 group scales) keep each factor's codes bit for bit in ``auto``/``bitmask``/``csr``/
+    ``dense``, and are decoded into floats for a ``--dtype`` or another layout.
     """
     dtype = config.torch_dtype
     bias = layer.bias if layer.bias is None or dtype is None else layer.bias.to(dtype)
     common = dict(method=layer.method, bias=bias, error=layer.error, relative_error=layer.relative_error,
                   layout=config.layout, **config.layout_options())
     quantized = [f for f in layer.factors.values() if f.quantized]
-    if quantized and dtype is None and config.layout in (AUTO, *AUTO_LAYOUTS):  # the codes as they are
-        codes = {name: f.dense_codes() for name, f in layer.factors.items()}
-        return CompressedLayer.from_dense(layer.kind, codes, scales={k: f.scales for k, f in layer.factors.items()},
-                                          group_size=quantized[0].group_size, **common)
+    if quantized and dtype is None and config.layout in (AUTO, *AUTO_LAYOUTS):  # each factor's codes as they are
+        factors = {name: pack(f.dense_codes(), config.layout, **f.code_options()) if f.quantized
+                   else pack(f.to_dense(), config.layout) for name, f in layer.factors.items()}
+        return CompressedLayer(layer.kind, layer.shape, factors, layer.method, bias, layer.error, layer.relative_error)
     if quantized and dtype is None:  # a layout without codes: decoded into the scales' dtype
         dtype = quantized[0].compute_dtype
         bias = layer.bias if layer.bias is None else layer.bias.to(dtype)

@@ -32,6 +32,7 @@ from dsf_runtime.formats._common import (
     FormatError,
     PackedMatrix,
     dtype_name,
+    int4_group_count,
     pack_int4,
     part_name,
     unpack_int4,
@@ -51,8 +52,6 @@ __all__ = [
     "CODE_DTYPES",
     "INT4",
     "INT4_GROUP_SIZES",
-    "pack_int4",
-    "unpack_int4",
     "INT16_MAX_COLS",
     "LAYOUTS",
     "VALUE_DTYPES",
@@ -67,10 +66,13 @@ __all__ = [
     "check_meta",
     "dtype_name",
     "from_meta",
+    "int4_group_count",
     "kernel_layout",
     "pack",
     "pack_factors",
+    "pack_int4",
     "smallest",
+    "unpack_int4",
 ]
 
 LAYOUTS: dict[str, type] = {
@@ -228,7 +230,8 @@ def kernel_layout(matrix: PackedMatrix, dtype: torch.dtype | None = None) -> Pac
     other codes are decoded into ``dtype`` (default: the scales' dtype).
     """
     if isinstance(matrix, (NibbleMatrix, DeltaMatrix)):
-        return matrix if dtype in (None, matrix.dtype) else matrix.to(dtype=dtype)
+        codes_as_they_are = matrix.quantized and dtype == matrix.compute_dtype
+        return matrix if dtype in (None, matrix.dtype) or codes_as_they_are else matrix.to(dtype=dtype)
     keep_codes = (matrix.quantized and matrix.dtype == torch.int8 and matrix.group_size is None
                   and dtype in (None, matrix.compute_dtype))
     dense = matrix.to_dense(dtype or matrix.compute_dtype)

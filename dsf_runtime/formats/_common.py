@@ -13,7 +13,8 @@ from typing import Any, ClassVar, Protocol
 import torch
 
 __all__ = ["CHUNK_BYTES", "CODE_DTYPES", "INT4", "INT4_GROUP_SIZES", "SCALE_DTYPES", "VALUE_DTYPES", "FormatError",
-           "KernelLayoutMixin", "PackedMatrix", "PackedMixin", "dtype_name", "pack_int4", "unpack_int4"]
+           "KernelLayoutMixin", "PackedMatrix", "PackedMixin", "dtype_name", "int4_group_count", "pack_int4",
+           "unpack_int4"]
 
 # Value dtypes a packed matrix may hold, with the names the manifest uses.
 VALUE_DTYPES: dict[torch.dtype, str] = {
@@ -22,7 +23,7 @@ VALUE_DTYPES: dict[torch.dtype, str] = {
     torch.float32: "float32",
 }
 # Quantized values (docs/format.md "Quantized values"): codes of one byte with one scale per row, value =
-# code · scales[row]. The stored layouts (dense, csr, bitmask) hold them; the GPU layouts do not.
+# code · scales[row]. The stored layouts (dense, csr, bitmask) hold them, and the nibble kernel layout int8 codes.
 CODE_DTYPES: dict[torch.dtype, str] = {
     torch.int8: "int8",
     torch.float8_e4m3fn: "float8_e4m3fn",
@@ -129,7 +130,7 @@ def check_matrix(matrix: torch.Tensor, dtype: torch.dtype | None, scales: torch.
         groups = int4_group_count(cols, group_size)
         if matrix.dtype != torch.int8 or dtype not in (None, torch.int8):
             raise TypeError(f"int4 codes are passed as int8, got {dtype_name(matrix.dtype)}")
-        if matrix.numel() and int(matrix.abs().max()) > INT4_QMAX:
+        if bool(((matrix < -INT4_QMAX) | (matrix > INT4_QMAX)).any()):  # (abs(-128) overflows in int8)
             raise ValueError(f"int4 codes must lie in [-{INT4_QMAX}, {INT4_QMAX}]")
         if scales.dtype not in SCALE_DTYPES or tuple(scales.shape) != (rows, groups):
             raise ValueError(f"int4 scales must be float [{rows}, {groups}], got {dtype_name(scales.dtype)} "
@@ -319,12 +320,12 @@ class PackedMixin:
         return sum(t.numel() * t.element_size() for t in self.to_tensors().values())
 
     def to_dense(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The matrix, ``[rows, cols]`` in ``dtype`` (default: ``compute_dtype``); codes times their row scales."""
+        """The matrix, ``[rows, cols]`` in ``dtype`` (default: ``compute_dtype``); codes times their scales."""
         return self.dense_rows(0, self.shape[0], dtype)
 
     def dense_rows(self, start: int, stop: int, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Rows ``start:stop`` as a dense ``[stop - start, cols]`` tensor in ``dtype`` (default:
-        ``compute_dtype``); quantized values are decoded in fp32 (code · row scale), then cast."""
+        ``compute_dtype``); quantized values are decoded in fp32 (code · its row or group scale), then cast."""
         dtype = dtype or self.compute_dtype
         if self.scales is None:
             return self._scatter_rows(start, stop, dtype)
@@ -351,7 +352,9 @@ class PackedMixin:
             if dtype not in VALUE_DTYPES:
                 raise TypeError(f"values must be one of {sorted(VALUE_DTYPES.values())}, got {dtype_name(dtype)}")
             if self.scales is not None:
-                return type(self).from_dense(dataclasses.replace(self, **moved).to_dense(dtype), dtype=dtype)
+                layout_options = {k: getattr(self, k) for k in self.options if k != "group_size"}
+                return type(self).from_dense(dataclasses.replace(self, **moved).to_dense(dtype), dtype=dtype,
+                                             **layout_options)
             moved["values"] = moved["values"].to(dtype)
         return dataclasses.replace(self, **moved)
 

@@ -181,14 +181,15 @@ class BitmaskMatrix(PackedMixin):
         name = partial(part_name, prefix)
         check_scales(name("scales"), self.values, self.scales, self.shape, self.group_size)
         check_tensor(name("bitmask"), self.bitmask, (torch.uint8,), (rows, (cols + 7) // 8))
-        if self.group_size is not None:
+        if self.group_size is not None:  # row_ptr first: it says how many codes the values hold
             check_tensor(name("row_ptr"), self.row_ptr, (torch.int32,), (rows + 1,))
             nnz = int(self.row_ptr[-1])
-            check_int4_values(name("values"), self.values, max(nnz, 0))
+            check_row_ptr(name("row_ptr"), self.row_ptr, rows, nnz)
+            check_int4_values(name("values"), self.values, nnz)
         else:
             check_tensor(name("values"), self.values, (*VALUE_DTYPES, *CODE_DTYPES), (None,))
             nnz = self.values.shape[0]
-        check_row_ptr(name("row_ptr"), self.row_ptr, rows, nnz)
+            check_row_ptr(name("row_ptr"), self.row_ptr, rows, nnz)
         if cols % 8 and rows:
             padding = self.bitmask[:, -1] >> (cols % 8)
             bad = torch.nonzero(padding)

@@ -59,12 +59,13 @@ def _nibble_unpack_kernel(
 def nibble_unpack(w: Any, out: torch.Tensor | None = None, *, dtype: torch.dtype | None = None,
                   row_start: int = 0, row_stop: int | None = None, block_r: int = 4, block_g: int = 16,
                   num_warps: int = 4) -> torch.Tensor:
-    """Dense copy of rows ``row_start:row_stop`` (default all) of a ``nibble`` matrix.
+    """Dense copy of rows ``row_start:row_stop`` (default all) of a ``nibble`` matrix: the stored values, i.e. for
+    int8 codes the codes themselves (the caller multiplies by ``w.scales``; ``dispatch`` does).
 
     Args:
         w: the matrix.
         out: optional destination ``[row_stop - row_start, cols]`` (unit column stride, any row stride).
-        dtype: dtype of a new output (default ``w.dtype``); ignored when ``out`` is given.
+        dtype: dtype of a new output (default ``w.compute_dtype``); ignored when ``out`` is given.
 
     Returns:
         ``out`` or a new tensor.
@@ -77,7 +78,7 @@ def nibble_unpack(w: Any, out: torch.Tensor | None = None, *, dtype: torch.dtype
         raise ValueError(f"row range {row_start}:{row_stop} is outside 0:{rows_all}")
     rows = row_stop - row_start
     if out is None:
-        out = torch.empty(rows, cols, dtype=dtype or w.dtype, device=w.device)
+        out = torch.empty(rows, cols, dtype=dtype or w.compute_dtype, device=w.device)
     elif out.shape != (rows, cols) or out.stride(1) != 1 or out.device != w.device:
         raise ValueError(f"out must be [{rows}, {cols}] on {w.device} with unit column stride, "
                          f"got {list(out.shape)} strides {out.stride()} on {out.device}")
@@ -94,5 +95,5 @@ def nibble_unpack(w: Any, out: torch.Tensor | None = None, *, dtype: torch.dtype
 
 
 def nibble_unpack_reference(w: Any, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Plain-torch ``nibble_unpack`` (all rows)."""
+    """Plain-torch ``nibble_unpack`` (all rows) of float values; int8 codes come decoded (code · scale)."""
     return w.to_dense(dtype)

@@ -67,7 +67,7 @@ def weight_copies(matrix: Any, copies: int | None = None) -> list[Any]:
 def _inputs(k: Any, bn: int, reads_x: bool) -> dict[bool, torch.Tensor]:
     """The factor's input as ``dispatch`` hands it over, keyed by the config's ``XF32``: ``bn`` tokens of ``x`` in
     the values' dtype for the factor that reads ``x``, else the fp32 intermediate; packed when ``bn > 1``."""
-    x = torch.randn(bn, k.shape[1], device=k.device, dtype=k.dtype if reads_x else torch.float32)
+    x = torch.randn(bn, k.shape[1], device=k.device, dtype=k.compute_dtype if reads_x else torch.float32)
     if bn == 1:
         return {False: x, True: x}
     return {xf32: pack_activations(x, bn, dtype=torch.float32 if xf32 else None) for xf32 in (False, True)}
@@ -89,7 +89,7 @@ def _time_all(cands: list[dict], make_fns: Callable[[dict], list], timer: Timer,
 
 def _tune_matmul(k: Any, bn: int, reads_x: bool, writes_y: bool, timer: Timer, copies: list[Any]) -> list[dict]:
     op, xs = _OPS[k.layout], _inputs(k, bn, reads_x)
-    out_dtype, packed_out = (k.dtype, 0) if writes_y else (torch.float32, bn)
+    out_dtype, packed_out = (k.compute_dtype, 0) if writes_y else (torch.float32, bn)
 
     def make_fns(cfg: dict) -> list:
         x = xs[bool(cfg.get("XF32")) and reads_x]
@@ -100,7 +100,7 @@ def _tune_matmul(k: Any, bn: int, reads_x: bool, writes_y: bool, timer: Timer, c
 
 
 def _tune_unpack(k: Any, timer: Timer, copies: list[Any]) -> list[dict]:
-    out = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    out = torch.empty(k.shape, dtype=k.compute_dtype, device=k.device)
     make_fns = lambda cfg: [lambda w=w: nibble_unpack(w, out, **cfg) for w in copies]  # noqa: E731
     return _time_all(configs.unpack_candidates(), make_fns, timer, k.device)
 

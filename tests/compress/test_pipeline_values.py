@@ -144,6 +144,10 @@ def test_settings_without_a_stored_encoding_are_refused(monkeypatch, tmp_path):
         CompressConfig(values="int4", value_group_size=100)
     with pytest.raises(ConfigError, match="rounding: must be one of gptq, rtn"):
         CompressConfig(values="int8", rounding="awq")
+    with pytest.raises(ConfigError, match="rounding: applies to quantized values"):
+        CompressConfig(rounding="rtn")
+    with pytest.raises(ConfigError, match="layout: int8 codes are stored in auto or one of bitmask, csr, dense"):
+        CompressConfig(values="int8", layout="nibble")
     from compress import distributed
 
     monkeypatch.setenv("WORLD_SIZE", "2")

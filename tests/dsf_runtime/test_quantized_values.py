@@ -129,9 +129,33 @@ def test_int4_group_size_is_checked():
         pack(codes, "csr", scales=options["scales"], group_size=32)
     with pytest.raises(ValueError, match=r"int4 codes must lie in \[-7, 7\]"):
         pack(codes * 2, "csr", **options)
+    overflow = codes.clone()
+    overflow[1, 0] = -128  # abs(-128) overflows in int8: still refused
+    with pytest.raises(ValueError, match=r"int4 codes must lie in \[-7, 7\]"):
+        pack(overflow, "bitmask", **options)
     packed = pack(codes, "csr", **options)
     with pytest.raises(FormatError, match="'w.scales' belongs to int4 codes with group_size 100"):
         from_meta(packed.to_tensors("w"), "w", packed.meta() | {"group_size": 100})
+
+
+def test_export_keeps_each_factors_own_encoding(tmp_path):
+    """A layer whose factors use different encodings (int4 g64, int8, float) converts between layouts bit for bit."""
+    from exporters.config import ExportConfig
+    from exporters.layouts import convert_layer
+
+    a, oa, ra = _codes(_sparse(24, 200, seed=1), "int4")
+    b, ob, rb = _codes(_sparse(200, 130, seed=2), "int8")
+    factors = {"A": pack(a, "bitmask", **oa), "B": pack(b, "bitmask", **ob)}
+    layer = CompressedLayer("dsf", (24, 130), factors, "test", None)
+    for layout in ("csr", "dense", "auto"):
+        out = convert_layer(layer, ExportConfig(layout=layout))
+        assert out.factors["A"].value_format == "int4" and out.factors["A"].group_size == 64
+        assert out.factors["B"].value_format == "int8"
+        assert torch.equal(out.factors["A"].to_dense(torch.float64), ra)
+        assert torch.equal(out.factors["B"].to_dense(torch.float64), rb)
+    mixed = CompressedLayer("dsf", (24, 130), {"A": factors["A"], "B": pack(rb.half(), "bitmask")}, "test", None)
+    out = convert_layer(mixed, ExportConfig(layout="csr"))
+    assert out.factors["A"].quantized and out.factors["B"].dtype == torch.float16
 
 
 def test_layouts_without_codes_refuse_them():
