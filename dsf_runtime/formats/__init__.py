@@ -44,6 +44,7 @@ from dsf_runtime.formats.csr import INT16_MAX_COLS, CSRMatrix
 from dsf_runtime.formats.delta import DeltaMatrix, delta_entries
 from dsf_runtime.formats.dense import DenseMatrix
 from dsf_runtime.formats.nibble import NibbleMatrix, group_counts, nibble_bytes
+from dsf_runtime.formats.tile import TileMatrix, tile_bytes
 
 __all__ = [
     "AUTO",
@@ -63,6 +64,7 @@ __all__ = [
     "FormatError",
     "NibbleMatrix",
     "PackedMatrix",
+    "TileMatrix",
     "check_meta",
     "dtype_name",
     "from_meta",
@@ -72,6 +74,7 @@ __all__ = [
     "pack_factors",
     "pack_int4",
     "smallest",
+    "tile_bytes",
     "unpack_int4",
 ]
 
@@ -82,6 +85,7 @@ LAYOUTS: dict[str, type] = {
     "bsr": BSRMatrix,
     "nibble": NibbleMatrix,
     "delta": DeltaMatrix,
+    "tile": TileMatrix,
 }
 
 
@@ -229,7 +233,7 @@ def kernel_layout(matrix: PackedMatrix, dtype: torch.dtype | None = None) -> Pac
     stay codes when ``nibble`` is chosen and ``dtype`` is None or the scales' dtype (its decode kernel reads them);
     other codes are decoded into ``dtype`` (default: the scales' dtype).
     """
-    if isinstance(matrix, (NibbleMatrix, DeltaMatrix)):
+    if isinstance(matrix, (NibbleMatrix, DeltaMatrix, TileMatrix)):
         codes_as_they_are = matrix.quantized and dtype == matrix.compute_dtype
         return matrix if dtype in (None, matrix.dtype) or codes_as_they_are else matrix.to(dtype=dtype)
     keep_codes = (matrix.quantized and matrix.dtype == torch.int8 and matrix.group_size is None

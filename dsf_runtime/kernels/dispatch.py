@@ -1,7 +1,7 @@
 """The route from a chain of GPU-layout matrices to the Triton kernels: ``linear(x, factors, bias)`` computes
 ``y = F₀·(F₁·(…·x)) + b`` (one factor: a sparse layer; two: a DSF layer ``A·(B·x)``) with the path chosen by the
-token count. Factors are ``nibble``/``delta``/``dense`` matrices of ``dsf_runtime.formats`` (read through their
-named tensors; this module does not import the formats).
+token count. Factors are ``nibble``/``delta``/``tile``/``dense`` matrices of ``dsf_runtime.formats`` (read through
+their named tensors; this module does not import the formats).
 
 Paths (``path=``, default ``"auto"``):
 
@@ -11,6 +11,10 @@ Paths (``path=``, default ``"auto"``):
 - ``"prefill"``: decompress each factor to a dense temporary (Triton) and multiply with cuBLAS; the intermediate is
   rounded to the activation dtype (cuBLAS has no fp16×fp32 GEMM). The only path for ``dense`` factors.
 - ``"materialize"``: ``W = A·B`` (dense temporary), then one GEMM: fewer FLOPs once tokens > max(out, in).
+- ``"tile"``: the tensor-core kernel over ``tile`` factors (``tile_matmul``), one launch per factor, the
+  intermediate rounded to the weights' dtype. Unmeasured on a GPU so far: ``auto`` takes it only for factors
+  stored as ``tile`` (up to ``TILE_MAX_TOKENS`` tokens, else ``"prefill"``), which no loader or export chooses by
+  default.
 
 ``"auto"`` takes ``"decode"`` up to ``configs.DECODE_MAX_TOKENS`` tokens, ``"materialize"`` when its FLOP count is
 lower, ``"prefill"`` otherwise. The first call of a new shape and token count compiles: run it once before a
@@ -33,12 +37,14 @@ from dsf_runtime.kernels.delta_unpack import delta_unpack
 from dsf_runtime.kernels.nibble_matmul import nibble_matmul
 from dsf_runtime.kernels.nibble_unpack import nibble_unpack
 from dsf_runtime.kernels.pack_activations import pack_activations
+from dsf_runtime.kernels.tile_matmul import tile_matmul
 
 __all__ = ["PATHS", "interpreted", "linear"]
 
 _interpreter_compat.apply()
 
-PATHS = ("auto", "decode", "prefill", "materialize")
+PATHS = ("auto", "decode", "prefill", "materialize", "tile")
+TILE_MAX_TOKENS = 256  # "auto" on tile factors: the tile kernel up to here (issue 10's range), then "prefill"
 _STREAM = {"nibble": nibble_matmul, "delta": delta_matmul}  # the decode kernel of each sparse layout
 
 
@@ -80,6 +86,8 @@ def _dense_of(k: Any, dtype: torch.dtype) -> torch.Tensor:
         return dense if k.scales is None else dense.mul_(k.scales.to(dtype)[:, None])
     if k.layout == "delta":
         return delta_unpack(k, dtype=dtype)
+    if k.layout == "tile":  # no unpack kernel yet: the pure-torch decode
+        return k.to_dense(dtype)
     return k.values if k.values.dtype == dtype else k.values.to(dtype)
 
 
@@ -99,8 +107,19 @@ def _materialize(x2: torch.Tensor, factors: Sequence[Any], bias: torch.Tensor | 
     return F.linear(x2, W, bias)
 
 
+def _tile(x2: torch.Tensor, factors: Sequence[Any], bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    """``tile_matmul`` through the factors, last first; intermediates in the weights' dtype."""
+    h = x2
+    for i, k in enumerate(reversed(factors)):
+        last = i == len(factors) - 1
+        h = tile_matmul(h, k, bias if last else None, out_dtype=out_dtype if last else k.dtype)
+    return h
+
+
 def _choose_path(tokens: int, factors: Sequence[Any]) -> str:
     m, n = factors[0].shape[0], factors[-1].shape[1]
+    if all(k.layout == "tile" for k in factors):
+        return "tile" if tokens <= TILE_MAX_TOKENS else "prefill"
     if any(k.layout not in _STREAM for k in factors):
         return "prefill"
     if tokens <= configs.DECODE_MAX_TOKENS:
@@ -136,6 +155,8 @@ def _check(x: torch.Tensor, factors: Sequence[Any], bias: torch.Tensor | None, p
         raise ValueError(f"unknown path {path!r}; expected one of {PATHS}")
     if path == "decode" and any(k.layout not in _STREAM for k in factors):
         raise ValueError(f"path 'decode' needs {sorted(_STREAM)} factors, got {[k.layout for k in factors]}")
+    if path == "tile" and any(k.layout != "tile" for k in factors):
+        raise ValueError(f"path 'tile' needs 'tile' factors, got {[k.layout for k in factors]}")
 
 
 def linear(x: torch.Tensor, factors: Sequence[Any], bias: torch.Tensor | None = None,
@@ -144,7 +165,7 @@ def linear(x: torch.Tensor, factors: Sequence[Any], bias: torch.Tensor | None = 
 
     Args:
         x: ``[..., in]`` float16/bfloat16/float32 on the factors' device; cast to the factors' compute dtype.
-        factors: ``nibble``/``delta``/``dense`` matrices (``dsf_runtime.formats``), outermost first, one compute
+        factors: ``nibble``/``delta``/``tile``/``dense`` matrices (``dsf_runtime.formats``), outermost first, one compute
             dtype (the values', or the row scales' of ``nibble`` int8 codes).
         bias: ``[out]`` or None, added in the factors' compute dtype.
         out_dtype: dtype of ``y`` (default ``x.dtype``).
@@ -172,6 +193,8 @@ def linear(x: torch.Tensor, factors: Sequence[Any], bias: torch.Tensor | None = 
         y = _decode(x2, factors, bias, out_dtype if out_dtype in (dtype, torch.float32) else dtype)
     elif path == "materialize":
         y = _materialize(x2, factors, bias)
+    elif path == "tile":
+        y = _tile(x2, factors, bias, out_dtype if out_dtype in (dtype, torch.float32) else dtype)
     else:
         y = _prefill(x2, factors, bias)
     return y.to(out_dtype).reshape(*x.shape[:-1], m)

@@ -18,7 +18,8 @@ if not HAS_CUDA:
 _KERNEL_MODULES = [
     "dsf_runtime.kernels._interpreter_compat", "dsf_runtime.kernels.configs", "dsf_runtime.kernels.pack_activations",
     "dsf_runtime.kernels._io", "dsf_runtime.kernels.nibble_matmul", "dsf_runtime.kernels.delta_matmul",
-    "dsf_runtime.kernels.nibble_unpack", "dsf_runtime.kernels.delta_unpack", "dsf_runtime.kernels.dispatch",
+    "dsf_runtime.kernels.nibble_unpack", "dsf_runtime.kernels.delta_unpack", "dsf_runtime.kernels.tile_matmul",
+    "dsf_runtime.kernels.dispatch",
     "dsf_runtime.kernels",
 ]
 
