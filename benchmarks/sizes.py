@@ -1,6 +1,7 @@
 """How many bytes does each packed layout take against dense fp16, for DSF factor pairs and single sparse matrices?
 
-LLaMA-7B shapes (4096×4096, 11008×4096, 4096×11008) at densities 0.5 and 0.3, fp16 values (and int8 / fp8 codes
+LLaMA-7B shapes (4096×4096, 11008×4096, 4096×11008) at densities 0.5 and 0.3, fp16 values in the stored layouts and
+the GPU layouts ``delta`` and ``tile`` (16×64 tiles) (and int8 / fp8 codes
 with fp16 row scales, and int4 codes with an fp16 scale per 128 columns, in dense, csr and bitmask), random masks of exactly the target non-zero counts. DSF uses its real factor budget (the reference code's ``factorize``): inner
 dim ``k = min(m, n)``, the square ``k×k`` factor holds ``0.16·k²`` (square W) or ``0.25·k²`` non-zeros and the
 other factor the rest of ``density·m·n``; the square factor is ``A`` when ``m < n`` and ``B`` otherwise. Bytes are
@@ -28,7 +29,10 @@ logger = logging.getLogger("benchmarks.sizes")
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]
 DENSITIES = [0.5, 0.3]
-LAYOUTS = [("dense", None), ("csr", None), ("bitmask", None)] + [("bsr", b) for b in BLOCK_SIZES]
+# plus the GPU kernel layouts that take any mask: delta (4-bit column deltas) and tile (a bitmap per 16x64 tile);
+# nibble needs balanced masks (its bytes are in the layer benchmarks' rows).
+LAYOUTS = ([("dense", None), ("csr", None), ("bitmask", None)] + [("bsr", b) for b in BLOCK_SIZES]
+           + [("delta", None), ("tile", None)])
 # Quantized values (docs/format.md "Quantized values"): one-byte codes plus an fp16 scale per row, and int4 codes
 # plus an fp16 scale per INT4_GROUP columns, in the layouts that store codes.
 CODES = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}
@@ -148,7 +152,7 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
     for r in rows:
-        if r["layout"] in ("bitmask", "csr") or (r["layout"] == "bsr" and r["block_size"] == 32):
+        if r["layout"] in ("bitmask", "csr", "tile", "delta") or (r["layout"] == "bsr" and r["block_size"] == 32):
             logger.info("%-6s %-7s %-4s %-10s d=%.1f  %.3f x dense", r["kind"], r["layout"], r["values"],
                         "x".join(map(str, r["shape"])), r["density"], r["ratio"])
     logger.info("wrote %s in %.0f s", args.out, result["seconds"])
