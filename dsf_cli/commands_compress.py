@@ -104,7 +104,7 @@ def compress(
     device: Device = typer.Option(Device.auto, "--device", help="Compute device; auto = cuda when available."),
     dtype: DType = typer.Option(DType.float32, "--dtype", help="Model dtype while compressing (factors stay fp32)."),
     layout: str = typer.Option(
-        "auto", "--layout", metavar="<auto|bitmask|csr|dense|bsr|nibble|delta>",
+        "auto", "--layout", metavar="<auto|bitmask|csr|dense|bsr|nibble|delta|tile>",
         help="Layout of the written factors: auto = each factor in the smallest of bitmask, csr and dense.",
     ),
     save_dtype: str = typer.Option(

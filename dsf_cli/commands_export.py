@@ -14,7 +14,7 @@ from dsf_runtime.formats import AUTO, LAYOUTS
 __all__ = ["register"]
 
 
-# auto, then one choice per layout of dsf_runtime.formats: the stored ones and the GPU kernels' (nibble, delta).
+# auto, then one choice per layout of dsf_runtime.formats: the stored ones and the GPU kernels' (nibble, delta, tile).
 Layout = Enum("Layout", {name: name for name in (AUTO, *LAYOUTS)}, type=str)
 _ONNX_AUTO = "bitmask"  # the ONNX export needs one layout for every factor: the smallest there on DSF factors
 

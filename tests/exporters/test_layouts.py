@@ -55,7 +55,7 @@ def test_packed_to_dense_and_back_is_bit_exact(compressed_dir: Path, tmp_path: P
     assert json.loads((packed / "dsf_manifest.json").read_text())["base_model"] == "smollm2-135m-2blocks"
 
 
-@pytest.mark.parametrize("layout", ["nibble", "delta"])
+@pytest.mark.parametrize("layout", ["nibble", "delta", "tile"])
 def test_kernel_layout_export_round_trips_and_runs(compressed_dir: Path, tmp_path: Path, layout: str) -> None:
     """The GPU kernels' layouts are written as files: their tensors reload bit for bit, decode to the source's
     matrices, and the model runs on the CPU (pure-torch path) like the csr export."""
