@@ -123,8 +123,11 @@ def tile_matmul(x: torch.Tensor, w: Any, bias: torch.Tensor | None = None, *, ou
         y = torch.zeros(T, rows, dtype=torch.float32, device=x.device)
     else:
         y = out if out is not None else torch.empty(T, rows, dtype=out_dtype, device=x.device)
-    if T == 0 or rows == 0:
-        return y.to(out_dtype) if out is None else out
+    if T == 0 or rows == 0 or w.nnz == 0:  # nothing to multiply (and no values buffer to point the kernel at)
+        y.zero_()
+        if bias is not None and T:
+            y += bias.to(y.dtype)
+        return y.to(out_dtype) if out is None else out.copy_(y)
     grid = (n_tr, triton.cdiv(T, cfg["BN"]), split)
     _tile_matmul_kernel[grid](
         x, w.values, w.bitmap, w.tile_ptr, bias if bias is not None else y, y,
