@@ -7,13 +7,14 @@ times, with weights rotated over copies larger than the L2 and CUDA-graph replay
 - ``dense_us``: ``F.linear`` fp16 (cuBLAS);
 - ``nibble_us`` / ``delta_us``: ``dispatch.linear`` ``auto`` on the existing kernel layouts (balanced masks for
   ``nibble``, unstructured for ``delta``);
-- ``tile_us``: ``dispatch.linear`` path ``tile`` on the unstructured factors stored as ``tile``, the fastest of a
-  small config sweep (tile 16×64 or 32×64; ``BN`` 16/32/64; ``SPLIT_K`` 1/2/4) at the swept batches
-  (``SWEEP_BATCHES``), the best swept config of the nearest swept batch elsewhere; ``tile_configs`` has every
-  swept time.
+- ``tile_us``: ``tile_matmul`` (what ``dispatch`` path ``tile`` runs) on the unstructured factors stored as ``tile``,
+  the fastest correct config of a small sweep (tile 16×64 or 32×64; ``BN`` 16/64; ``SPLIT_K`` 1/4) at the swept
+  batches (``SWEEP_BATCHES``), the best swept config of the nearest swept batch elsewhere; ``tile_configs`` has
+  every swept time (or its error).
 
-Every row first checks the tile path against a float64 reference on NaN-poisoned memory (``rel_err``). Output: JSON
-(``--out``) and a PNG of speedup over dense against batch, one panel per shape.
+Every swept config and every row is first checked against a float64 reference on NaN-poisoned memory
+(``rel_err``; a config above ``MAX_REL_ERR`` is not chosen). Output: JSON (``--out``, rewritten after every row, so
+a run cut short keeps its rows) and a PNG of speedup over dense against batch, one panel per shape.
 
     python -m benchmarks.bench_tile --out benchmarks/results/tile-h100.json      # about 4 minutes on an H100
     TRITON_INTERPRET=1 DSF_INTERPRET_KERNELS=1 python -m benchmarks.bench_tile --cpu-dry-run --out /tmp/t.json
@@ -44,8 +45,9 @@ BATCHES = (1, 2, 8, 16, 32, 64, 128, 256, 2048)
 SWEEP_BATCHES = (16, 64, 256)
 DENSITIES = (0.5, 0.3)
 TILES = ((16, 64), (32, 64))
-CONFIGS = [{"BN": bn, "SPLIT_K": sk, "num_warps": 4, "num_stages": 2} for bn, sk in itertools.product((16, 32, 64),
-                                                                                                       (1, 2, 4))]
+CONFIGS = [{"BN": bn, "SPLIT_K": sk, "num_warps": 4, "num_stages": 2} for bn, sk in itertools.product((16, 64),
+                                                                                                       (1, 4))]
+MAX_REL_ERR = 1e-2
 DRY_RUN = {"shapes": [(48, 96)], "batches": (1, 17), "sweep": (17,), "densities": (0.5,), "tiles": ((16, 64),),
            "configs": CONFIGS[:2]}
 
@@ -70,13 +72,42 @@ def _nearest(batch: int, swept: dict) -> tuple:
     return swept[b]
 
 
-def run(shapes, batches, sweep_batches, densities, tiles, configs, repeats: int, max_seconds: float, log=print):
+def _sweep(x, ref, tiled, tiles, configs, batch, repeats, dev) -> dict:
+    """``{name: (us or None, tile, config, note)}`` of every config: timed when it runs and is correct."""
+    times = {}
+    for tile, cfg in itertools.product(tiles, configs):
+        label = f"{tile[0]}x{tile[1]} BN{cfg['BN']} SK{cfg['SPLIT_K']}"
+        try:
+            _poison(dev)
+            err = _rel_err(linear_tile(x, tiled[tile][0], cfg), ref)
+            if not err <= MAX_REL_ERR:
+                times[label] = (None, tile, cfg, f"rel_err {err}")
+                continue
+            us = _time([_tile_fn(x, ks, cfg) for ks in tiled[tile]], batch, repeats)["us"]
+            times[label] = (us, tile, cfg, None)
+        except Exception as exc:  # noqa: BLE001 - a config that fails to compile or launch is recorded, not fatal
+            times[label] = (None, tile, cfg, repr(exc)[:200])
+    return times
+
+
+def run(shapes, batches, sweep_batches, densities, tiles, configs, repeats: int, max_seconds: float, log=print,
+        out: Path | None = None):
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
     t0 = time.time()
     rows, skipped = [], []
+    meta = run_meta(dev, method=__doc__.split("\n\n")[0], packages=("triton",)) | {"dry_run": dev.type != "cuda"}
+
+    def result() -> dict:
+        meta["seconds"] = round(time.time() - t0, 1)
+        return {"meta": meta, "rows": sorted(rows, key=lambda r: (r["shape"], r["density"], r["batch"])),
+                "skipped": skipped}
+
     for shape, density in itertools.product(shapes, densities):
         m, n = shape
+        if time.time() - t0 > max_seconds:
+            skipped += [[list(shape), density, batch] for batch in batches]
+            continue
         unstructured = make_case(shape, "dsf", density, "delta", torch.float16, dev)
         balanced = make_case(shape, "dsf", density, "nibble", torch.float16, dev)
         layouts = {
@@ -99,13 +130,12 @@ def run(shapes, batches, sweep_batches, densities, tiles, configs, repeats: int,
             for name, copies in layouts.items():
                 row[f"{name}_us"] = round(_time([lambda ks=ks: linear(x, ks) for ks in copies], batch, repeats)["us"], 3)
             if batch in sweep_batches:
-                times = {}
-                for tile, cfg in itertools.product(tiles, configs):
-                    times[f"{tile[0]}x{tile[1]} BN{cfg['BN']} SK{cfg['SPLIT_K']}"] = (
-                        _time([_tile_fn(x, ks, cfg) for ks in tiled[tile]], batch, repeats)["us"], tile, cfg)
-                best = min(times, key=lambda k: times[k][0])
-                swept[batch] = times[best][1:]
-                row["tile_configs"] = {k: round(v[0], 3) for k, v in times.items()}
+                times = _sweep(x, ref, tiled, tiles, configs, batch, repeats, dev)
+                ran = [k for k, v in times.items() if v[0] is not None]
+                if ran:
+                    best = min(ran, key=lambda k: times[k][0])
+                    swept[batch] = times[best][1:3]
+                row["tile_configs"] = {k: round(v[0], 3) if v[0] is not None else v[3] for k, v in times.items()}
             tile, cfg = _nearest(batch, swept) if swept else (tiles[0], configs[0])
             _poison(dev)
             row["rel_err"] = _rel_err(linear_tile(x, tiled[tile][0], cfg), ref)
@@ -117,16 +147,15 @@ def run(shapes, batches, sweep_batches, densities, tiles, configs, repeats: int,
             for name in ("tile", "nibble", "delta"):
                 row[f"{name}_speedup"] = round(row["dense_us"] / row[f"{name}_us"], 3)
             rows.append(row)
+            if out is not None:
+                out.write_text(json.dumps(result(), indent=1) + "\n")
             log(f"{m}x{n} d={density} b={batch}: dense {row['dense_us']:.1f} us, tile x{row['tile_speedup']:.2f} "
                 f"({row['tile_config']}), nibble x{row['nibble_speedup']:.2f}, delta x{row['delta_speedup']:.2f}, "
                 f"err {row['rel_err']:.1e}")
         del layouts, tiled, dense
         if dev.type == "cuda":
             torch.cuda.empty_cache()
-    rows.sort(key=lambda r: (r["shape"], r["density"], r["batch"]))
-    return {"meta": run_meta(dev, method=__doc__.split("\n\n")[0], packages=("triton",))
-            | {"dry_run": dev.type != "cuda", "seconds": round(time.time() - t0, 1)},
-            "rows": rows, "skipped": skipped}
+    return result()
 
 
 def plot(results: dict, out: Path) -> Path:
@@ -172,10 +201,13 @@ def main(argv=None) -> int:
     if args.cpu_dry_run and not torch.cuda.is_available():
         print(DRY_RUN_CAVEAT)
         d = DRY_RUN
-        results = run(d["shapes"], d["batches"], d["sweep"], d["densities"], d["tiles"], d["configs"], 1, 60.0)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        results = run(d["shapes"], d["batches"], d["sweep"], d["densities"], d["tiles"], d["configs"], 1, 60.0,
+                      out=args.out)
     else:
-        results = run(SHAPES, BATCHES, SWEEP_BATCHES, DENSITIES, TILES, CONFIGS, args.repeats, args.max_seconds)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        results = run(SHAPES, BATCHES, SWEEP_BATCHES, DENSITIES, TILES, CONFIGS, args.repeats, args.max_seconds,
+                      out=args.out)
     args.out.write_text(json.dumps(results, indent=1) + "\n")
     print(plot(results, args.out.with_suffix(".png")))
     return 0

@@ -48,10 +48,18 @@ def tile_bytes(rows: int, cols: int, nnz: int, tile_rows: int = 16, tile_cols: i
 
 
 def _check_tile(tile_rows: Any, tile_cols: Any) -> None:
-    if tile_rows not in TILE_ROWS or isinstance(tile_rows, bool):
+    if type(tile_rows) is not int or tile_rows not in TILE_ROWS:
         raise ValueError(f"tile_rows must be one of {TILE_ROWS}, got {tile_rows!r}")
-    if tile_cols not in TILE_COLS or isinstance(tile_cols, bool):
+    if type(tile_cols) is not int or tile_cols not in TILE_COLS:
         raise ValueError(f"tile_cols must be one of {TILE_COLS}, got {tile_cols!r}")
+
+
+def _tile_bits(valid_rows: int, valid_cols: int, tile_rows: int, tile_cols: int, device) -> torch.Tensor:
+    """The bitmap bytes ``[TR·TC/8]`` uint8 of a tile whose first ``valid_rows`` rows and ``valid_cols`` columns
+    lie inside the matrix (every allowed bit set)."""
+    inside = torch.zeros(tile_rows, tile_cols, dtype=torch.uint8, device=device)
+    inside[:valid_rows, :valid_cols] = 1
+    return (inside.view(-1, 8) << torch.arange(8, dtype=torch.uint8, device=device)).sum(-1, dtype=torch.uint8)
 
 
 def _tiled(dense: torch.Tensor, tile_rows: int, tile_cols: int) -> torch.Tensor:
@@ -97,6 +105,8 @@ class TileMatrix(KernelLayoutMixin):
         tiles = _tiled(dense, tile_rows, tile_cols)
         mask = tiles != 0
         values = tiles[mask]  # row-major over [tile, p]: tile by tile, increasing p
+        if values.numel() >= 2**31:
+            raise ValueError(f"{values.numel()} non-zeros do not fit the int32 tile_ptr; split the matrix")
         counts = mask.sum(dim=1, dtype=torch.int32)
         tile_ptr = torch.zeros(counts.numel() + 1, dtype=torch.int32, device=dense.device)
         torch.cumsum(counts, 0, out=tile_ptr[1:])
@@ -142,19 +152,26 @@ class TileMatrix(KernelLayoutMixin):
         except ValueError as exc:
             raise FormatError(name("bitmap"), f"cannot be read: {exc}") from None
         rows, cols = self.shape
+        if rows < 0 or cols < 0:
+            raise FormatError(name("values"), f"belongs to a matrix of shape {list(self.shape)}")
         TR, TC = self.tile_rows, self.tile_cols
         n_tr, n_tc = self.grid
         n_tiles = n_tr * n_tc
         check_tensor(name("values"), self.values, tuple(VALUE_DTYPES), (None,))
         check_tensor(name("bitmap"), self.bitmap, (torch.uint8,), (n_tiles, TR * TC // 8))
         check_row_ptr(name("tile_ptr"), self.tile_ptr, n_tiles, self.values.shape[0])
-        inside = _tiled(torch.ones(rows, cols, dtype=torch.bool, device=self.bitmap.device), TR, TC)
-        allowed = (inside.view(n_tiles, -1, 8).to(torch.uint8)
-                   << torch.arange(8, dtype=torch.uint8, device=self.bitmap.device)).sum(-1, dtype=torch.uint8)
-        bad = torch.nonzero(self.bitmap & ~allowed)
-        if bad.numel():
-            t = int(bad[0, 0])
-            raise FormatError(name("bitmap"), f"tile {t} sets bits outside the {rows}x{cols} matrix")
+        # padding bits can only sit in the last tile row and the last tile column
+        last_rows, last_cols = rows - (n_tr - 1) * TR, cols - (n_tc - 1) * TC
+        grid = self.bitmap.view(n_tr, n_tc, -1)
+        edges = (((n_tr - 1, 0), grid[-1:, :-1], (last_rows, TC)), ((0, n_tc - 1), grid[:-1, -1:], (TR, last_cols)),
+                 ((n_tr - 1, n_tc - 1), grid[-1:, -1:], (last_rows, last_cols)))
+        for (row0, col0), tiles, valid in edges:
+            if n_tiles and tiles.numel() and valid != (TR, TC):
+                bad = torch.nonzero((tiles & ~_tile_bits(*valid, TR, TC, self.bitmap.device)).flatten(0, 1).any(-1))
+                if bad.numel():
+                    i, j = divmod(int(bad[0, 0]), tiles.shape[1])
+                    t = (row0 + i) * n_tc + col0 + j
+                    raise FormatError(name("bitmap"), f"tile {t} sets bits outside the {rows}x{cols} matrix")
         popcount = popcount_rows(self.bitmap)
         bad = torch.nonzero(popcount != (self.tile_ptr[1:] - self.tile_ptr[:-1]))
         if bad.numel():

@@ -7,7 +7,7 @@ at ``tile_ptr[t]`` plus the number of set bits before it in the tile, an exclusi
 (``tl.cumsum`` along each tile row plus the row totals before it), then a masked gather from the tile's contiguous
 (L1-resident) values. Accumulation is fp32. With ``SPLIT_K > 1`` the tile columns are split over more programs
 (more parallelism when ``ceil(rows / TR) · ceil(T / BN)`` is small); their partial sums are added atomically into an
-fp32 output.
+fp32 output, so split-K results may differ in the last bits from run to run (summation order).
 
 Both operands of ``tl.dot`` are in the weight's dtype, so a DSF chain rounds the intermediate ``B·x`` to it (as the
 cuBLAS prefill path does). The kernel is correct on any valid input (tests run it in the interpreter); its speed is
@@ -110,8 +110,11 @@ def tile_matmul(x: torch.Tensor, w: Any, bias: torch.Tensor | None = None, *, ou
     if bias is not None and (tuple(bias.shape) != (rows,) or bias.device != w.device):
         raise ValueError(f"bias must be [{rows}] on {w.device}, got {list(bias.shape)} on {bias.device}")
     cfg = {**TILE_CONFIG, **(config or {})}
-    if cfg["BN"] not in (16, 32, 64) or cfg["SPLIT_K"] < 1:
-        raise ValueError(f"config needs BN in (16, 32, 64) and SPLIT_K >= 1, got {cfg}")
+    if type(cfg["BN"]) is not int or cfg["BN"] not in (16, 32, 64) or type(cfg["SPLIT_K"]) is not int \
+            or cfg["SPLIT_K"] < 1:
+        raise ValueError(f"config needs an int BN in (16, 32, 64) and an int SPLIT_K >= 1, got {cfg}")
+    if not (w.values.is_contiguous() and w.bitmap.is_contiguous() and w.tile_ptr.is_contiguous()):
+        raise ValueError("the tile matrix's tensors must be contiguous")
     out_dtype = out_dtype or x.dtype
     T = x.shape[0]
     n_tr, n_tc = w.grid

@@ -14,7 +14,8 @@ TILES = [(16, 64), (32, 32), (64, 64)]
 
 
 def _matrix(rows: int, cols: int, gen: torch.Generator, dtype=torch.float16) -> torch.Tensor:
-    """~40% dense, plus an all-dense tile (rows 0..15, columns 0..31) and an empty tile row band (rows 16..31)."""
+    """~40% dense, plus an all-dense 16×32 block (rows 0..15, columns 0..31; a whole tile at 32×32 would need 32
+    rows) and an empty band (rows 16..31: empty tiles)."""
     w = sparse_random(rows, cols, 0.4, dtype=torch.float32, gen=gen)
     w[:16, :32] = torch.randn(min(rows, 16), min(cols, 32), generator=gen) + 3.0
     w[16:32] = 0
@@ -53,6 +54,8 @@ def test_bf16_fp32_and_edge_matrices(device):
     _check(torch.zeros(20, 33), 4, gen, device=device, bias=True)  # every tile empty: y = bias
     _check(torch.randn(16, 64, generator=gen).half(), 3, gen, (16, 64), device=device)  # one all-dense tile
     _check(torch.randn(1, 1, generator=gen).half() + 1, 2, gen, (64, 64), {"SPLIT_K": 4}, device, bias=False)
+    _check(torch.randn(70, 130, generator=gen), 6, gen, (32, 64), device=device)  # fp32 values, all-dense tiles
+    _check(_matrix(20, 300, gen), 3, gen, (16, 64), {"SPLIT_K": 4}, device)  # 5 tile columns over 4 splits
 
 
 @pytest.mark.parametrize("path", ["auto", "tile", "prefill", "materialize"])
@@ -84,6 +87,8 @@ def test_files_round_trip_and_bytes():
     [
         (lambda t: t.update({"w.tile_ptr": t["w.tile_ptr"].flip(0)}), r"'w.tile_ptr' starts at"),
         (lambda t: t["w.bitmap"].__setitem__((-1, -1), 0x80), "'w.bitmap' tile 8 sets bits outside the 45x150"),
+        (lambda t: t["w.bitmap"].__setitem__((7, -1), 0x01), "'w.bitmap' tile 7 sets bits outside the 45x150"),
+        (lambda t: t["w.bitmap"].__setitem__((2, 7), 0x80), "'w.bitmap' tile 2 sets bits outside the 45x150"),
         (lambda t: t["w.bitmap"].__setitem__((0, 0), t["w.bitmap"][0, 0] ^ 1), "'w.bitmap' tile 0 has"),
         (lambda t: t.update({"w.values": t["w.values"].int()}), "'w.values' is int32"),
     ],
@@ -94,5 +99,6 @@ def test_bad_tensors_name_the_tensor(change, message):
     change(tensors)
     with pytest.raises(FormatError, match=message):
         from_meta(tensors, "w", m.meta())
-    with pytest.raises(FormatError, match="tile_rows must be one of"):
-        from_meta(m.to_tensors("w"), "w", m.meta() | {"tile_rows": 8})
+    for bad in (8, 16.0, True):
+        with pytest.raises(FormatError, match="tile_rows must be one of"):
+            from_meta(m.to_tensors("w"), "w", m.meta() | {"tile_rows": bad})
