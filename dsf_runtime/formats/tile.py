@@ -110,7 +110,7 @@ class TileMatrix(KernelLayoutMixin):
         counts = mask.sum(dim=1, dtype=torch.int32)
         tile_ptr = torch.zeros(counts.numel() + 1, dtype=torch.int32, device=dense.device)
         torch.cumsum(counts, 0, out=tile_ptr[1:])
-        bits = mask.view(mask.shape[0], -1, 8).to(torch.uint8)
+        bits = mask.view(mask.shape[0], tile_rows * tile_cols // 8, 8).to(torch.uint8)
         bitmap = (bits << torch.arange(8, dtype=torch.uint8, device=dense.device)).sum(-1, dtype=torch.uint8)
         return cls(values=values, bitmap=bitmap, tile_ptr=tile_ptr, shape=tuple(dense.shape), tile_rows=tile_rows,
                    tile_cols=tile_cols)
@@ -162,7 +162,7 @@ class TileMatrix(KernelLayoutMixin):
         check_row_ptr(name("tile_ptr"), self.tile_ptr, n_tiles, self.values.shape[0])
         # padding bits can only sit in the last tile row and the last tile column
         last_rows, last_cols = rows - (n_tr - 1) * TR, cols - (n_tc - 1) * TC
-        grid = self.bitmap.view(n_tr, n_tc, -1)
+        grid = self.bitmap.view(n_tr, n_tc, TR * TC // 8)
         edges = (((n_tr - 1, 0), grid[-1:, :-1], (last_rows, TC)), ((0, n_tc - 1), grid[:-1, -1:], (TR, last_cols)),
                  ((n_tr - 1, n_tc - 1), grid[-1:, -1:], (last_rows, last_cols)))
         for (row0, col0), tiles, valid in edges:

@@ -235,7 +235,7 @@ def test_malformed_manifest_entry(saved: Path) -> None:
     (saved / MANIFEST_NAME).write_text(json.dumps(manifest))
     assert _error(saved) == (
         f"{saved / MANIFEST_NAME}: layer 'blocks.0.csr' factor 'A' has layout 'coo', expected one of "
-        f"['bitmask', 'bsr', 'csr', 'delta', 'dense', 'nibble']; {FIX}"
+        f"['bitmask', 'bsr', 'csr', 'delta', 'dense', 'nibble', 'tile']; {FIX}"
     )
 
 

@@ -142,7 +142,7 @@ def test_broken_source_gives_the_checkpoint_error(compressed_dir: Path, tmp_path
 @pytest.mark.parametrize(
     ("fields", "message"),
     [
-        ({"layout": "coo"}, "--layout 'coo' is not a layout; expected auto or one of bitmask, bsr, csr, delta, dense, nibble"),
+        ({"layout": "coo"}, "--layout 'coo' is not a layout; expected auto or one of bitmask, bsr, csr, delta, dense, nibble, tile"),
         ({"block_size": 8}, "--block-size 8 is not a bsr block size; expected one of 16, 32, 64"),
         ({"dtype": "int8"}, "--dtype 'int8' is not a value dtype; expected one of bfloat16, float16, float32"),
         ({"max_shard_size": "lots"}, "--max-shard-size 'lots' is not a size; use e.g. 2GiB, 500MB or a number of bytes"),
