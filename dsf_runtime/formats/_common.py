@@ -159,21 +159,18 @@ def check_scales(name: str, values: torch.Tensor, scales: torch.Tensor | None, s
         if isinstance(group_size, bool) or group_size not in INT4_GROUP_SIZES:
             raise FormatError(name, f"belongs to int4 codes with group_size {group_size!r}; expected one of "
                                     f"{list(INT4_GROUP_SIZES)}")
-        if scales is None:
-            raise FormatError(name, "is missing; int4 values need one scale per group")
-        check_tensor(name, scales, SCALE_DTYPES, (rows, int4_group_count(cols, group_size)))
-        if scales.numel() and not bool((torch.isfinite(scales) & (scales >= 0)).all()):
-            raise FormatError(name, "holds a negative, NaN or infinite scale")
-        return
-    if values.dtype not in CODE_DTYPES:
+        expected, per = (rows, int4_group_count(cols, group_size)), "int4 values need one scale per group"
+    elif values.dtype in CODE_DTYPES:
+        expected, per = (rows,), f"{dtype_name(values.dtype)} values need one scale per row"
+    else:
         if scales is not None:
             raise FormatError(name, f"is stored next to {dtype_name(values.dtype)} values; only "
                                     f"{' or '.join(sorted(CODE_DTYPES.values()))} values have scales")
         return
     if scales is None:
-        raise FormatError(name, f"is missing; {dtype_name(values.dtype)} values need one scale per row")
-    check_tensor(name, scales, SCALE_DTYPES, (rows,))
-    if rows and not bool((torch.isfinite(scales) & (scales >= 0)).all()):
+        raise FormatError(name, f"is missing; {per}")
+    check_tensor(name, scales, SCALE_DTYPES, expected)
+    if scales.numel() and not bool((torch.isfinite(scales) & (scales >= 0)).all()):
         raise FormatError(name, "holds a negative, NaN or infinite scale")
 
 

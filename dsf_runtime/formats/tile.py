@@ -33,7 +33,7 @@ from dsf_runtime.formats._common import (
     check_tensor,
     part_name,
 )
-from dsf_runtime.formats.bitmask import popcount_rows
+from dsf_runtime.formats.bitmask import pack_bits, popcount_rows, unpack_bits
 
 __all__ = ["TILE_COLS", "TILE_ROWS", "TileMatrix", "tile_bytes"]
 
@@ -57,9 +57,9 @@ def _check_tile(tile_rows: Any, tile_cols: Any) -> None:
 def _tile_bits(valid_rows: int, valid_cols: int, tile_rows: int, tile_cols: int, device) -> torch.Tensor:
     """The bitmap bytes ``[TR·TC/8]`` uint8 of a tile whose first ``valid_rows`` rows and ``valid_cols`` columns
     lie inside the matrix (every allowed bit set)."""
-    inside = torch.zeros(tile_rows, tile_cols, dtype=torch.uint8, device=device)
-    inside[:valid_rows, :valid_cols] = 1
-    return (inside.view(-1, 8) << torch.arange(8, dtype=torch.uint8, device=device)).sum(-1, dtype=torch.uint8)
+    inside = torch.zeros(tile_rows, tile_cols, dtype=torch.bool, device=device)
+    inside[:valid_rows, :valid_cols] = True
+    return pack_bits(inside.view(1, -1))[0]
 
 
 def _tiled(dense: torch.Tensor, tile_rows: int, tile_cols: int) -> torch.Tensor:
@@ -110,8 +110,7 @@ class TileMatrix(KernelLayoutMixin):
         counts = mask.sum(dim=1, dtype=torch.int32)
         tile_ptr = torch.zeros(counts.numel() + 1, dtype=torch.int32, device=dense.device)
         torch.cumsum(counts, 0, out=tile_ptr[1:])
-        bits = mask.view(mask.shape[0], tile_rows * tile_cols // 8, 8).to(torch.uint8)
-        bitmap = (bits << torch.arange(8, dtype=torch.uint8, device=dense.device)).sum(-1, dtype=torch.uint8)
+        bitmap = pack_bits(mask)  # [n_tiles, TR·TC/8], bit p & 7 of byte p >> 3
         return cls(values=values, bitmap=bitmap, tile_ptr=tile_ptr, shape=tuple(dense.shape), tile_rows=tile_rows,
                    tile_cols=tile_cols)
 
@@ -135,8 +134,7 @@ class TileMatrix(KernelLayoutMixin):
         n_tr, n_tc = self.grid
         first, last = start // TR, -(-stop // TR) if stop > start else start // TR
         t0, t1 = first * n_tc, last * n_tc
-        shifts = torch.arange(8, dtype=torch.uint8, device=self.device)
-        mask = ((self.bitmap[t0:t1].unsqueeze(-1) >> shifts) & 1).bool().view(t1 - t0, TR * TC)
+        mask = unpack_bits(self.bitmap[t0:t1], TR * TC)
         tiles = torch.zeros(t1 - t0, TR * TC, dtype=dtype, device=self.device)
         lo, hi = int(self.tile_ptr[t0]), int(self.tile_ptr[t1])
         tiles.masked_scatter_(mask, self.values[lo:hi].to(dtype))
