@@ -15,7 +15,7 @@ Full measurement (the lead runs it: about 2 × 13 minutes of both cores of an ot
 
 Smoke run (minutes; not a result)::
 
-    python benchmarks/scale_out.py --samples 4 --seqlen 64 --iters 1 --out /tmp/scale-out-smoke.json
+    python benchmarks/scale_out.py --samples 16 --seqlen 64 --iters 1 --out /tmp/scale-out-smoke.json
 
 Only the projection, printed (seconds)::
 
