@@ -5,11 +5,12 @@ iterations) on the CPU, once as 1 process × 2 threads and once as 2 ranks × 1 
 command ``dsf compress --nproc 2`` runs), each the wall time of the whole command (start-up, model load, calibration,
 solves, writing the output). Both runs' layer errors are compared (equal when their factors are).
 
-Modelled (``docs/scale-out.md``): the same 2-rank run predicted from the 1-process run's per-layer solve times (the
-sanity check of the cost model), and LLaMA-2-70B on 8×H100 projected from
+Modelled (``docs/scale-out.md``): the same 2-rank run predicted from the 1-process run's per-unit solve times, each
+scaled by that unit's measured 1-thread/2-thread slowdown and bin-packed onto 2 ranks, against the 2-rank run's own
+owner solve times (the sanity check of the cost model); and LLaMA-2-70B on 8×H100 projected from
 ``benchmarks/results/solver-speed-h100.json``.
 
-Full measurement (the lead runs it: about 2 × 13 minutes of both cores of an otherwise idle machine)::
+Full measurement (the lead runs it: about 11 + 9 minutes of both cores of an otherwise idle machine)::
 
     python benchmarks/scale_out.py
 
@@ -20,6 +21,10 @@ Smoke run (minutes; not a result)::
 Only the projection, printed (seconds)::
 
     python benchmarks/scale_out.py --projection-only
+
+The projection of an existing result, recomputed (after a change to the solver timings or the units)::
+
+    python benchmarks/scale_out.py --update-projection
 
 Output: ``benchmarks/results/scale-out.json``: ``{"measured": [{"ranks", "threads_per_rank", "seconds", "model"}],
 "projection": {"model", "gpus", "hours", "assumptions", ...}, "sanity": {...}, "meta": {...}}``.
@@ -44,6 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import run_meta  # noqa: E402
 from compress.distributed import assign_owners, relaunch_command  # noqa: E402
 from compress.output import REPORT_FILE, write_json_atomic  # noqa: E402
+from compress.solvers.dsf import solve_batches  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SOLVER_SPEED = RESULTS / "solver-speed-h100.json"
@@ -102,8 +108,15 @@ def project_llama70b(solver_speed: dict) -> dict[str, Any]:
     h, f, kv, blocks = LLAMA2_70B["hidden"], LLAMA2_70B["mlp"], LLAMA2_70B["kv"], LLAMA2_70B["blocks"]
     a = ASSUMPTIONS
     gpus, fit = a["gpus"], fit_solve_time(solver_speed)
-    # units (same-shape members of each input group): q | k,v | o | gate,up | down; (members, out, in)
-    shapes = [(1, h, h), (2, kv, h), (1, h, h), (2, f, h), (1, h, f)]
+    # input groups (q, k, v | o | gate, up | down) and their units, as compress.distributed.solve_units makes them
+    groups = {"q,k,v": [("q", h, h), ("k", kv, h), ("v", kv, h)], "o": [("o", h, h)],
+              "gate,up": [("gate", f, h), ("up", f, h)], "down": [("down", h, f)]}
+    names, shapes, group_of = [], [], []  # per unit: name, (members, out, in), input group index
+    for index, members in enumerate(groups.values()):
+        for batch in solve_batches([(o, i) for _, o, i in members]):
+            names.append("+".join(members[j][0] for j in batch))
+            shapes.append((len(batch), *members[batch[0]][1:]))
+            group_of.append(index)
     units = [(m, o, i, m * _solve_s(fit, o, i)) for m, o, i in shapes]
     solve_wall, loads = _block_wall(units, gpus)
     one_gpu = sum(u[3] for u in units)
@@ -111,7 +124,6 @@ def project_llama70b(solver_speed: dict) -> dict[str, Any]:
     per_rank = chunks // gpus
     # Hessian partials: for each (input group, owner), the other ranks' chunks, in² fp32 each
     owners = assign_owners([_proxy_cost(m, o, i) for m, o, i, _ in units], gpus)
-    group_of = [0, 0, 1, 2, 3]  # qkv, o, gate/up, down
     inputs = [h, h, h, f]
     pairs = {(g, o) for g, o in zip(group_of, owners)}
     hessian_bytes = sum((chunks - per_rank) * inputs[g] ** 2 * 4 for g, _ in pairs)
@@ -123,7 +135,7 @@ def project_llama70b(solver_speed: dict) -> dict[str, Any]:
     comm_s = hessian_bytes / (a["p2p_gb_per_s"] * 1e9) + factor_bytes / (a["broadcast_gb_per_s"] * 1e9)
     block_s = solve_wall + comm_s + forward_s + move_s
     total_s = a["model_load_s"] + blocks * block_s
-    solve_peak_gb = _solve_memory_gb(solver_speed, f, h) * 2  # the gate+up batch, the largest unit
+    solve_peak_gb = max(m * _solve_memory_gb(solver_speed, o, i) for m, o, i in shapes)  # the largest unit
     return {
         "model": "LLaMA-2-70B (80 blocks, 8192/28672, GQA 8 kv heads), DSF density 0.5, 40 iterations",
         "gpus": gpus,
@@ -131,14 +143,14 @@ def project_llama70b(solver_speed: dict) -> dict[str, Any]:
         "per_block_s": {"solve_wall": solve_wall, "rank_loads": loads, "hessian_and_factor_comm": comm_s,
                         "forwards": forward_s, "weights_to_gpu": move_s, "total": block_s},
         "one_gpu_hours": (a["model_load_s"] + blocks * (one_gpu + forward_s * gpus + move_s)) / 3600,
-        "unit_solve_s": {name: u[3] for name, u in zip(("q", "k+v", "o", "gate+up", "down"), units)},
+        "unit_solve_s": {name: u[3] for name, u in zip(names, units)},
         "bytes_per_block_gb": {"hessian_partials": hessian_bytes / 1e9, "factors_broadcast": factor_bytes / 1e9},
         "memory_per_rank_gb": {
             "block_weights_bf16_plus_fp32_copy": params * (a["weight_bytes"] + 4) / 1e9,
             "activations_in_out": 2 * tokens_per_rank * h * a["weight_bytes"] / 1e9,
             "local_hessian_partials": per_rank * sum(n * n * 4 for n in (h, h, h, f)) / 1e9,
             "down_proj_hessian_owner_sum_plus_receive_buffer": 2 * f * f * 4 / 1e9,
-            "largest_solve_gate_up_batch": solve_peak_gb,
+            "largest_unit_solve": solve_peak_gb,
             "host_ram_model_copy_per_rank": params * blocks * a["weight_bytes"] / 1e9,
         },
         "assumptions": {**a, "solve_time_fit": {"a_s_per_k2q": fit[0], "b_s_per_k3": fit[1],
@@ -152,46 +164,86 @@ def _solve_memory_gb(solver_speed: dict, out_features: int, in_features: int) ->
     return row["peak_memory_gb"] * out_features * in_features / (row["out"] * row["in"])
 
 
-def predict_two_ranks(report: dict, seconds_one: float, thread_factor: float) -> dict[str, Any]:
-    """The 2-rank wall time predicted from the 1-process run (its ``compression_report.json`` and wall time):
-    the solves become ``Σ_blocks max_rank load`` at ``thread_factor`` × the 2-thread solve time, the rest (start-up,
-    load, forwards over half the windows on half the threads, writing) stays as it was."""
-    layers = report["layer_errors"]["layers"]
-    leaf_group = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "gate_proj": "mlp-in", "up_proj": "mlp-in"}
+_LEAF_GROUP = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "gate_proj": "mlp-in", "up_proj": "mlp-in"}
+
+
+def block_units(report: dict) -> dict[str, list[tuple[int, int, int, float]]]:
+    """The solve units of each block of a run (its ``compression_report.json``): ``(members, out, in, seconds)``,
+    ``seconds`` the unit's solve wall time (the sum of its members' shares). SmolLM2's layers are all under the
+    batching limit, so a unit is the same-shape members of an input group."""
     units: dict[tuple[str, str, int, int], list[float]] = {}  # (block, input group, out, in): q|k+v|o|gate+up|down
-    for row in layers:
+    for row in report["layer_errors"]["layers"]:
         block, _, leaf = row["name"].rpartition(".")
-        units.setdefault((block, leaf_group.get(leaf, leaf), *row["shape"]), []).append(row["seconds"])
+        units.setdefault((block, _LEAF_GROUP.get(leaf, leaf), *row["shape"]), []).append(row["seconds"])
     per_block: dict[str, list[tuple[int, int, int, float]]] = {}
     for (block, _, out_features, in_features), seconds in units.items():
-        per_block.setdefault(block, []).append((len(seconds), out_features, in_features, thread_factor * sum(seconds)))
-    solves_one = sum(row["seconds"] for row in layers)
-    solves_two = sum(_block_wall(block_units, 2)[0] for block_units in per_block.values())
-    return {"predicted_seconds": seconds_one - solves_one + solves_two, "solve_seconds_one_process": solves_one,
-            "solve_seconds_two_ranks": solves_two, "thread_factor": thread_factor}
+        per_block.setdefault(block, []).append((len(seconds), out_features, in_features, sum(seconds)))
+    return per_block
 
 
-def measure_thread_factor() -> float:
-    """Solve time of one SmolLM2 MLP-shaped DSF layer (1536×576, 10 iterations) on 1 thread over 2 threads."""
-    from compress.solvers import make_config, solve
+def solve_wall(per_block: dict[str, list[tuple[int, int, int, float]]], ranks: int,
+               thread_factors: dict[tuple[int, int, int], float] | None = None) -> float:
+    """``Σ_blocks`` the largest rank's solve time, units owned as ``assign_owners`` owns them; each unit's time
+    multiplied by its ``thread_factors`` entry when given."""
+    total = 0.0
+    for units in per_block.values():
+        scaled = [(m, o, i, t * (thread_factors[(m, o, i)] if thread_factors else 1.0)) for m, o, i, t in units]
+        total += _block_wall(scaled, ranks)[0]
+    return total
+
+
+def measure_thread_factors(units: set[tuple[int, int, int]], iters: int = 5) -> dict[tuple[int, int, int], float]:
+    """Solve time of each unit ``(members, out, in)`` (synthetic weights and H, ``iters`` DSF iterations) on
+    1 thread over 2 threads."""
+    from compress.solvers import make_config, solve_group
 
     generator = torch.Generator().manual_seed(0)
-    weight = torch.randn(1536, 576, generator=generator)
-    x = torch.randn(4096, 576, generator=generator)
-    hessian = 2 * x.T @ x / 8
-    config = make_config("dsf", 0.5, iters=10)
-    times = {}
+    config = make_config("dsf", 0.5, iters=iters)
+    factors = {}
     saved = torch.get_num_threads()
     try:
-        for threads in (1, 2):
-            torch.set_num_threads(threads)
-            solve(weight, hessian, config)  # warm-up
-            start = time.perf_counter()
-            solve(weight, hessian, config)
-            times[threads] = time.perf_counter() - start
+        for members, out_features, in_features in sorted(units):
+            weights = [torch.randn(out_features, in_features, generator=generator) for _ in range(members)]
+            x = torch.randn(4 * in_features, in_features, generator=generator)
+            hessian = 2 * x.T @ x / x.shape[0]
+            times = {}
+            for threads in (1, 2):
+                torch.set_num_threads(threads)
+                solve_group(weights, hessian, config)  # warm-up
+                start = time.perf_counter()
+                solve_group(weights, hessian, config)
+                times[threads] = time.perf_counter() - start
+            factors[(members, out_features, in_features)] = times[1] / times[2]
     finally:
         torch.set_num_threads(saved)
-    return times[1] / times[2]
+    return factors
+
+
+def sanity_check(report_one: dict, seconds_one: float, report_two: dict, seconds_two: float) -> dict[str, Any]:
+    """The 2-rank run predicted from the 1-process run, against its measurement.
+
+    Solves: each unit's 1-process (2-thread) time × its measured 1-thread/2-thread slowdown, bin-packed per block
+    onto 2 ranks; measured: the 2-rank run's owner solve times, bin-packed the same way. The rest (start-up, model
+    load, calibration forwards, writing) is predicted unchanged; its measured value is reported beside it.
+    """
+    per_block_one, per_block_two = block_units(report_one), block_units(report_two)
+    factors = measure_thread_factors({(m, o, i) for units in per_block_one.values() for m, o, i, _ in units})
+    solves_one = solve_wall(per_block_one, 1)
+    predicted_solves = solve_wall(per_block_one, 2, factors)
+    measured_solves = solve_wall(per_block_two, 2)
+    predicted = seconds_one - solves_one + predicted_solves
+    return {
+        "thread_factors": {f"{m}x{o}x{i}": factor for (m, o, i), factor in factors.items()},
+        "solve_seconds_one_process": solves_one,
+        "predicted_solve_wall_two_ranks": predicted_solves,
+        "measured_solve_wall_two_ranks": measured_solves,
+        "solve_model_error": predicted_solves / measured_solves - 1,
+        "rest_seconds_one_process": seconds_one - solves_one,
+        "rest_seconds_two_ranks": seconds_two - measured_solves,
+        "predicted_seconds": predicted,
+        "measured_seconds": seconds_two,
+        "model_error": predicted / seconds_two - 1,
+    }
 
 
 # ------------------------------------------------------------------------------------------------ measurement
@@ -223,10 +275,16 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=40)
     parser.add_argument("--out", type=Path, default=RESULTS / "scale-out.json")
     parser.add_argument("--projection-only", action="store_true", help="Print the 70B projection and exit.")
+    parser.add_argument("--update-projection", action="store_true",
+                        help="Recompute only the projection in the existing --out file (no measurement).")
     args = parser.parse_args()
     projection = project_llama70b(json.loads(SOLVER_SPEED.read_text()))
     if args.projection_only:
         print(json.dumps(projection, indent=1))
+        return
+    if args.update_projection:
+        write_json_atomic(args.out, {**json.loads(args.out.read_text()), "projection": projection})
+        print(f"projection: {projection['hours']:.2f} h on {projection['gpus']} GPUs; updated {args.out}")
         return
     with tempfile.TemporaryDirectory(prefix="scale-out-") as work:
         one, two = Path(work) / "one", Path(work) / "two"
@@ -235,7 +293,7 @@ def main() -> None:
         report_one = json.loads((one / REPORT_FILE).read_text())
         report_two = json.loads((two / REPORT_FILE).read_text())
     model = f"SmolLM2-135M DSF 0.5 (Emma {args.samples}×{args.seqlen}, {args.iters} iterations), CPU"
-    sanity = predict_two_ranks(report_one, seconds_one, measure_thread_factor())
+    sanity = sanity_check(report_one, seconds_one, report_two, seconds_two)
     difference = _max_relative_error_difference(report_one, report_two)
     result = {
         "measured": [
@@ -244,8 +302,7 @@ def main() -> None:
         ],
         "speedup_two_ranks": seconds_one / seconds_two,
         "layer_errors_max_relative_difference": difference,
-        "sanity": {**sanity, "measured_seconds": seconds_two,
-                   "model_error": sanity["predicted_seconds"] / seconds_two - 1},
+        "sanity": sanity,
         "projection": projection,
         "meta": {**run_meta("cpu"), "cpus": os.cpu_count()},
         "note": ("wall time of the whole `dsf compress` command; 2 ranks = `dsf compress --nproc 2` "

@@ -4,6 +4,16 @@ Unattended GPU run (the acceptance targets, H100: ≤ 1.2 s, 1.6 s, 1.6 s per la
 
     python benchmarks/solver_speed.py --device cuda --reference --out benchmarks/results/solver-speed-h100.json
 
+3×TF32 products against fp32 and the reference (``benchmarks/gpu_solver.sh`` runs it, about 3 minutes)::
+
+    python benchmarks/solver_speed.py --device cuda --reference --matmul fp32,3xtf32 --repeats 2 \
+        --out solver-speed-h100-3xtf32.json
+
+The CPU comparison at one eighth of the LLaMA-2-7B shapes (about 3 minutes on 2 cores)::
+
+    python benchmarks/solver_speed.py --device cpu --shapes llama2-7b-eighth --reference --matmul fp32,3xtf32 \
+        --repeats 3 --out benchmarks/results/solver-speed-cpu.json
+
 CPU smoke run (a full 40-iteration solve of a 4096-wide layer takes tens of minutes on 2 cores)::
 
     python benchmarks/solver_speed.py --device cpu --shapes 256x256,256x640 --iters 2 --out /tmp/speed.json
@@ -16,8 +26,9 @@ With ``--iters N`` other than 40, a 1-iteration solve is also timed and the 40-i
 ``T(1) + 39·(T(N) − T(1))/(N − 1)``; records say which numbers are measured and which projected.
 ``--reference`` also times ``tests/compress/dsf_reference.py`` (``torch.inverse``, full sorts) on the same inputs.
 
-Records (``results["rows"]``): ``{"shape", "out", "in", "batch", "density", "iters", "seconds", "median_s",
-"relative_error", "peak_memory_gb", "per_iter_s", "projected_40_iter_s", "reference_median_s",
+Records (``results["rows"]``, one per shape and ``--matmul`` precision): ``{"shape", "out", "in", "batch",
+"density", "iters", "matmul", "seconds", "median_s", "relative_error", "peak_memory_gb", "per_iter_s",
+"projected_40_iter_s", "reference_median_s", "speedup_vs_reference", "error_vs_reference",
 "reference_relative_error"}``; ``seconds`` lists the repeats, all times are per layer.
 """
 
@@ -38,12 +49,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import device_name, git_sha, utc_now  # noqa: E402
 from compress.solvers import DSFConfig, solve_group  # noqa: E402
 from compress.solvers.base import exact_fp32, layer_error  # noqa: E402
+from compress.solvers.products import MATMUL_PRECISIONS  # noqa: E402
 from tests.compress import dsf_reference  # noqa: E402
 
 logger = logging.getLogger("solver_speed")
 
 SHAPE_SETS = {
     "llama2-7b": [(4096, 4096), (11008, 4096), (4096, 11008)],
+    "llama2-7b-eighth": [(512, 512), (1376, 512), (512, 1376)],
     "smollm2": [(576, 576), (192, 576), (1536, 576), (576, 1536)],
 }
 
@@ -57,6 +70,14 @@ def _parse_shapes(text: str) -> list[tuple[int, int]]:
         raise argparse.ArgumentTypeError(
             f"expected {', '.join(SHAPE_SETS)} or OUTxIN[,OUTxIN...], got {text!r}"
         ) from error
+
+
+def _parse_precisions(text: str) -> list[str]:
+    precisions = text.split(",")
+    unknown = [p for p in precisions if p not in MATMUL_PRECISIONS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown precision(s) {unknown}; choose from {', '.join(MATMUL_PRECISIONS)}")
+    return precisions
 
 
 def synthetic_layer(
@@ -113,10 +134,13 @@ def _time_reference(weights, hessian, density: float, iters: int) -> tuple[float
     return total / len(weights), statistics.fmean(errors)
 
 
-def _bench_shape(shape: tuple[int, int], args: argparse.Namespace, device: torch.device) -> dict:
+def _bench_shape(shape: tuple[int, int], args: argparse.Namespace, device: torch.device, matmul: str,
+                 references: dict[tuple[int, int], tuple[float, float]]) -> dict:
+    """One row: DSF of ``shape`` with ``matmul`` products; the reference's time and error (with ``--reference``)
+    are measured once per shape and kept in ``references``."""
     out_features, in_features = shape
     weights, hessian = synthetic_layer(out_features, in_features, args.batch, device)
-    config = DSFConfig(density=args.density, iters=args.iters)
+    config = DSFConfig(density=args.density, iters=args.iters, matmul=matmul)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     seconds, error = _time_dsf(weights, hessian, config, args.repeats)
@@ -128,6 +152,7 @@ def _bench_shape(shape: tuple[int, int], args: argparse.Namespace, device: torch
         "batch": args.batch,
         "density": args.density,
         "iters": args.iters,
+        "matmul": matmul,
         "seconds": seconds,
         "median_s": median,
         "relative_error": error,
@@ -136,15 +161,19 @@ def _bench_shape(shape: tuple[int, int], args: argparse.Namespace, device: torch
         "projected_40_iter_s": None,
     }
     if args.iters > 1:
-        one, _ = _time_dsf(weights, hessian, DSFConfig(density=args.density, iters=1), 1)
+        one, _ = _time_dsf(weights, hessian, DSFConfig(density=args.density, iters=1, matmul=matmul), 1)
         per_iter = (median - one[0]) / (args.iters - 1)
         record["per_iter_s"] = per_iter
         if args.iters != 40:
             record["projected_40_iter_s"] = one[0] + 39 * per_iter
     if args.reference:
-        ref_seconds, ref_error = _time_reference(weights, hessian, args.density, args.iters)
+        if shape not in references:
+            references[shape] = _time_reference(weights, hessian, args.density, args.iters)
+        ref_seconds, ref_error = references[shape]
         record["reference_median_s"] = ref_seconds
         record["reference_relative_error"] = ref_error
+        record["speedup_vs_reference"] = ref_seconds / median
+        record["error_vs_reference"] = error / ref_error
     return record
 
 
@@ -153,14 +182,14 @@ def _cell(value: float | None, digits: int) -> str:
 
 
 def _table(rows: list[dict]) -> str:
-    lines = [f"{'shape':>12} {'b':>2} {'iters':>5} {'median s':>9} {'proj. 40 s':>10} {'rel err':>9} "
+    lines = [f"{'shape':>12} {'matmul':>6} {'b':>2} {'iters':>5} {'median s':>9} {'proj. 40 s':>10} {'rel err':>9} "
              f"{'ref s':>8} {'ref rel err':>11}"]
     for row in rows:
         if "error" in row:
             lines.append(f"{row['shape']:>12} failed: {row['error']}")
             continue
         lines.append(
-            f"{row['shape']:>12} {row['batch']:>2} {row['iters']:>5} {row['median_s']:>9.3f} "
+            f"{row['shape']:>12} {row['matmul']:>6} {row['batch']:>2} {row['iters']:>5} {row['median_s']:>9.3f} "
             f"{_cell(row['projected_40_iter_s'], 3):>10} {row['relative_error']:>9.5f} "
             f"{_cell(row.get('reference_median_s'), 3):>8} {_cell(row.get('reference_relative_error'), 5):>11}"
         )
@@ -180,6 +209,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=None, help="timed solves per shape (default: 3 cuda, 1 cpu)")
     parser.add_argument("--threads", type=int, default=None, help="CPU intra-op threads (default: torch's)")
     parser.add_argument("--reference", action="store_true", help="also time the unoptimized reference port")
+    parser.add_argument("--matmul", type=_parse_precisions, default=["fp32"],
+                        help="solver product precisions to time, comma-separated: fp32, 3xtf32 (default: fp32)")
     parser.add_argument("--out", type=Path, default=None, help="write the JSON results here")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -210,14 +241,17 @@ def main() -> None:
         },
         "rows": [],
     }
+    references: dict[tuple[int, int], tuple[float, float]] = {}
     for shape in args.shapes:
-        logger.info("solving %dx%d ...", *shape)
-        try:
-            row = _bench_shape(shape, args, device)
-        except torch.OutOfMemoryError as error:
-            row = {"shape": f"{shape[0]}x{shape[1]}", "error": f"out of memory: {error}".splitlines()[0]}
-            torch.cuda.empty_cache()
-        results["rows"].append(row)
+        for matmul in args.matmul:
+            logger.info("solving %dx%d (%s) ...", *shape, matmul)
+            try:
+                row = _bench_shape(shape, args, device, matmul, references)
+            except torch.OutOfMemoryError as error:
+                row = {"shape": f"{shape[0]}x{shape[1]}", "matmul": matmul,
+                       "error": f"out of memory: {error}".splitlines()[0]}
+                torch.cuda.empty_cache()
+            results["rows"].append(row)
         if args.out:
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(results, indent=1) + "\n")

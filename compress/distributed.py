@@ -5,9 +5,9 @@ rank with these changes (``compress_model``, ``solve_block``):
 
 * **shards**: the calibration chunks (``batch_size`` windows each, the same chunks as one process) are split into
   contiguous ranges, one per rank (``chunk_range``); each rank captures, forwards and accumulates only its own;
-* **solve units and owners**: each group of linears sharing an input is split into its same-shape members
-  (``solve_units``: exactly the batches ``solve_dsf_group`` solves together) and each unit is owned by one rank,
-  by bin-packing the cost ``members·out·in·min(out, in)`` (largest first onto the least-loaded rank, ties to
+* **solve units and owners**: each group of linears sharing an input is split into its same-shape members, a
+  layer of over 2^26 weights alone (``solve_units``: exactly the batches ``solve_dsf_group`` solves together),
+  and each unit is owned by one rank, by bin-packing the cost ``members·out·in·min(out, in)`` (largest first onto the least-loaded rank, ties to
   the lower rank: ``assign_owners``);
 * **Hessians**: every hook call's ``XᵀX`` (``compress.calibration.input_gram``) is kept; each owner receives the
   partials of its units' group from every rank in rank order and adds them one by one in that order, which is
@@ -56,6 +56,7 @@ from compress.calibration import BlockInputs, GramSum, collect_grams, compress_b
 from compress.output import PartialRun, prepare_output, write_output
 from compress.solvers import solve_group
 from compress.solvers.base import SolveResult, SolverConfig
+from compress.solvers.dsf import solve_batches
 
 __all__ = [
     "DEFAULT_TIMEOUT_S",
@@ -172,17 +173,16 @@ class SolveUnit:
 
 
 def solve_units(groups: Sequence[Group]) -> list[SolveUnit]:
-    """Each group's same-shape members as one unit, groups in order, shapes in order of first appearance.
+    """Each group's batches (``compress.solvers.dsf.solve_batches``: same-shape members, large layers alone) as
+    units, groups in order.
 
-    These are the batches ``compress.solvers.dsf.solve_dsf_group`` solves together (other methods solve layer by
-    layer), so solving the units one by one computes exactly what one ``solve_group`` call per group computes.
+    These are the batches ``solve_dsf_group`` solves together (other methods solve layer by layer), so solving the
+    units one by one computes exactly what one ``solve_group`` call per group computes.
     """
     units = []
     for index, group in enumerate(groups):
-        by_shape: dict[tuple[int, ...], list[tuple[str, nn.Linear]]] = {}
-        for name, linear in group:
-            by_shape.setdefault(tuple(linear.weight.shape), []).append((name, linear))
-        units.extend(SolveUnit(index, tuple(members)) for members in by_shape.values())
+        batches = solve_batches([tuple(linear.weight.shape) for _, linear in group])
+        units.extend(SolveUnit(index, tuple(group[i] for i in batch)) for batch in batches)
     return units
 
 

@@ -157,6 +157,11 @@ def compress(
         None, "--group-size", min=2, max=16,
         help="DSF: balanced factors, N non-zeros in every group of this many columns (16: the GPU nibble kernels).",
     ),
+    matmul: str | None = typer.Option(
+        None, "--matmul",
+        help="DSF: precision of the solver's large products: fp32 (default, the reference) or 3xtf32 "
+        "(error-compensated TF32 on tensor cores; on a CPU it only runs slower).",
+    ),
     prune_n: int | None = typer.Option(None, "--prune-n", help="SparseGPT/Wanda/magnitude/I-OBS: N of N:M sparsity."),
     prune_m: int | None = typer.Option(None, "--prune-m", help="SparseGPT/Wanda/magnitude/I-OBS: M of N:M sparsity."),
     blocksize: int | None = typer.Option(None, "--blocksize", help="SparseGPT: columns per block (default 128)."),
@@ -209,7 +214,8 @@ def compress(
         raise typer.Exit(code)
     options = _solver_options(
         iters=iters, finalize=finalize, finalize_iters=finalize_iters, square_density=square_density,
-        group_size=group_size, prune_n=prune_n, prune_m=prune_m, blocksize=blocksize, percdamp=percdamp,
+        group_size=group_size, matmul=matmul, prune_n=prune_n, prune_m=prune_m, blocksize=blocksize,
+        percdamp=percdamp,
     )
     config = _config(
         model=model, method=method.value, density=_density(density, sparsity), solver_options=options,

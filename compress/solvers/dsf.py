@@ -27,7 +27,7 @@ Same results as the reference in exact arithmetic, faster: ``cholesky_ex`` + ``c
 exact top-k selection (``base.topk_mask``) instead of full sorts; the last ADMM step's least-squares solve,
 whose result the reference discards, is skipped; ADMM updates are fused (``Z − U = (2·mask − 1)⊙(X + U)``,
 ``X + U`` accumulated by ``baddbmm``); no host synchronization inside the loops on CUDA (Cholesky failures are
-checked once at the end); same-shape layers are solved as one batch.
+checked once at the end); same-shape layers of up to 2^26 weights each are solved as one batch.
 
 Deliberate deviations (each changes at most a handful of mask entries):
 
@@ -69,14 +69,18 @@ from compress.solvers.base import (
     topk_mask,
     validate_layer,
 )
+from compress.solvers.products import MATMUL_PRECISIONS, MatmulPrecision, Products
 from compress.solvers.split import propose_balanced_split, square_factor_density
 
-__all__ = ["DSFConfig", "solve_dsf", "solve_dsf_group"]
+__all__ = ["BATCH_MAX_ELEMENTS", "DSFConfig", "solve_batches", "solve_dsf", "solve_dsf_group"]
 
 _EPS = 1e-8  # added to column norms and to sqrt(diag H), as in the reference
 _REG = 1e-2  # ridge on the normalized Gram matrix, times its mean diagonal
 _INNER_ITERS = 5  # ADMM steps per factor update
 _MASK_ITERS = 2  # ADMM steps (of the 5) that re-select the mask
+# Same-shape layers are batched only up to this many weights each (8192² = 2^26): one larger layer already fills a
+# GPU, so a batch of them only multiplies the peak memory and makes one long indivisible unit for scale-out.
+BATCH_MAX_ELEMENTS = 1 << 26
 
 
 @dataclass(frozen=True)
@@ -107,6 +111,10 @@ class DSFConfig(SolverConfig):
             DSF's square/rectangular split whose total stays within the budget, so the total density is at most
             ``density``). The projection keeps the top ``N`` of ``|X + U|`` in each group instead of a global
             top-k; everything else is the reference algorithm. Not with ``fixmask``.
+        matmul: precision of the large products (Gram matrices, right-hand sides, ADMM steps, the refit):
+            ``"fp32"`` (the reference) or ``"3xtf32"``, error-compensated TF32 on tensor cores
+            (``compress.solvers.products``; float32 weights only). Cholesky factorizations stay fp32. On a CPU
+            ``"3xtf32"`` computes the same products about 3× slower (it exists there to check accuracy).
     """
 
     method: str = field(default="dsf", init=False)
@@ -120,6 +128,7 @@ class DSFConfig(SolverConfig):
     refit_right: bool = False
     refit_right_iters: int = 20
     group_size: int | None = None
+    matmul: MatmulPrecision = "fp32"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -140,6 +149,8 @@ class DSFConfig(SolverConfig):
             raise ValueError(
                 f"group_size must be None or in 2..16 (4-bit in-group indices), got {self.group_size!r}"
             )
+        if self.matmul not in MATMUL_PRECISIONS:
+            raise ValueError(f"matmul must be one of {', '.join(MATMUL_PRECISIONS)}, got {self.matmul!r}")
         if self.fixmask and self.group_size is not None:
             raise ValueError("fixmask and group_size exclude each other: a random fixed mask is not balanced")
         if self.fixmask and self.square_density is not None:
@@ -277,6 +288,7 @@ def _admm(
     steps: int,
     mask: torch.Tensor | None,
     select: _Selection | None,
+    products: Products,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """ADMM with ρ = 1 for ``min ½xᵀGx − rhsᵀx`` s.t. support(x) ⊆ mask, i.e. the reference's loop::
 
@@ -288,12 +300,13 @@ def _admm(
 
     Args:
         v: ``X + U`` before the first step [b, r, q].
-        inverse: ``(G + I)⁻¹`` [b, r, r].
+        inverse: ``(G + I)⁻¹`` [b, r, r], or its ``products.split``.
         rhs: [b, r, q].
         steps: ADMM steps.
         mask: fixed bool support (broadcastable to ``v``); None when ``select`` is given.
         select: if given, the mask is chosen from ``|V|`` by this selection, re-selected in the first
             ``_MASK_ITERS`` steps and then kept.
+        products: the precision of the products.
 
     Returns:
         ``(Z, U, mask)`` after the last step.
@@ -306,7 +319,7 @@ def _admm(
             keep, drop, sign = _mask_weights(mask, v.dtype)
         u = v * drop
         if step < steps - 1:
-            v = u.baddbmm_(inverse, torch.addcmul(rhs, v, sign))  # u is recomputed from v next step
+            v = products.baddbmm(u, inverse, torch.addcmul(rhs, v, sign), inplace=True)  # u is rebuilt next step
     return v * keep, u, mask.expand_as(v)
 
 
@@ -325,6 +338,7 @@ def _sparse_ls(
     rho_start: float,
     fixmask: torch.Tensor | None,
     failures: list[torch.Tensor],
+    products: Products,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The reference's ``find_other2``: ``min_X ‖target − design·X‖_F`` on a sparse support by warm ADMM.
 
@@ -337,28 +351,30 @@ def _sparse_ls(
         rho_start: proximal weight of the warm-start solve.
         fixmask: [r, q] bool fixed support, or None to select the support from ``|X + U|``.
         failures: Cholesky ``info`` tensors are appended here.
+        products: the precision of the products.
 
     Returns:
         ``(Z, U, mask)``: the new sparse iterate, dual and support, [b, r, q] each.
     """
-    gram = design_t @ design_t.mT
+    design_op = products.split(design_t)
+    gram = products.matmul(design_op, design_op.mT)
     norms = gram.diagonal(dim1=-2, dim2=-1).sqrt() + _EPS
     gram /= norms.unsqueeze(-1) * norms.unsqueeze(-2)
     diagonal = gram.diagonal(dim1=-2, dim2=-1)
     diagonal += diagonal.mean(-1, keepdim=True) * _REG
     scale = norms.unsqueeze(-1)
-    rhs = torch.matmul(design_t, target).div_(scale)
-    inverse = _spd_inverse(gram, 1.0, failures)
+    rhs = products.matmul(design_op, target).div_(scale)
+    inverse = products.split(_spd_inverse(gram, 1.0, failures))
     inverse_start = inverse if rho_start == 1.0 else _spd_inverse(gram, rho_start, failures)
     u = u * scale
     start = rhs if rho_start == 0 else rhs + rho_start * (z * scale - u)
-    v = torch.baddbmm(u, inverse_start, start)
-    z, u, mask = _admm(v, inverse, rhs, _INNER_ITERS, fixmask, None if fixmask is not None else selection)
+    v = products.baddbmm(u, inverse_start, start)
+    z, u, mask = _admm(v, inverse, rhs, _INNER_ITERS, fixmask, None if fixmask is not None else selection, products)
     return z / scale, u / scale, mask
 
 
 def _factorize(
-    target: torch.Tensor, plan: _Plan, iters: int, failures: list[torch.Tensor]
+    target: torch.Tensor, plan: _Plan, iters: int, failures: list[torch.Tensor], products: Products
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Stage 1 (``factorizef``): ``target ≈ S·R`` by alternating sparse least squares.
 
@@ -376,11 +392,11 @@ def _factorize(
     for t in range(iters):
         rho_start = min(1.0, t / max(iters - 3, 1)) ** 3
         square_t, dual_t, mask_t = _sparse_ls(
-            rect, target.mT, square.mT, square_dual.mT, plan.square, rho_start, plan.fixmask, failures
+            rect, target.mT, square.mT, square_dual.mT, plan.square, rho_start, plan.fixmask, failures, products
         )
         square, square_dual, mask_square = square_t.mT, dual_t.mT, mask_t.mT
         rect, rect_dual, mask_rect = _sparse_ls(
-            square.mT, target, rect, rect_dual, plan.rect, rho_start, None, failures
+            square.mT, target, rect, rect_dual, plan.rect, rho_start, None, failures, products
         )
     return square, rect, mask_square, mask_rect
 
@@ -393,24 +409,26 @@ def refit_left(
     mask: torch.Tensor,
     iters: int,
     failures: list[torch.Tensor],
+    products: Products = Products(),
 ) -> torch.Tensor:
     """Stage 2 (``finalize``): refit ``A`` on its support under ``tr((A·B − W)·H·(A·B − W)ᵀ)``; ADMM, ρ = 1.
 
     Args:
-        weight: W [b, m, n]; hessian: H [n, n]; left: A [b, m, k]; right: B [b, k, n]; mask: A's support.
+        weight: W [b, m, n]; hessian: H [n, n]; left: A [b, m, k]; right: B [b, k, n]; mask: A's support;
+        products: the precision of the products (default fp32).
 
     Returns:
         The refitted A [b, m, k], zero outside ``mask``.
     """
-    right_h = right @ hessian
-    gram = right_h @ right.mT
+    right_h = products.matmul(right, hessian)
+    gram = products.matmul(right_h, right.mT)
     norms = gram.diagonal(dim1=-2, dim2=-1).sqrt() + _EPS
     gram = gram / (norms.unsqueeze(-1) * norms.unsqueeze(-2))
     scale = norms.unsqueeze(-1)
-    rhs = (right_h @ weight.mT) / scale
-    inverse = _spd_inverse(gram, 1.0, failures)
+    rhs = products.matmul(right_h, weight.mT) / scale
+    inverse = products.split(_spd_inverse(gram, 1.0, failures))
     x = (left * norms.unsqueeze(-2)).mT
-    z, _, _ = _admm(x, inverse, rhs, iters, mask.mT, None)
+    z, _, _ = _admm(x, inverse, rhs, iters, mask.mT, None, products)
     return (z / scale).mT
 
 
@@ -483,13 +501,14 @@ def _solve_stack(
     norms = hessian.diagonal().sqrt() + _EPS if config.input_scaling else torch.ones_like(hessian.diagonal())
     scaled = weights * norms
     target = scaled.mT.contiguous() if plan.transposed else scaled
-    square, rect, mask_square, mask_rect = _factorize(target, plan, config.iters, failures)
+    products = Products(config.matmul)
+    square, rect, mask_square, mask_rect = _factorize(target, plan, config.iters, failures, products)
     if plan.transposed:  # W ≈ Rᵀ·(Sᵀ·diag(s)⁻¹)
         left, mask_left, right, mask_right = rect.mT, mask_rect.mT, square.mT / norms, mask_square.mT
     else:  # W ≈ S·(R·diag(s)⁻¹)
         left, mask_left, right, mask_right = square, mask_square, rect / norms, mask_rect
     if config.finalize:
-        left = refit_left(weights, hessian, left, right, mask_left, config.finalize_iters, failures)
+        left = refit_left(weights, hessian, left, right, mask_left, config.finalize_iters, failures, products)
     if config.refit_right:
         right = _refit_right(weights, hessian, left, right, mask_right, config.refit_right_iters)
     return left.contiguous(), right.contiguous(), mask_left.contiguous(), mask_right.contiguous()
@@ -513,6 +532,30 @@ def _cholesky_error(layer_names: list[str | None]) -> RuntimeError:
     )
 
 
+def solve_batches(shapes: list[tuple[int, int]]) -> list[list[int]]:
+    """Which layers of a group DSF solves together: the indices of each same-shape set (in order of first
+    appearance), except that a shape with more than ``BATCH_MAX_ELEMENTS`` weights is solved one layer at a time.
+
+    ``compress.distributed`` makes its solve units with this too, so any number of ranks solves the same batches.
+
+    Args:
+        shapes: ``(out, in)`` of each layer of the group, in order.
+
+    Returns:
+        Lists of indices into ``shapes``; together they cover every index once.
+    """
+    by_shape: dict[tuple[int, int], list[int]] = {}
+    for index, shape in enumerate(shapes):
+        by_shape.setdefault(tuple(shape), []).append(index)
+    batches = []
+    for shape, indices in by_shape.items():
+        if shape[0] * shape[1] > BATCH_MAX_ELEMENTS:
+            batches.extend([index] for index in indices)
+        else:
+            batches.append(indices)
+    return batches
+
+
 @torch.no_grad()
 def solve_dsf_group(
     weights: list[torch.Tensor],
@@ -521,7 +564,8 @@ def solve_dsf_group(
     *,
     layer_names: list[str | None] | None = None,
 ) -> list[SolveResult]:
-    """DSF of several layers that share one Hessian (q/k/v; gate/up); same-shape layers are solved as one batch.
+    """DSF of several layers that share one Hessian (q/k/v; gate/up); same-shape layers are solved as one batch
+    (``solve_batches``: up to ``BATCH_MAX_ELEMENTS`` weights per layer).
 
     Batching changes only the floating-point summation order, not the algorithm. Each member's ``seconds`` is
     its batch's wall time divided by the batch size.
@@ -543,15 +587,20 @@ def solve_dsf_group(
     if len(names) != len(weights):
         raise ValueError(f"got {len(names)} layer names for {len(weights)} weights")
     checked = [validate_layer(w, hessian, name) for w, name in zip(weights, names)]
-    by_shape: dict[tuple[int, int], list[int]] = {}
-    for index, (weight, _) in enumerate(checked):
-        by_shape.setdefault(tuple(weight.shape), []).append(index)
-    plans = {shape: _plan(torch.Size(shape), config, checked[idx[0]][0].device, names[idx[0]])
-             for shape, idx in by_shape.items()}
+    if config.matmul == "3xtf32" and checked and checked[0][0].dtype != torch.float32:
+        raise ValueError(f"{layer_prefix(names[0])}matmul='3xtf32' splits float32 products; got "
+                         f"{checked[0][0].dtype} weights (use matmul='fp32')")
+    batches = solve_batches([tuple(weight.shape) for weight, _ in checked])
+    plans = {}
+    for indices in batches:
+        shape = tuple(checked[indices[0]][0].shape)
+        if shape not in plans:
+            plans[shape] = _plan(torch.Size(shape), config, checked[indices[0]][0].device, names[indices[0]])
     results: list[SolveResult | None] = [None] * len(weights)
-    for shape, indices in by_shape.items():
+    for indices in batches:
         hess = checked[indices[0]][1]
         stack = torch.stack([checked[i][0] for i in indices])
+        shape = tuple(stack.shape[1:])
         start = time.perf_counter()
         failures: list[torch.Tensor] = []
         try:

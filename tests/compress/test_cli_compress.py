@@ -105,6 +105,9 @@ def test_compress_iobs_layer_and_model_level(model_dir, tmp_path):
         (["--sparsity", "1.0"], "error: --density/--sparsity: density must be in (0, 1], got 0.0"),
         (["--density", "0.5", "--sparsity", "0.5"], "error: pass either --density or --sparsity, not both"),
         (["--method", "magnitude", "--iters", "5"], "error: method options: unknown option(s) 'iters' for method"),
+        (["--matmul", "tf32"], "error: method options: matmul must be one of fp32, 3xtf32, got 'tf32'"),
+        (["--method", "sparsegpt", "--matmul", "3xtf32"],
+         "error: method options: unknown option(s) 'matmul' for method 'sparsegpt'"),
         (["--model", "/no/such/model"], "error: model directory '/no/such/model' does not exist"),
     ],
 )

@@ -24,6 +24,7 @@ from compress.distributed import (
     launched_world,
     maybe_relaunch,
     relaunch_command,
+    solve_units,
 )
 
 # 4 windows in chunks of 1: 4 calibration chunks, 2 per rank; a short DSF; factors stored as fp32 dense matrices.
@@ -204,6 +205,20 @@ def test_owners_are_bin_packed_largest_first_onto_the_least_loaded_rank():
     assert assign_owners(costs, 2) == [0, 1, 1, 1, 1]
     assert assign_owners(costs, 8) == [0, 1, 2, 3, 4]
     assert assign_owners([1.0, 1.0, 1.0], 2) == [0, 1, 0]  # ties: earlier unit first, then the lower rank
+
+
+def test_units_are_the_batches_dsf_solves_together():
+    # One LLaMA-2-70B block on the meta device: k+v share a unit, gate and up (over 2^26 weights) are alone.
+    def linear(out_features: int, in_features: int) -> torch.nn.Linear:
+        return torch.nn.Linear(in_features, out_features, bias=False, device="meta")
+
+    groups = [[("q", linear(8192, 8192)), ("k", linear(1024, 8192)), ("v", linear(1024, 8192))],
+              [("o", linear(8192, 8192))], [("gate", linear(28672, 8192)), ("up", linear(28672, 8192))],
+              [("down", linear(8192, 28672))]]
+    units = solve_units(groups)
+    assert [(unit.group, [name for name, _ in unit.members]) for unit in units] == [
+        (0, ["q"]), (0, ["k", "v"]), (1, ["o"]), (2, ["gate"]), (2, ["up"]), (3, ["down"])]
+    assert units[1].cost == 2 * 1024 * 8192 * 1024
 
 
 def test_relaunch_runs_the_same_command_under_torchrun_without_nproc(monkeypatch):

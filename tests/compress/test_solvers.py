@@ -86,7 +86,7 @@ def test_make_config_unknown_option() -> None:
     assert str(info.value) == (
         "unknown option(s) 'blocksize' for method 'dsf'; "
         "valid options: iters, square_density, fixmask, fixmask_seed, finalize, finalize_iters, input_scaling, "
-        "refit_right, refit_right_iters, group_size"
+        "refit_right, refit_right_iters, group_size, matmul"
     )
 
 

@@ -7,7 +7,8 @@ import torch
 
 from compress.solvers import DSFConfig, make_config, solve, solve_group
 from compress.solvers.base import layer_error, nnz_budget
-from compress.solvers.dsf import _fixed_mask
+from compress.solvers import dsf
+from compress.solvers.dsf import BATCH_MAX_ELEMENTS, _fixed_mask, solve_batches
 from tests.compress import dsf_reference as reference
 from tests.compress.dsf_reference import synthetic_layer
 
@@ -141,6 +142,40 @@ def test_group_float32_matches_single_layers() -> None:
     grouped = solve_group(weights, hessian.float(), config)
     for weight, result in zip(weights, grouped):
         assert result.error == pytest.approx(solve(weight, hessian.float(), config).error, rel=0.1)
+
+
+def test_batches_are_same_shape_sets_and_large_layers_alone() -> None:
+    # LLaMA-2-70B groups: q | k, v (same shape, batched) | gate, up (28672×8192 > 2^26: alone)
+    assert solve_batches([(8192, 8192), (1024, 8192), (1024, 8192)]) == [[0], [1, 2]]
+    assert solve_batches([(28672, 8192), (28672, 8192)]) == [[0], [1]]
+    assert solve_batches([(24, 48), (64, 48), (24, 48)]) == [[0, 2], [1]]
+    side = int(BATCH_MAX_ELEMENTS**0.5)
+    assert solve_batches([(side, side)] * 2) == [[0, 1]]  # exactly the limit still batches
+    assert solve_batches([(side, side + 1)] * 2) == [[0], [1]]
+
+
+def test_group_solves_large_layers_one_at_a_time(monkeypatch) -> None:
+    """Above the batching limit every member is solved alone (stacks of one), bit-equal to its own solve."""
+    _, hessian = synthetic_layer(8, 48, seed=0)
+    weights = [synthetic_layer(24, 48, seed=seed)[0].float() for seed in (1, 2)]
+    config = DSFConfig(density=0.5, iters=6)
+    stack_sizes = []
+    solve_stack = dsf._solve_stack
+
+    def recording(stack, *args):
+        stack_sizes.append(stack.shape[0])
+        return solve_stack(stack, *args)
+
+    monkeypatch.setattr(dsf, "_solve_stack", recording)
+    solve_group(weights, hessian.float(), config)
+    assert stack_sizes == [2]
+    monkeypatch.setattr(dsf, "BATCH_MAX_ELEMENTS", 24 * 48 - 1)
+    grouped = solve_group(weights, hessian.float(), config)
+    assert stack_sizes == [2, 1, 1]
+    for weight, result in zip(weights, grouped):
+        alone = solve(weight, hessian.float(), config)
+        assert torch.equal(result.factors["A"], alone.factors["A"]) and torch.equal(result.factors["B"],
+                                                                                     alone.factors["B"])
 
 
 def test_square_density_option() -> None:
