@@ -114,7 +114,7 @@ class DSFConfig(SolverConfig):
         matmul: precision of the large products (Gram matrices, right-hand sides, ADMM steps, the refit):
             ``"fp32"`` (the reference) or ``"3xtf32"``, error-compensated TF32 on tensor cores
             (``compress.solvers.products``; float32 weights only). Cholesky factorizations stay fp32. On a CPU
-            ``"3xtf32"`` computes the same products about 3× slower (it exists there to check accuracy).
+            ``"3xtf32"`` computes the same products 2–3× slower (it exists there to check accuracy).
     """
 
     method: str = field(default="dsf", init=False)
