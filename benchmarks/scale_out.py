@@ -6,8 +6,9 @@ command ``dsf compress --nproc 2`` runs), each the wall time of the whole comman
 solves, writing the output). Both runs' layer errors are compared (equal when their factors are).
 
 Modelled (``docs/scale-out.md``): the same 2-rank run predicted from the 1-process run's per-unit solve times, each
-scaled by that unit's measured 1-thread/2-thread slowdown and bin-packed onto 2 ranks, against the 2-rank run's own
-owner solve times (the sanity check of the cost model); and LLaMA-2-70B on 8×H100 projected from
+scaled by that unit's measured slowdown on 1 thread beside another rank (against 2 threads alone) and bin-packed onto
+2 ranks, against the 2-rank run's own owner solve times (the sanity check of the cost model; both runs' per-unit
+solve times are kept in the output); and LLaMA-2-70B on 8×H100 projected from
 ``benchmarks/results/solver-speed-h100.json``.
 
 Full measurement (the lead runs it: about 11 + 9 minutes of both cores of an otherwise idle machine)::
@@ -34,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import subprocess
 import sys
@@ -192,28 +194,51 @@ def solve_wall(per_block: dict[str, list[tuple[int, int, int, float]]], ranks: i
     return total
 
 
-def measure_thread_factors(units: set[tuple[int, int, int]], iters: int = 5) -> dict[tuple[int, int, int], float]:
-    """Solve time of each unit ``(members, out, in)`` (synthetic weights and H, ``iters`` DSF iterations) on
-    1 thread over 2 threads."""
+def _unit_problem(members: int, out_features: int, in_features: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Synthetic weights and H of one unit (the same for every caller)."""
+    generator = torch.Generator().manual_seed(0)
+    weights = [torch.randn(out_features, in_features, generator=generator) for _ in range(members)]
+    x = torch.randn(4 * in_features, in_features, generator=generator)
+    return weights, 2 * x.T @ x / x.shape[0]
+
+
+def _timed_solve(unit: tuple[int, int, int], threads: int, iters: int, barrier=None) -> float:
+    """Seconds of one DSF solve of ``unit`` on ``threads`` threads after a warm-up (and, given, the barrier)."""
     from compress.solvers import make_config, solve_group
 
-    generator = torch.Generator().manual_seed(0)
+    torch.set_num_threads(threads)
+    weights, hessian = _unit_problem(*unit)
     config = make_config("dsf", 0.5, iters=iters)
+    solve_group(weights, hessian, config)  # warm-up
+    if barrier is not None:
+        barrier.wait()
+    start = time.perf_counter()
+    solve_group(weights, hessian, config)
+    return time.perf_counter() - start
+
+
+def _rank_solve(unit: tuple[int, int, int], iters: int, barrier, seconds) -> None:
+    seconds.put(_timed_solve(unit, 1, iters, barrier))
+
+
+def measure_thread_factors(units: set[tuple[int, int, int]], iters: int = 5) -> dict[tuple[int, int, int], float]:
+    """Per unit ``(members, out, in)`` (synthetic weights and H, ``iters`` DSF iterations): the solve time as a rank
+    sees it, on 1 thread while a second process solves the same unit on the other core (they share caches and
+    memory bandwidth), over the solve time on 2 threads alone, as one process sees it."""
+    context = multiprocessing.get_context("spawn")
     factors = {}
     saved = torch.get_num_threads()
     try:
-        for members, out_features, in_features in sorted(units):
-            weights = [torch.randn(out_features, in_features, generator=generator) for _ in range(members)]
-            x = torch.randn(4 * in_features, in_features, generator=generator)
-            hessian = 2 * x.T @ x / x.shape[0]
-            times = {}
-            for threads in (1, 2):
-                torch.set_num_threads(threads)
-                solve_group(weights, hessian, config)  # warm-up
-                start = time.perf_counter()
-                solve_group(weights, hessian, config)
-                times[threads] = time.perf_counter() - start
-            factors[(members, out_features, in_features)] = times[1] / times[2]
+        for unit in sorted(units):
+            two_threads = _timed_solve(unit, 2, iters)
+            barrier, seconds = context.Barrier(2), context.Queue()
+            workers = [context.Process(target=_rank_solve, args=(unit, iters, barrier, seconds)) for _ in range(2)]
+            for worker in workers:
+                worker.start()
+            one_thread = max(seconds.get(timeout=600) for _ in workers)
+            for worker in workers:
+                worker.join()
+            factors[unit] = one_thread / two_threads
     finally:
         torch.set_num_threads(saved)
     return factors
@@ -222,8 +247,8 @@ def measure_thread_factors(units: set[tuple[int, int, int]], iters: int = 5) -> 
 def sanity_check(report_one: dict, seconds_one: float, report_two: dict, seconds_two: float) -> dict[str, Any]:
     """The 2-rank run predicted from the 1-process run, against its measurement.
 
-    Solves: each unit's 1-process (2-thread) time × its measured 1-thread/2-thread slowdown, bin-packed per block
-    onto 2 ranks; measured: the 2-rank run's owner solve times, bin-packed the same way. The rest (start-up, model
+    Solves: each unit's 1-process (2-thread) time × its measured slowdown on 1 thread beside another rank
+    (``measure_thread_factors``), bin-packed per block onto 2 ranks; measured: the 2-rank run's owner solve times, bin-packed the same way. The rest (start-up, model
     load, calibration forwards, writing) is predicted unchanged; its measured value is reported beside it.
     """
     per_block_one, per_block_two = block_units(report_one), block_units(report_two)
@@ -234,6 +259,7 @@ def sanity_check(report_one: dict, seconds_one: float, report_two: dict, seconds
     predicted = seconds_one - solves_one + predicted_solves
     return {
         "thread_factors": {f"{m}x{o}x{i}": factor for (m, o, i), factor in factors.items()},
+        "unit_seconds": {"one_process": per_block_one, "two_ranks": per_block_two},
         "solve_seconds_one_process": solves_one,
         "predicted_solve_wall_two_ranks": predicted_solves,
         "measured_solve_wall_two_ranks": measured_solves,
@@ -310,7 +336,9 @@ def main() -> None:
                  "the factors are bit-identical only for the same threads per process"),
     }
     write_json_atomic(args.out, result)
-    print(json.dumps({k: result[k] for k in ("measured", "speedup_two_ranks", "sanity")}, indent=1))
+    sanity_summary = {k: v for k, v in result["sanity"].items() if k != "unit_seconds"}
+    print(json.dumps({"measured": result["measured"], "speedup_two_ranks": result["speedup_two_ranks"],
+                      "sanity": sanity_summary}, indent=1))
     print(f"projection: {projection['hours']:.2f} h on {projection['gpus']} GPUs; wrote {args.out}")
 
 

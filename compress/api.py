@@ -50,6 +50,7 @@ DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bf
 _OFFLOAD = ("auto", "always", "never")
 VALUE_FORMATS = ("float", *_VALUE_FORMATS)  # CompressConfig.values
 ROUNDINGS = ("gptq", "rtn")  # CompressConfig.rounding
+PIPELINES = ("sequential", "dense-inputs")  # CompressConfig.pipeline
 
 
 class ConfigError(ValueError):
@@ -80,6 +81,9 @@ class CompressConfig:
         offload: where activations live: ``auto`` (CPU only when they do not fit the accelerator), ``always``
             (CPU), ``never`` (the compute device).
         true_sequential: compress the groups of a block one after another (see ``compress.calibration``).
+        pipeline: what each block is calibrated on: ``sequential`` (the reference: the outputs of the already
+            compressed blocks) or ``dense-inputs`` (the dense model's activations; docs/scale-out.md has its
+            measured cost).
         layout: layout of the written factors: ``auto`` (each factor in the smallest of bitmask, csr and dense,
             ``dsf_runtime.formats.smallest``) or a key of ``dsf_runtime.formats.LAYOUTS``.
         save_dtype: dtype of the written factor values and floating tensors: ``auto`` (the base model's own dtype
@@ -109,6 +113,7 @@ class CompressConfig:
     batch_size: int = 8
     offload: OffloadMode = "auto"
     true_sequential: bool = False
+    pipeline: str = "sequential"
     layout: str = AUTO
     save_dtype: str = "auto"
     embedding: str = "int8"
@@ -120,6 +125,8 @@ class CompressConfig:
         for name in ("samples", "seqlen", "batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(name, f"must be ≥ 1, got {getattr(self, name)}")
+        if self.pipeline not in PIPELINES:
+            raise ConfigError("pipeline", f"must be one of {', '.join(PIPELINES)}, got {self.pipeline!r}")
         if self.dtype not in DTYPES:
             raise ConfigError("dtype", f"must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.layout != AUTO and self.layout not in LAYOUTS:
@@ -372,6 +379,7 @@ def compress_model(
         offload=config.offload,
         batch_size=config.batch_size,
         true_sequential=config.true_sequential,
+        dense_inputs=config.pipeline == "dense-inputs",
         finished=partial.load_block,
         on_block=partial.save_block,
         progress=progress,

@@ -340,6 +340,7 @@ def compress_blocks(
     offload: OffloadMode = "auto",
     batch_size: int = 8,
     true_sequential: bool = False,
+    dense_inputs: bool = False,
     finished: Callable[[int, Mapping[str, nn.Linear]], Mapping[str, SolveResult] | None] = lambda index, linears: None,
     on_block: Callable[[int, dict[str, SolveResult]], None] = lambda index, results: None,
     progress: bool = True,
@@ -359,6 +360,8 @@ def compress_blocks(
         true_sequential: compress the groups of a block one after another, each group's H collected with the
             earlier groups already compressed (one extra partial forward per group); default: all groups of a
             block collect H in one pass before any is compressed (the reference's default).
+        dense_inputs: calibrate every block on the dense model's activations: a block's outputs are computed
+            before it is compressed. Default (the reference): on the outputs of the already compressed blocks.
         finished: ``finished(i, linears)`` returns the stored results of block ``i`` (whose linears by name are
             ``linears``) from an interrupted run, or None; stored blocks are written back and replayed instead of
             solved.
@@ -394,6 +397,7 @@ def compress_blocks(
 
         for index, (block, groups) in enumerate(zip(blocks, all_groups)):
             block.to(device)
+            dense_outputs = run_block(block, inputs, device, storage) if dense_inputs else None
             stored = finished(index, {name: linear for group in groups for name, linear in group})
             if stored is not None:
                 for group in groups:
@@ -406,7 +410,7 @@ def compress_blocks(
             else:
                 on_block(index, _compress_block(block, groups, inputs, solver_config, device, true_sequential, report,
                                                 values))
-            inputs = run_block(block, inputs, device, storage)
+            inputs = dense_outputs if dense_inputs else run_block(block, inputs, device, storage)
             block.to(home)
     return inputs
 

@@ -517,6 +517,7 @@ def compress_model(
             offload=config.offload,
             batch_size=config.batch_size,
             true_sequential=config.true_sequential,
+            dense_inputs=config.pipeline == "dense-inputs",
             finished=lambda index, linears: partial.load_block(index, linears) if index in finished else None,
             on_block=partial.save_block if rank == 0 else lambda index, results: None,
             progress=progress and rank == 0,

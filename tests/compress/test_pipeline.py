@@ -116,19 +116,22 @@ def _record_hessians(monkeypatch):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("density", "true_sequential"), [(1.0, False), (0.5, True)])
+@pytest.mark.parametrize(("density", "true_sequential", "dense_inputs"),
+                         [(1.0, False, False), (0.5, True, False), (0.5, False, True)])
 def test_hessians_equal_a_direct_forward_of_the_compressed_model(smol, windows, monkeypatch, density,
-                                                                 true_sequential):
+                                                                 true_sequential, dense_inputs):
     """At density 1.0 the model never changes; with true_sequential every group's H is collected after the earlier
-    groups and blocks were compressed, so both equal H from a plain forward of the final model."""
+    groups and blocks were compressed, so both equal H from a plain forward of the final model. With dense_inputs
+    every H is that of the dense model."""
     model = copy.deepcopy(smol[0])
+    dense = copy.deepcopy(smol[0])
     spec = architecture_for(model.config)
     calls = _record_hessians(monkeypatch)
     compress_blocks(model, spec, windows, make_config("magnitude", density), device=CPU, batch_size=2,
-                    true_sequential=true_sequential, progress=False)
+                    true_sequential=true_sequential, dense_inputs=dense_inputs, progress=False)
     firsts = [f"model.layers.{b}.{group[0]}" for b in range(2) for group in spec.groups]
     assert len(calls) == len(firsts) == 8
-    direct = _direct_linear_inputs(model, windows, firsts)
+    direct = _direct_linear_inputs(dense if dense_inputs else model, windows, firsts)
     for name, hessian in zip(firsts, calls):
         x = direct[name].double()
         expected = (2 / windows.shape[0]) * x.T @ x  # H = (2/N)·Σ xxᵀ, N = samples
@@ -143,3 +146,11 @@ def test_offload_and_storage_choice():
     assert activation_storage("auto", CPU, 64, 512, 576, torch.float32) == CPU
     assert activation_storage("always", torch.device("cuda"), 64, 512, 576, torch.float32) == CPU
     assert activation_storage("never", torch.device("cuda"), 64, 512, 576, torch.float32) == torch.device("cuda")
+
+
+def test_an_unknown_pipeline_is_refused():
+    from compress.api import CompressConfig, ConfigError
+
+    with pytest.raises(ConfigError, match="pipeline: must be one of sequential, dense-inputs, got 'parallel'"):
+        CompressConfig(pipeline="parallel")
+    assert CompressConfig(pipeline="dense-inputs").to_dict()["pipeline"] == "dense-inputs"  # part of the fingerprint
