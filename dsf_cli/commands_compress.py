@@ -30,6 +30,7 @@ _FLAGS = {
     "dtype": "--dtype",
     "device": "--device",
     "offload": "--offload",
+    "pipeline": "--pipeline",
     "rounds": "--iobs-rounds",
     "step": "--iobs-step",
     "heldout": "--heldout",
@@ -62,6 +63,11 @@ class Offload(str, Enum):
     auto = "auto"
     always = "always"
     never = "never"
+
+
+class Pipeline(str, Enum):  # compress.api.PIPELINES
+    sequential = "sequential"
+    dense_inputs = "dense-inputs"
 
 
 def _density(density: float | None, sparsity: float | None) -> float:
@@ -137,6 +143,11 @@ def compress(
     ),
     true_sequential: bool = typer.Option(
         False, "--true-sequential", help="Compress a block's groups one after another (more passes)."
+    ),
+    pipeline: Pipeline = typer.Option(
+        Pipeline.sequential, "--pipeline",
+        help="What each block is calibrated on: sequential = the outputs of the already compressed blocks (the "
+        "reference); dense-inputs = the dense model's activations (docs/scale-out.md: its perplexity cost).",
     ),
     output: Path = typer.Option(..., "--output", "-o", help="Output directory (a compressed model directory)."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in --output (same settings)."),
@@ -221,6 +232,7 @@ def compress(
         model=model, method=method.value, density=_density(density, sparsity), solver_options=options,
         calibration=calibration, samples=samples, seqlen=seqlen, seed=seed, device=device.value,
         dtype=dtype.value, batch_size=batch_size, offload=offload.value, true_sequential=true_sequential,
+        pipeline=pipeline.value,
         layout=layout, save_dtype=save_dtype, embedding=embedding, values=values,
         value_group_size=value_group_size, rounding=rounding,
     )

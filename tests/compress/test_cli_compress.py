@@ -134,3 +134,10 @@ def test_method_choices_are_the_solvers():
     from dsf_cli.commands_compress import Method
 
     assert [m.value for m in Method] == list(METHODS)
+
+
+def test_pipeline_choices_are_the_configs():
+    from compress.api import PIPELINES
+    from dsf_cli.commands_compress import Pipeline
+
+    assert tuple(p.value for p in Pipeline) == PIPELINES
