@@ -48,6 +48,18 @@ from dsf_runtime import from_pretrained  # noqa: E402
 from dsf_runtime.checkpoint import open_compressed  # noqa: E402
 
 
+def persuasion_and_dense(result: dict, count: int, *, progress: bool) -> torch.Tensor:
+    """The first ``count`` Persuasion windows of 1024 tokens (int64 ``[count, 1024]``); sets
+    ``result["dense_perplexity"]``, the dense fp32 SmolLM2's perplexity on them, unless ``result`` has it."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    windows = load_evaluation(AutoTokenizer.from_pretrained(smollm2_dir()), "persuasion", 1024, count)
+    if "dense_perplexity" not in result:
+        dense = AutoModelForCausalLM.from_pretrained(smollm2_dir(), dtype=torch.float32).eval()
+        result["dense_perplexity"] = perplexity(dense, windows, progress=progress).perplexity
+    return windows
+
+
 def pareto(points: list[dict]) -> list[dict]:
     """``points`` with ``pareto`` set: True when no other point has ``bytes_ratio`` ≤ and ``perplexity`` <."""
     for p in points:
@@ -141,15 +153,8 @@ def main(argv: list[str] | None = None) -> int:
         print(plot_frontier(json.loads(args.out.read_text()), png))
         return 0
     torch.set_num_threads(args.threads)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir())
-    windows = load_evaluation(tokenizer, "persuasion", 1024, args.windows)
     result = json.loads(args.out.read_text()) if args.out.exists() else {}
-    if "dense_perplexity" not in result:
-        dense = AutoModelForCausalLM.from_pretrained(smollm2_dir(), dtype=torch.float32).eval()
-        result["dense_perplexity"] = perplexity(dense, windows, progress=not args.quiet).perplexity
-        del dense
+    windows = persuasion_and_dense(result, args.windows, progress=not args.quiet)
     load_before = os.getloadavg()
     points = result.setdefault("points", [])
     if not any(p["method"] == "dense" for p in points):

@@ -30,9 +30,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.cpu_decode import machine  # noqa: E402
+from benchmarks.frontier_smollm2 import persuasion_and_dense  # noqa: E402
 from compress.api import PIPELINES, CompressConfig, compress_model  # noqa: E402
-from compress.assets import smollm2_dir  # noqa: E402
-from compress.data import load_evaluation  # noqa: E402
 from compress.evaluate import perplexity  # noqa: E402
 from compress.output import write_json_atomic  # noqa: E402
 from dsf_runtime import from_pretrained  # noqa: E402
@@ -67,15 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir())
-    windows = load_evaluation(tokenizer, "persuasion", 1024, args.windows)
     result = json.loads(args.out.read_text()) if args.out.exists() else {}
-    if "dense_perplexity" not in result:
-        dense = AutoModelForCausalLM.from_pretrained(smollm2_dir(), dtype=torch.float32).eval()
-        result["dense_perplexity"] = perplexity(dense, windows, progress=not args.quiet).perplexity
-        del dense
+    windows = persuasion_and_dense(result, args.windows, progress=not args.quiet)
     load_before = os.getloadavg()
     runs = result.setdefault("runs", [])
     for pipeline in PIPELINES:
