@@ -37,6 +37,7 @@ import argparse
 import json
 import multiprocessing
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -169,14 +170,24 @@ def _solve_memory_gb(solver_speed: dict, out_features: int, in_features: int) ->
 _LEAF_GROUP = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "gate_proj": "mlp-in", "up_proj": "mlp-in"}
 
 
+def _block_of(name: str) -> str:
+    """The decoder block of a layer or module name: ``model.layers.3.mlp.up_proj`` -> ``model.layers.3``."""
+    match = re.match(r"(.*?\.\d+)(\.|$)", name)
+    if match is None:
+        raise ValueError(f"{name!r} names no numbered decoder block")
+    return match.group(1)
+
+
 def block_units(report: dict) -> dict[str, list[tuple[int, int, int, float]]]:
-    """The solve units of each block of a run (its ``compression_report.json``): ``(members, out, in, seconds)``,
-    ``seconds`` the unit's solve wall time (the sum of its members' shares). SmolLM2's layers are all under the
-    batching limit, so a unit is the same-shape members of an input group."""
+    """The solve units of each decoder block of a run (its ``compression_report.json``): ``(members, out, in,
+    seconds)``, ``seconds`` the unit's solve wall time (the sum of its members' shares). All of a block's units are
+    solved in one stage (``compress.distributed``). SmolLM2's layers are all under the batching limit, so a unit is
+    the same-shape members of an input group."""
     units: dict[tuple[str, str, int, int], list[float]] = {}  # (block, input group, out, in): q|k+v|o|gate+up|down
     for row in report["layer_errors"]["layers"]:
-        block, _, leaf = row["name"].rpartition(".")
-        units.setdefault((block, _LEAF_GROUP.get(leaf, leaf), *row["shape"]), []).append(row["seconds"])
+        leaf = row["name"].rpartition(".")[2]
+        units.setdefault((_block_of(row["name"]), _LEAF_GROUP.get(leaf, leaf), *row["shape"]),
+                         []).append(row["seconds"])
     per_block: dict[str, list[tuple[int, int, int, float]]] = {}
     for (block, _, out_features, in_features), seconds in units.items():
         per_block.setdefault(block, []).append((len(seconds), out_features, in_features, sum(seconds)))
@@ -245,14 +256,20 @@ def measure_thread_factors(units: set[tuple[int, int, int]], iters: int = 5) -> 
 
 
 def sanity_check(report_one: dict, seconds_one: float, report_two: dict, seconds_two: float) -> dict[str, Any]:
-    """The 2-rank run predicted from the 1-process run, against its measurement.
-
-    Solves: each unit's 1-process (2-thread) time × its measured slowdown on 1 thread beside another rank
-    (``measure_thread_factors``), bin-packed per block onto 2 ranks; measured: the 2-rank run's owner solve times, bin-packed the same way. The rest (start-up, model
-    load, calibration forwards, writing) is predicted unchanged; its measured value is reported beside it.
-    """
+    """The 2-rank run predicted from the 1-process run, against its measurement (``sanity``), with the thread
+    factors measured now."""
     per_block_one, per_block_two = block_units(report_one), block_units(report_two)
     factors = measure_thread_factors({(m, o, i) for units in per_block_one.values() for m, o, i, _ in units})
+    return sanity(per_block_one, seconds_one, per_block_two, seconds_two, factors)
+
+
+def sanity(per_block_one: dict[str, list[tuple[int, int, int, float]]], seconds_one: float,
+           per_block_two: dict[str, list[tuple[int, int, int, float]]], seconds_two: float,
+           factors: dict[tuple[int, int, int], float]) -> dict[str, Any]:
+    """Solves: each unit's 1-process (2-thread) time × its slowdown on 1 thread beside another rank (``factors``,
+    ``measure_thread_factors``), bin-packed per block onto 2 ranks; measured: the 2-rank run's owner solve times,
+    bin-packed the same way. The rest (start-up, model load, calibration forwards, writing) is predicted unchanged;
+    its measured value is reported beside it."""
     solves_one = solve_wall(per_block_one, 1)
     predicted_solves = solve_wall(per_block_one, 2, factors)
     measured_solves = solve_wall(per_block_two, 2)
@@ -270,6 +287,22 @@ def sanity_check(report_one: dict, seconds_one: float, report_two: dict, seconds
         "measured_seconds": seconds_two,
         "model_error": predicted / seconds_two - 1,
     }
+
+
+def resanity(result: dict) -> dict[str, Any]:
+    """``sanity`` recomputed from a result's stored unit times (regrouped by decoder block), thread factors and
+    measured wall times."""
+    def regroup(per_module: dict[str, list]) -> dict[str, list[tuple[int, int, int, float]]]:
+        per_block: dict[str, list[tuple[int, int, int, float]]] = {}
+        for key, units in per_module.items():
+            per_block.setdefault(_block_of(key), []).extend(tuple(unit) for unit in units)
+        return per_block
+
+    old = result["sanity"]
+    factors = {tuple(int(v) for v in key.split("x")): factor for key, factor in old["thread_factors"].items()}
+    seconds = {(m["ranks"], m["threads_per_rank"]): m["seconds"] for m in result["measured"]}
+    return sanity(regroup(old["unit_seconds"]["one_process"]), seconds[(1, 2)],
+                  regroup(old["unit_seconds"]["two_ranks"]), seconds[(2, 1)], factors)
 
 
 # ------------------------------------------------------------------------------------------------ measurement
@@ -303,10 +336,20 @@ def main() -> None:
     parser.add_argument("--projection-only", action="store_true", help="Print the 70B projection and exit.")
     parser.add_argument("--update-projection", action="store_true",
                         help="Recompute only the projection in the existing --out file (no measurement).")
+    parser.add_argument("--update-sanity", action="store_true",
+                        help="Recompute the sanity check of the existing --out file from its stored unit times and "
+                        "thread factors (no measurement).")
     args = parser.parse_args()
     projection = project_llama70b(json.loads(SOLVER_SPEED.read_text()))
     if args.projection_only:
         print(json.dumps(projection, indent=1))
+        return
+    if args.update_sanity:
+        stored = json.loads(args.out.read_text())
+        checked = resanity(stored)
+        write_json_atomic(args.out, {**stored, "sanity": checked})
+        print(json.dumps({k: v for k, v in checked.items() if k != "unit_seconds"}, indent=1))
+        print(f"updated {args.out}")
         return
     if args.update_projection:
         write_json_atomic(args.out, {**json.loads(args.out.read_text()), "projection": projection})
