@@ -65,6 +65,11 @@ class Offload(str, Enum):
     never = "never"
 
 
+class Matmul(str, Enum):  # compress.solvers.products.MATMUL_PRECISIONS
+    fp32 = "fp32"
+    three_tf32 = "3xtf32"
+
+
 class Pipeline(str, Enum):  # compress.api.PIPELINES
     sequential = "sequential"
     dense_inputs = "dense-inputs"
@@ -168,7 +173,7 @@ def compress(
         None, "--group-size", min=2, max=16,
         help="DSF: balanced factors, N non-zeros in every group of this many columns (16: the GPU nibble kernels).",
     ),
-    matmul: str | None = typer.Option(
+    matmul: Matmul | None = typer.Option(
         None, "--matmul",
         help="DSF: precision of the solver's large products: fp32 (default, the reference) or 3xtf32 "
         "(error-compensated TF32 on tensor cores; on a CPU it only runs slower).",
@@ -225,7 +230,7 @@ def compress(
         raise typer.Exit(code)
     options = _solver_options(
         iters=iters, finalize=finalize, finalize_iters=finalize_iters, square_density=square_density,
-        group_size=group_size, matmul=matmul, prune_n=prune_n, prune_m=prune_m, blocksize=blocksize,
+        group_size=group_size, matmul=matmul and matmul.value, prune_n=prune_n, prune_m=prune_m, blocksize=blocksize,
         percdamp=percdamp,
     )
     config = _config(
