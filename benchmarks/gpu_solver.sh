@@ -2,8 +2,8 @@
 # The prepared device run of issue 13 (solver speed): one call, about 3 minutes on an H100.
 #   bash benchmarks/gpu_solver.sh "$OUT"
 # Writes to $1: solver-speed-h100-3xtf32.json — the three LLaMA-2-7B shapes, DSF 0.5, 40 iterations, solved with
-# fp32 products and with 3×TF32 products, each against the reference port's time and error on the same W, H — after
-# the products' CUDA test passes. Each step has its own time limit.
+# fp32 products and with 3×TF32 products, each against the reference port's time and error on the same W, H; and the
+# products' tests on the GPU first (tests.txt; the timing runs whatever they say). Each step has its own time limit.
 set -uo pipefail
 out=${1:?usage: gpu_solver.sh OUTDIR}
 mkdir -p "$out"

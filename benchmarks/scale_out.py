@@ -121,7 +121,7 @@ def project_llama70b(solver_speed: dict) -> dict[str, Any]:
             shapes.append((len(batch), *members[batch[0]][1:]))
             group_of.append(index)
     units = [(m, o, i, m * _solve_s(fit, o, i)) for m, o, i in shapes]
-    solve_wall, loads = _block_wall(units, gpus)
+    block_solve_s, loads = _block_wall(units, gpus)
     one_gpu = sum(u[3] for u in units)
     chunks = a["samples"] // a["batch_size"]
     per_rank = chunks // gpus
@@ -136,14 +136,14 @@ def project_llama70b(solver_speed: dict) -> dict[str, Any]:
     forward_s = 2 * (2 * params * tokens_per_rank) / (a["forward_tflops"] * 1e12)  # H pass + output pass
     move_s = 2 * params * a["weight_bytes"] / (a["host_to_gpu_gb_per_s"] * 1e9)
     comm_s = hessian_bytes / (a["p2p_gb_per_s"] * 1e9) + factor_bytes / (a["broadcast_gb_per_s"] * 1e9)
-    block_s = solve_wall + comm_s + forward_s + move_s
+    block_s = block_solve_s + comm_s + forward_s + move_s
     total_s = a["model_load_s"] + blocks * block_s
     solve_peak_gb = max(m * _solve_memory_gb(solver_speed, o, i) for m, o, i in shapes)  # the largest unit
     return {
         "model": "LLaMA-2-70B (80 blocks, 8192/28672, GQA 8 kv heads), DSF density 0.5, 40 iterations",
         "gpus": gpus,
         "hours": total_s / 3600,
-        "per_block_s": {"solve_wall": solve_wall, "rank_loads": loads, "hessian_and_factor_comm": comm_s,
+        "per_block_s": {"solve_wall": block_solve_s, "rank_loads": loads, "hessian_and_factor_comm": comm_s,
                         "forwards": forward_s, "weights_to_gpu": move_s, "total": block_s},
         "one_gpu_hours": (a["model_load_s"] + blocks * (one_gpu + forward_s * gpus + move_s)) / 3600,
         "unit_solve_s": {name: u[3] for name, u in zip(names, units)},
@@ -246,9 +246,13 @@ def measure_thread_factors(units: set[tuple[int, int, int]], iters: int = 5) -> 
             workers = [context.Process(target=_rank_solve, args=(unit, iters, barrier, seconds)) for _ in range(2)]
             for worker in workers:
                 worker.start()
-            one_thread = max(seconds.get(timeout=600) for _ in workers)
-            for worker in workers:
-                worker.join()
+            try:
+                one_thread = max(seconds.get(timeout=600) for _ in workers)
+            finally:
+                for worker in workers:
+                    worker.join(timeout=5)
+                    if worker.is_alive():
+                        worker.terminate()
             factors[unit] = one_thread / two_threads
     finally:
         torch.set_num_threads(saved)

@@ -9,7 +9,7 @@ Unattended GPU run (the acceptance targets, H100: ≤ 1.2 s, 1.6 s, 1.6 s per la
     python benchmarks/solver_speed.py --device cuda --reference --matmul fp32,3xtf32 --repeats 2 \
         --out solver-speed-h100-3xtf32.json
 
-The CPU comparison at one eighth of the LLaMA-2-7B shapes (about 3 minutes on 2 cores)::
+The CPU comparison at one eighth of the LLaMA-2-7B shapes (about 2 minutes on 2 cores)::
 
     python benchmarks/solver_speed.py --device cpu --shapes llama2-7b-eighth --reference --matmul fp32,3xtf32 \
         --repeats 3 --out benchmarks/results/solver-speed-cpu.json
@@ -227,7 +227,8 @@ def main() -> None:
     solve_group(warm_weights, warm_hessian, DSFConfig(density=args.density, iters=2))
 
     results = {
-        "question": "DSF solve time per layer (fp32, TF32 off) and its error vs the unoptimized reference",
+        "question": "DSF solve time per layer (fp32 with TF32 off, or 3xTF32 products) and its error vs the "
+                    "unoptimized reference",
         "device": device_name(device),
         "torch": torch.__version__,
         "date": utc_now(),

@@ -134,6 +134,9 @@ def _check(config: CompressConfig, iobs: IOBSModelConfig) -> None:
     if config.values != "float":
         raise ConfigError("values", f"model-level I-OBS stores float values; {config.values} values are for the "
                                     "one-shot methods")
+    if config.pipeline != "sequential":
+        raise ConfigError("pipeline", f"model-level I-OBS projects block by block on the compressed model's "
+                                      f"activations; {config.pipeline} is for the one-shot methods")
 
 
 def _calibration_pass(

@@ -69,7 +69,7 @@ from compress.solvers.base import (
     topk_mask,
     validate_layer,
 )
-from compress.solvers.products import MATMUL_PRECISIONS, MatmulPrecision, Products
+from compress.solvers.products import MATMUL_PRECISIONS, MatmulPrecision, Products, SplitTF32
 from compress.solvers.split import propose_balanced_split, square_factor_density
 
 __all__ = ["BATCH_MAX_ELEMENTS", "DSFConfig", "solve_batches", "solve_dsf", "solve_dsf_group"]
@@ -113,8 +113,9 @@ class DSFConfig(SolverConfig):
             top-k; everything else is the reference algorithm. Not with ``fixmask``.
         matmul: precision of the large products (Gram matrices, right-hand sides, ADMM steps, the refit):
             ``"fp32"`` (the reference) or ``"3xtf32"``, error-compensated TF32 on tensor cores
-            (``compress.solvers.products``; float32 weights only). Cholesky factorizations stay fp32. On a CPU
-            ``"3xtf32"`` computes the same products 2–3× slower (it exists there to check accuracy).
+            (``compress.solvers.products``; float32 weights only). Cholesky factorizations stay fp32. It keeps a
+            TF32 head and tail of each operand, so a solve needs more memory than with fp32. On a CPU ``"3xtf32"``
+            computes the same products 2–3× slower (it exists there to check accuracy).
     """
 
     method: str = field(default="dsf", init=False)
@@ -331,7 +332,7 @@ def _mask_weights(mask: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor,
 
 def _sparse_ls(
     design_t: torch.Tensor,
-    target: torch.Tensor,
+    target: torch.Tensor | SplitTF32,
     z: torch.Tensor,
     u: torch.Tensor,
     selection: _Selection,
@@ -344,7 +345,7 @@ def _sparse_ls(
 
     Args:
         design_t: ``designᵀ`` [b, r, p] (the transpose is what the products need).
-        target: [b, p, q].
+        target: [b, p, q], or its ``products.split`` (split once per solve).
         z: previous sparse iterate [b, r, q] (unscaled coordinates).
         u: previous scaled dual [b, r, q] (unscaled coordinates).
         selection: how the support is chosen (entries kept per batch member; global or per group).
@@ -389,14 +390,15 @@ def _factorize(
     square_dual = torch.zeros_like(square)
     rect = target * topk_mask(target.abs().flatten(1), plan.rect.count // 2).view_as(target)
     rect_dual = torch.zeros_like(rect)
+    target_op = products.split(target)
     for t in range(iters):
         rho_start = min(1.0, t / max(iters - 3, 1)) ** 3
         square_t, dual_t, mask_t = _sparse_ls(
-            rect, target.mT, square.mT, square_dual.mT, plan.square, rho_start, plan.fixmask, failures, products
+            rect, target_op.mT, square.mT, square_dual.mT, plan.square, rho_start, plan.fixmask, failures, products
         )
         square, square_dual, mask_square = square_t.mT, dual_t.mT, mask_t.mT
         rect, rect_dual, mask_rect = _sparse_ls(
-            square.mT, target, rect, rect_dual, plan.rect, rho_start, None, failures, products
+            square.mT, target_op, rect, rect_dual, plan.rect, rho_start, None, failures, products
         )
     return square, rect, mask_square, mask_rect
 
@@ -420,8 +422,9 @@ def refit_left(
     Returns:
         The refitted A [b, m, k], zero outside ``mask``.
     """
-    right_h = products.matmul(right, hessian)
-    gram = products.matmul(right_h, right.mT)
+    right_op = products.split(right)
+    right_h = products.matmul(right_op, hessian)
+    gram = products.matmul(right_h, right_op.mT)
     norms = gram.diagonal(dim1=-2, dim2=-1).sqrt() + _EPS
     gram = gram / (norms.unsqueeze(-1) * norms.unsqueeze(-2))
     scale = norms.unsqueeze(-1)

@@ -146,4 +146,8 @@ def test_projection_and_heldout_errors(tmp_path) -> None:
     assert str(info.value) == (
         "heldout: 'emma' is also the calibration text; choose another text for the round selection"
     )
+    with pytest.raises(ConfigError) as info:
+        compress_iobs_model(CompressConfig(**{**SETTINGS, "pipeline": "dense-inputs"}), tmp_path / "x", ITERATE)
+    assert str(info.value) == ("pipeline: model-level I-OBS projects block by block on the compressed model's "
+                               "activations; dense-inputs is for the one-shot methods")
     assert not (tmp_path / "x").exists()

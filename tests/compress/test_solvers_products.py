@@ -112,7 +112,11 @@ def test_3xtf32_on_tensor_cores_is_as_accurate_as_fp32():
     a = torch.randn(2, 512, 1024, device="cuda", generator=generator)
     b = torch.randn(2, 1024, 512, device="cuda", generator=generator)
     exact = a.double() @ b.double()
+    saved = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
-    fp32 = _relative_error(a @ b, exact)
-    assert _relative_error(Products("3xtf32").matmul(a, b), exact) < 4 * fp32
-    assert torch.backends.cuda.matmul.allow_tf32 is False  # restored
+    try:
+        fp32 = _relative_error(a @ b, exact)
+        assert _relative_error(Products("3xtf32").matmul(a, b), exact) < 4 * fp32
+        assert torch.backends.cuda.matmul.allow_tf32 is False  # restored
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
