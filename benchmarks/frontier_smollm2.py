@@ -91,18 +91,26 @@ def run_point(point: str, args: argparse.Namespace, windows: torch.Tensor, scrat
     config = CompressConfig(method=method, density=density, solver_options=options, samples=args.samples,
                             seqlen=512, device="cpu", save_dtype="float16", embedding="keep",
                             values="float" if values == "fp16" else values, rounding=rounding or "gptq")
-    out = scratch / point.replace(":", "-")
+    run = compress_and_evaluate(config, scratch / point.replace(":", "-"), windows, progress=not args.quiet)
+    return {"method": method, "density": density, "values": values, "rounding": rounding,
+            "bytes_ratio": run["size"]["linear_ratio"], "perplexity": run["perplexity"],
+            "compress_seconds": run["seconds"]}
+
+
+def compress_and_evaluate(config: CompressConfig, out: Path, windows: torch.Tensor, *, progress: bool) -> dict:
+    """Compress with ``config`` into ``out`` (resuming an interrupted run there), reload it on the CPU, measure its
+    perplexity on ``windows`` and remove ``out``; returns ``{"report", "seconds", "size", "perplexity"}``
+    (``size``: ``CompressedCheckpoint.size_summary``)."""
     start = time.perf_counter()
-    compress_model(config, out, resume=out.exists(), progress=not args.quiet)
+    report = compress_model(config, out, resume=out.exists(), progress=progress)
     seconds = time.perf_counter() - start
     with open_compressed(out) as ckpt:
         size = ckpt.size_summary()
     model = from_pretrained(out)
-    ppl = perplexity(model, windows, progress=not args.quiet).perplexity
+    ppl = perplexity(model, windows, progress=progress).perplexity
     del model
     shutil.rmtree(out)
-    return {"method": method, "density": density, "values": values, "rounding": rounding,
-            "bytes_ratio": size["linear_ratio"], "perplexity": ppl, "compress_seconds": seconds}
+    return {"report": report, "seconds": seconds, "size": size, "perplexity": ppl}
 
 
 def plot_frontier(result: dict, out: Path) -> Path:

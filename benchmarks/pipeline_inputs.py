@@ -20,9 +20,7 @@ import argparse
 import datetime
 import json
 import os
-import shutil
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -30,29 +28,20 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.cpu_decode import machine  # noqa: E402
-from benchmarks.frontier_smollm2 import persuasion_and_dense  # noqa: E402
-from compress.api import PIPELINES, CompressConfig, compress_model  # noqa: E402
-from compress.evaluate import perplexity  # noqa: E402
+from benchmarks.frontier_smollm2 import compress_and_evaluate, persuasion_and_dense  # noqa: E402
+from compress.api import PIPELINES, CompressConfig  # noqa: E402
 from compress.output import write_json_atomic  # noqa: E402
-from dsf_runtime import from_pretrained  # noqa: E402
 
 
 def run(pipeline: str, args: argparse.Namespace, windows: torch.Tensor) -> dict:
     """Compress SmolLM2 with ``pipeline``, reload it and measure its perplexity on ``windows``."""
     config = CompressConfig(method="dsf", density=0.5, solver_options={"iters": args.iters}, samples=args.samples,
                             seqlen=512, device="cpu", save_dtype="float16", embedding="keep", pipeline=pipeline)
-    out = args.scratch / pipeline
-    start = time.perf_counter()
-    report = compress_model(config, out, resume=out.exists(), progress=not args.quiet)
-    seconds = time.perf_counter() - start
-    layers = report["layer_errors"]["layers"]
-    model = from_pretrained(out)
-    ppl = perplexity(model, windows, progress=not args.quiet).perplexity
-    del model
-    shutil.rmtree(out)
-    return {"pipeline": pipeline, "perplexity": ppl,
+    run = compress_and_evaluate(config, args.scratch / pipeline, windows, progress=not args.quiet)
+    layers = run["report"]["layer_errors"]["layers"]
+    return {"pipeline": pipeline, "perplexity": run["perplexity"],
             "mean_relative_error": sum(r["relative_error"] for r in layers) / len(layers),
-            "compress_seconds": seconds}
+            "compress_seconds": run["seconds"]}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -50,6 +50,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import run_meta  # noqa: E402
+from compress.architectures import ARCHITECTURES, ArchitectureSpec  # noqa: E402
 from compress.distributed import assign_owners, relaunch_command  # noqa: E402
 from compress.output import REPORT_FILE, write_json_atomic  # noqa: E402
 from compress.solvers.dsf import solve_batches  # noqa: E402
@@ -167,30 +168,28 @@ def _solve_memory_gb(solver_speed: dict, out_features: int, in_features: int) ->
     return row["peak_memory_gb"] * out_features * in_features / (row["out"] * row["in"])
 
 
-_LEAF_GROUP = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "gate_proj": "mlp-in", "up_proj": "mlp-in"}
-
-
 def _block_of(name: str) -> str:
-    """The decoder block of a layer or module name: ``model.layers.3.mlp.up_proj`` -> ``model.layers.3``."""
-    match = re.match(r"(.*?\.\d+)(\.|$)", name)
+    """The decoder block of a layer name: ``model.layers.3.mlp.up_proj`` -> ``model.layers.3``."""
+    match = re.match(r"(.*?\.\d+)\.", name)
     if match is None:
         raise ValueError(f"{name!r} names no numbered decoder block")
     return match.group(1)
 
 
-def block_units(report: dict) -> dict[str, list[tuple[int, int, int, float]]]:
-    """The solve units of each decoder block of a run (its ``compression_report.json``): ``(members, out, in,
-    seconds)``, ``seconds`` the unit's solve wall time (the sum of its members' shares). All of a block's units are
-    solved in one stage (``compress.distributed``). SmolLM2's layers are all under the batching limit, so a unit is
-    the same-shape members of an input group."""
-    units: dict[tuple[str, str, int, int], list[float]] = {}  # (block, input group, out, in): q|k+v|o|gate+up|down
-    for row in report["layer_errors"]["layers"]:
-        leaf = row["name"].rpartition(".")[2]
-        units.setdefault((_block_of(row["name"]), _LEAF_GROUP.get(leaf, leaf), *row["shape"]),
-                         []).append(row["seconds"])
+def block_units(report: dict, spec: ArchitectureSpec = ARCHITECTURES["llama"]
+                ) -> dict[str, list[tuple[int, int, int, float]]]:
+    """The solve units of each decoder block of a run (its ``compression_report.json``), as
+    ``compress.distributed.solve_units`` makes them (``spec.groups`` split by ``solve_batches``):
+    ``(members, out, in, seconds)``, ``seconds`` the unit's solve wall time (the sum of its members' shares)."""
+    rows = {row["name"]: row for row in report["layer_errors"]["layers"]}
     per_block: dict[str, list[tuple[int, int, int, float]]] = {}
-    for (block, _, out_features, in_features), seconds in units.items():
-        per_block.setdefault(block, []).append((len(seconds), out_features, in_features, sum(seconds)))
+    for block in dict.fromkeys(_block_of(name) for name in rows):
+        for paths in spec.groups:
+            group = [rows[f"{block}.{path}"] for path in paths]
+            for batch in solve_batches([tuple(row["shape"]) for row in group]):
+                members = [group[i] for i in batch]
+                per_block.setdefault(block, []).append(
+                    (len(members), *members[0]["shape"], sum(row["seconds"] for row in members)))
     return per_block
 
 
@@ -294,19 +293,13 @@ def sanity(per_block_one: dict[str, list[tuple[int, int, int, float]]], seconds_
 
 
 def resanity(result: dict) -> dict[str, Any]:
-    """``sanity`` recomputed from a result's stored unit times (regrouped by decoder block), thread factors and
-    measured wall times."""
-    def regroup(per_module: dict[str, list]) -> dict[str, list[tuple[int, int, int, float]]]:
-        per_block: dict[str, list[tuple[int, int, int, float]]] = {}
-        for key, units in per_module.items():
-            per_block.setdefault(_block_of(key), []).extend(tuple(unit) for unit in units)
-        return per_block
-
+    """``sanity`` recomputed from a result's stored unit times, thread factors and measured wall times."""
     old = result["sanity"]
     factors = {tuple(int(v) for v in key.split("x")): factor for key, factor in old["thread_factors"].items()}
     seconds = {(m["ranks"], m["threads_per_rank"]): m["seconds"] for m in result["measured"]}
-    return sanity(regroup(old["unit_seconds"]["one_process"]), seconds[(1, 2)],
-                  regroup(old["unit_seconds"]["two_ranks"]), seconds[(2, 1)], factors)
+    units = {run: {block: [tuple(unit) for unit in listed] for block, listed in per_block.items()}
+             for run, per_block in old["unit_seconds"].items()}
+    return sanity(units["one_process"], seconds[(1, 2)], units["two_ranks"], seconds[(2, 1)], factors)
 
 
 # ------------------------------------------------------------------------------------------------ measurement

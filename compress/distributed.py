@@ -7,8 +7,8 @@ rank with these changes (``compress_model``, ``solve_block``):
   contiguous ranges, one per rank (``chunk_range``); each rank captures, forwards and accumulates only its own;
 * **solve units and owners**: each group of linears sharing an input is split into its same-shape members, a
   layer of over 2^26 weights alone (``solve_units``: exactly the batches ``solve_dsf_group`` solves together),
-  and each unit is owned by one rank, by bin-packing the cost ``members·out·in·min(out, in)`` (largest first onto the least-loaded rank, ties to
-  the lower rank: ``assign_owners``);
+  and each unit is owned by one rank, by bin-packing the cost ``members·out·in·min(out, in)`` (largest first
+  onto the least-loaded rank, ties to the lower rank: ``assign_owners``);
 * **Hessians**: every hook call's ``XᵀX`` (``compress.calibration.input_gram``) is kept; each owner receives the
   partials of its units' group from every rank in rank order and adds them one by one in that order, which is
   the chunk order, then scales by ``2/N`` (``N``: the sample count, summed exactly as integers);

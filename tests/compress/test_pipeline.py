@@ -124,7 +124,7 @@ def test_hessians_equal_a_direct_forward_of_the_compressed_model(smol, windows, 
     groups and blocks were compressed, so both equal H from a plain forward of the final model. With dense_inputs
     every H is that of the dense model."""
     model = copy.deepcopy(smol[0])
-    dense = copy.deepcopy(smol[0])
+    dense = copy.deepcopy(smol[0]) if dense_inputs else None
     spec = architecture_for(model.config)
     calls = _record_hessians(monkeypatch)
     compress_blocks(model, spec, windows, make_config("magnitude", density), device=CPU, batch_size=2,
