@@ -9,7 +9,8 @@ embedding as stored: ``--embedding keep``, so that ``bytes_ratio`` is the linear
 scales, biases) / their dense fp16 bytes, from the file headers (``CompressedCheckpoint.size_summary``).
 
 A point is ``METHOD:DENSITY:VALUES[:ROUNDING]``, e.g. ``dsf:0.5:int8``; ``VALUES`` is ``fp16``, ``int8``, ``fp8``
-or ``int4`` (group 128), ``ROUNDING`` ``gptq`` (error feedback, the default) or ``rtn``. ``magnitude:1.0:int4`` is
+or ``int4`` (group 128), or for DSF ``BIG+SMALL`` such as ``int4+int8`` (the factor with fewer kept values in
+int8: ``--small-factor-values``); ``ROUNDING`` ``gptq`` (error feedback, the default) or ``rtn``. ``magnitude:1.0:int4`` is
 the dense model quantized by GPTQ (int4, group 128), ``magnitude:1.0:int4:rtn`` by round-to-nearest. The dense
 fp16 model is the point ``dense`` (bytes 1.0, the dense perplexity). Points already in ``--out`` are skipped, so an
 interrupted sweep continues; ``--plot`` only redraws the PNG.
@@ -68,11 +69,18 @@ def pareto(points: list[dict]) -> list[dict]:
     return points
 
 
+QUANTIZED = ("int8", "fp8", "int4")
+
+
 def parse_point(point: str) -> tuple[str, float, str, str | None]:
-    """``METHOD:DENSITY:VALUES[:ROUNDING]`` -> ``(method, density, values, rounding)``; rounding None for fp16."""
+    """``METHOD:DENSITY:VALUES[:ROUNDING]`` -> ``(method, density, values, rounding)``; rounding None for fp16.
+    ``VALUES`` is ``fp16``, one of ``QUANTIZED``, or for DSF ``BIG+SMALL`` (e.g. ``int4+int8``: the factor with
+    fewer kept values in ``SMALL``, ``--small-factor-values``)."""
     method, density, values, *rest = point.split(":")
-    if values not in ("fp16", "int8", "fp8", "int4") or len(rest) > 1 or rest[:1] not in ([], ["gptq"], ["rtn"]):
-        raise SystemExit(f"bad point {point!r}: expected METHOD:DENSITY:fp16|int8|fp8|int4[:gptq|rtn]")
+    formats = values.split("+")
+    valid = values == "fp16" or (all(f in QUANTIZED for f in formats) and len(formats) <= (2 if method == "dsf" else 1))
+    if not valid or len(rest) > 1 or rest[:1] not in ([], ["gptq"], ["rtn"]):
+        raise SystemExit(f"bad point {point!r}: expected METHOD:DENSITY:fp16|int8|fp8|int4[+int8|fp8|int4][:gptq|rtn]")
     if values == "fp16" and rest:
         raise SystemExit(f"bad point {point!r}: fp16 values have no rounding")
     return method, float(density), values, None if values == "fp16" else (rest or ["gptq"])[0]
@@ -88,9 +96,11 @@ def run_point(point: str, args: argparse.Namespace, windows: torch.Tensor, scrat
     """Compress, reload and evaluate one ``METHOD:DENSITY:VALUES[:ROUNDING]`` point."""
     method, density, values, rounding = parse_point(point)
     options = {"iters": args.iters} if method == "dsf" else {}
+    big, _, small = values.partition("+")
     config = CompressConfig(method=method, density=density, solver_options=options, samples=args.samples,
                             seqlen=512, device="cpu", save_dtype="float16", embedding="keep",
-                            values="float" if values == "fp16" else values, rounding=rounding or "gptq")
+                            values="float" if values == "fp16" else big, small_factor_values=small or None,
+                            rounding=rounding or "gptq")
     run = compress_and_evaluate(config, scratch / point.replace(":", "-"), windows, progress=not args.quiet)
     return {"method": method, "density": density, "values": values, "rounding": rounding,
             "bytes_ratio": run["size"]["linear_ratio"], "perplexity": run["perplexity"],
@@ -122,12 +132,12 @@ def plot_frontier(result: dict, out: Path) -> Path:
     import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(8, 5.5))
-    markers = {"fp16": "o", "int8": "s", "fp8": "D", "int4": "^"}
+    markers = {"fp16": "o", "int8": "s", "fp8": "D", "int4": "^", "int4+int8": "v"}
     colors = {"dsf": "tab:blue", "sparsegpt": "tab:orange", "magnitude": "tab:green", "dense": "black"}
     for p in result["points"]:
         label = p["method"] if p["method"] != "magnitude" or p["density"] < 1 else "dense"
         color = colors.get(p["method"] if label != "dense" else "dense", "tab:gray")
-        ax.scatter(p["bytes_ratio"], p["perplexity"], marker=markers[p["values"]], s=60, color=color,
+        ax.scatter(p["bytes_ratio"], p["perplexity"], marker=markers.get(p["values"], "P"), s=60, color=color,
                    facecolors=color if p.get("pareto") else "none")
         text = f"{label} {p['density']:g} {p['values']}" + (" rtn" if p.get("rounding") == "rtn" else "")
         ax.annotate(text, (p["bytes_ratio"], p["perplexity"]), fontsize=7, xytext=(4, 3), textcoords="offset points")

@@ -96,6 +96,8 @@ class CompressConfig:
             (``compress.quantize.ValueQuantization``) and stores the codes (docs/format.md "Quantized values").
             Later blocks calibrate on the quantized model. The recorded layer errors are those of the decoded values.
         value_group_size: int4 only: columns per scale, 64, 128 or 256 (None = 128).
+        small_factor_values: DSF with quantized ``values`` only: the format (``int8``, ``fp8``, ``int4``) of each
+            layer's factor with fewer kept values, e.g. ``int8`` next to ``int4`` (None = ``values``).
         rounding: how values are quantized: ``gptq`` (error feedback under the layer's H, restricted to the mask;
             DSF factors input side first) or ``rtn`` (round-to-nearest, for comparison).
     """
@@ -120,6 +122,7 @@ class CompressConfig:
     values: str = "float"
     value_group_size: int | None = None
     rounding: str = "gptq"
+    small_factor_values: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("samples", "seqlen", "batch_size"):
@@ -135,7 +138,15 @@ class CompressConfig:
             raise ConfigError("save_dtype", f"must be auto or one of {', '.join(DTYPES)}, got {self.save_dtype!r}")
         if self.values not in VALUE_FORMATS:
             raise ConfigError("values", f"must be one of {', '.join(VALUE_FORMATS)}, got {self.values!r}")
-        if self.value_group_size is not None and self.values != "int4":
+        if self.small_factor_values is not None:
+            if self.small_factor_values not in _VALUE_FORMATS:
+                raise ConfigError("small_factor_values", f"must be one of {', '.join(_VALUE_FORMATS)}, "
+                                                         f"got {self.small_factor_values!r}")
+            if self.values == "float":
+                raise ConfigError("small_factor_values", "applies to quantized values; add --values int8|fp8|int4")
+            if self.method != "dsf":
+                raise ConfigError("small_factor_values", f"applies to DSF's two factors; {self.method} stores one matrix")
+        if self.value_group_size is not None and "int4" not in (self.values, self.small_factor_values):
             raise ConfigError("value_group_size", f"applies to int4 values only, not {self.values!r}")
         if self.rounding not in ROUNDINGS:
             raise ConfigError("rounding", f"must be one of {', '.join(ROUNDINGS)}, got {self.rounding!r}")
@@ -174,7 +185,8 @@ class CompressConfig:
         """The quantization of every solved layer's values, or None for ``values="float"``."""
         if self.values == "float":
             return None
-        return ValueQuantization(self.values, self.value_group_size, error_feedback=self.rounding == "gptq")
+        return ValueQuantization(self.values, self.value_group_size, error_feedback=self.rounding == "gptq",
+                                 small_factor_values=self.small_factor_values)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)

@@ -259,6 +259,10 @@ def _results(layers: Any, tensors: Mapping[str, torch.Tensor]) -> dict[str, Solv
         if not isinstance(info, dict) or info.get("kind") not in _FACTORS:
             raise ValueError(f"layer '{layer}' has no kind of {sorted(_FACTORS)}")
         values = info.get("values")
+        if isinstance(values, str):  # written before each factor had its own format
+            values = dict.fromkeys(_FACTORS[info["kind"]], values)
+        if values is not None and (not isinstance(values, dict) or set(values) != set(_FACTORS[info["kind"]])):
+            raise ValueError(f"layer '{layer}' has value formats {values!r}, expected one per factor")
         needed = [f"{layer}.{k}{suffix}" for k in _FACTORS[info["kind"]] for suffix in ("", ".scales")
                   if suffix == "" or values is not None]
         missing = [name for name in needed if name not in tensors]
@@ -492,7 +496,8 @@ def write_output(
                     relative_error=result.relative_error, layout=info["layout"], dtype=dtype,
                 )
             else:  # the codes with their scales (in the save dtype)
-                codes = {k: codes_of(f, result.scales[k], result.values, result.group_size)
+                codes = {k: codes_of(f, result.scales[k], result.values[k],
+                                     result.group_size if result.values[k] == "int4" else None)
                          for k, f in result.factors.items()}
                 scales = {k: s.to(dtype) for k, s in result.scales.items()}
                 layers[name] = CompressedLayer.from_dense(

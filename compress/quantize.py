@@ -58,6 +58,7 @@ __all__ = [
     "QuantizedDSF",
     "QuantizedMatrix",
     "ValueFormat",
+    "balance_factors",
     "ValueQuantization",
     "encode",
     "quantize_dense",
@@ -533,6 +534,7 @@ def quantize_dsf(
     hessian: torch.Tensor,
     format: ValueFormat,
     *,
+    small_format: ValueFormat | None = None,
     weight: torch.Tensor | None = None,
     error_feedback: bool = True,
     refit_iters: int = 20,
@@ -542,6 +544,10 @@ def quantize_dsf(
 ) -> QuantizedDSF:
     """Quantize DSF factors ``W ≈ A·B``, input side first.
 
+    First the factors are balanced (``balance_factors``): ``A·D`` and ``D⁻¹·B`` with ``D`` making every column of
+    ``A`` unit-RMS. The product is unchanged and ``B``'s row- and group-scaled quantization does not see ``D``,
+    but ``A``'s row and group scales no longer mix inner indices of different magnitude.
+
     With error feedback: ``B̂ = quantize_gptq(B, H)``; then, unless ``refit_iters`` is 0, ``A``'s kept values are
     refitted against ``B̂`` under ``tr((A·B̂ − T)·H·(A·B̂ − T)ᵀ)`` (``T`` = ``weight`` if given, else ``A·B``)
     by ``refit_iters`` steps of DSF's ``finalize`` ADMM on ``A``'s mask; then ``Â = quantize_gptq(A, H_A)`` with
@@ -550,7 +556,10 @@ def quantize_dsf(
     Args:
         left: A [out, k]; right: B [k, in] (zeros outside their masks; the masks are ``!= 0``).
         hessian: H [in, in].
-        format: value format of both factors.
+        format: value format of both factors, or of the larger one when ``small_format`` is given.
+        small_format: value format of the factor with fewer kept values (``B`` on a tie), e.g. int8 next to an
+            int4 ``format``: DSF's square factor stays close to the identity, and int4 crushes its off-diagonal
+            entries (docs/quantized-values.md).
         weight: the original W [out, in], for ``weight_error`` and as the refit target.
         error_feedback: GPTQ on the masks (True) or round-to-nearest (False).
         refit_iters: finalize ADMM steps refitting A against B̂ (0 = no refit). The default 20 (the reference's
@@ -571,21 +580,37 @@ def quantize_dsf(
     product = left @ right
     product, hessian = validate_layer(product, hessian, layer_name)
     target = product if weight is None else validate_layer(weight, hessian, layer_name)[0]
+    left, right = balance_factors(left, right)
+    format_a = format_b = format
+    if small_format is not None:
+        if int(right_mask.sum()) <= int(left_mask.sum()):
+            format_b = small_format
+        else:
+            format_a = small_format
     if not error_feedback:
-        quant_b = quantize_rtn(right, format, mask=right_mask, layer_name=layer_name)
-        quant_a = quantize_rtn(left, format, mask=left_mask, layer_name=layer_name)
+        quant_b = quantize_rtn(right, format_b, mask=right_mask, layer_name=layer_name)
+        quant_a = quantize_rtn(left, format_a, mask=left_mask, layer_name=layer_name)
     else:
         options = dict(blocksize=blocksize, percdamp=percdamp, layer_name=layer_name)
-        quant_b = quantize_gptq(right, hessian, format, mask=right_mask, **options)
+        quant_b = quantize_gptq(right, hessian, format_b, mask=right_mask, **options)
         right_hat = quant_b.dequantize()
         if refit_iters:
             left = _refit_left(target, hessian, left, right_hat, left_mask, refit_iters, layer_name)
         hessian_a = right_hat @ hessian @ right_hat.T
-        quant_a = quantize_gptq(left, hessian_a, format, mask=left_mask, **options)
+        quant_a = quantize_gptq(left, hessian_a, format_a, mask=left_mask, **options)
     approx = quant_a.dequantize() @ quant_b.dequantize()
     error = layer_error(product, approx, hessian)[0]
     weight_error = None if weight is None else layer_error(target, approx, hessian)[0]
     return QuantizedDSF(quant_a, quant_b, error, weight_error)
+
+
+def balance_factors(left: torch.Tensor, right: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(A·D, D⁻¹·B)`` for fp32 ``A`` [out, k], ``B`` [k, in], with ``D = diag(1/rms(A[:, j]))`` (1 for an
+    all-zero column): every non-zero column of the returned ``A`` has unit root-mean-square, masks and the
+    product are unchanged (up to fp32 rounding)."""
+    rms = left.pow(2).mean(0).sqrt()
+    scale = torch.where(rms > 0, rms, torch.ones_like(rms))
+    return left / scale, right * scale[:, None]
 
 
 def _refit_left(
@@ -646,25 +671,36 @@ def _same_data(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 def quantize_result(result: SolveResult, weight: torch.Tensor, hessian: torch.Tensor, values: str,
                     layer_name: str | None = None, *, group_size: int | None = None,
-                    error_feedback: bool = True) -> SolveResult:
+                    error_feedback: bool = True, small_factor_values: str | None = None) -> SolveResult:
     """``result`` with its factor values quantized to ``values`` (``"int8"``, ``"fp8"`` or ``"int4"``), masks
-    kept: by error feedback under ``hessian`` (DSF factors through ``quantize_dsf``: ``B`` first, ``A`` refitted
-    and quantized against ``B̂``; a single matrix through ``quantize_gptq``), or with ``error_feedback=False`` by
-    round-to-nearest.
+    kept: by error feedback under ``hessian`` (DSF factors through ``quantize_dsf``: balanced, ``B`` first, ``A``
+    refitted and quantized against ``B̂``; a single matrix through ``quantize_gptq``), or with
+    ``error_feedback=False`` by round-to-nearest.
 
     Args:
         group_size: int4 only, columns per scale (default 128).
+        small_factor_values: DSF only: the format of the factor with fewer kept values (``quantize_dsf``'s
+            ``small_format``); None = ``values``.
 
     Returns:
         A ``SolveResult`` whose ``factors`` are the decoded values (``code · scale``, exact in fp32), with
-        ``values``, ``scales`` (fp16, ``[rows]`` per factor, int4 ``[rows, ceil(cols/g)]``), ``group_size`` (int4),
-        ``nnz`` the kept positions and ``error`` / ``relative_error`` of the decoded product against ``weight``.
+        ``values`` (each factor's format name), ``scales`` (fp16, ``[rows]`` per factor, int4
+        ``[rows, ceil(cols/g)]``), ``group_size`` (when a factor is int4), ``nnz`` the kept positions and
+        ``error`` / ``relative_error`` of the decoded product against ``weight``.
+
+    Raises:
+        ValueError: naming the layer for a bad format or group size, or ``small_factor_values`` on a single matrix.
     """
-    fmt = value_format(values, group_size=group_size, layer_name=layer_name)
+    int4 = "int4" in (values, small_factor_values)
+    fmt = value_format(values, group_size=group_size if values == "int4" else None, layer_name=layer_name)
+    small = None if small_factor_values is None else value_format(
+        small_factor_values, group_size=group_size if small_factor_values == "int4" else None, layer_name=layer_name)
     if result.kind == "dsf":
-        quantized = quantize_dsf(result.factors["A"], result.factors["B"], hessian, fmt, weight=weight,
-                                 error_feedback=error_feedback, layer_name=layer_name)
+        quantized = quantize_dsf(result.factors["A"], result.factors["B"], hessian, fmt, small_format=small,
+                                 weight=weight, error_feedback=error_feedback, layer_name=layer_name)
         matrices = {"A": quantized.A, "B": quantized.B}
+    elif small is not None:
+        raise ValueError(f"{layer_prefix(layer_name)}small_factor_values applies to DSF factors, not one matrix")
     elif error_feedback:
         matrices = {"W": quantize_gptq(result.factors["W"], hessian, fmt, layer_name=layer_name)}
     else:
@@ -673,9 +709,10 @@ def quantize_result(result: SolveResult, weight: torch.Tensor, hessian: torch.Te
     approx = factors["A"].double() @ factors["B"].double() if result.kind == "dsf" else factors["W"]
     error, relative = layer_error(weight, approx, hessian)
     return replace(
-        result, factors=factors, values=values,
-        scales={k: m.scales if fmt.per_row else m.scales.reshape(m.mask.shape[0], -1) for k, m in matrices.items()},
-        group_size=getattr(fmt, "group_size", None),
+        result, factors=factors, values={k: m.format.name for k, m in matrices.items()},
+        scales={k: m.scales if m.format.per_row else m.scales.reshape(m.mask.shape[0], -1)
+                for k, m in matrices.items()},
+        group_size=(128 if group_size is None else group_size) if int4 else None,
         nnz=sum(int(m.mask.sum()) for m in matrices.values()), error=error, relative_error=relative, masks=None,
     )
 
@@ -688,20 +725,28 @@ class ValueQuantization:
         values: ``"int8"``, ``"fp8"`` or ``"int4"``.
         group_size: int4 only, columns per scale (64, 128 or 256; None = 128).
         error_feedback: GPTQ on the mask under the layer's H (True) or round-to-nearest (False).
+        small_factor_values: DSF only: the format of each layer's factor with fewer kept values
+            (``--small-factor-values``); None = ``values``.
     """
 
     values: str
     group_size: int | None = None
     error_feedback: bool = True
+    small_factor_values: str | None = None
 
     def __post_init__(self) -> None:
-        value_format(self.values, group_size=self.group_size)  # raises ValueError for a bad name or group size
+        # raise ValueError for a bad name or group size
+        int4 = "int4" in (self.values, self.small_factor_values)
+        if self.group_size is not None and not int4:
+            value_format(self.values, group_size=self.group_size)
+        for name in filter(None, (self.values, self.small_factor_values)):
+            value_format(name, group_size=self.group_size if name == "int4" else None)
 
     def apply(self, result: SolveResult, weight: torch.Tensor, hessian: torch.Tensor,
               layer_name: str | None = None) -> SolveResult:
         """``quantize_result`` with these settings."""
         return quantize_result(result, weight, hessian, self.values, layer_name, group_size=self.group_size,
-                               error_feedback=self.error_feedback)
+                               error_feedback=self.error_feedback, small_factor_values=self.small_factor_values)
 
 
 def codes_of(factor: torch.Tensor, scales: torch.Tensor, values: str, group_size: int | None = None) -> torch.Tensor:

@@ -36,6 +36,7 @@ _FLAGS = {
     "heldout": "--heldout",
     "value_group_size": "--value-group-size",
     "rounding": "--rounding",
+    "small_factor_values": "--small-factor-values",
     "layout": "--layout",
     "save_dtype": "--save-dtype",
     "embedding": "--embedding",
@@ -131,6 +132,12 @@ def compress(
     value_group_size: int | None = typer.Option(
         None, "--value-group-size", metavar="<64|128|256>", help="int4 values: columns per scale (default 128).",
     ),
+    small_factor_values: str | None = typer.Option(
+        None, "--small-factor-values", metavar="<int8|fp8|int4>",
+        help="DSF: the value format of each layer's factor with fewer non-zeros (default: --values). "
+        "--values int4 --small-factor-values int8 keeps DSF's near-identity square factor in int8 for a few "
+        "percent more bytes (docs/quantized-values.md).",
+    ),
     rounding: str = typer.Option(
         "gptq", "--rounding", metavar="<gptq|rtn>",
         help="How values are quantized: gptq = error feedback under each layer's H (restricted to the mask); "
@@ -214,6 +221,8 @@ def compress(
         dsf compress --values int8 --output runs/smollm2-dsf50-int8   (int8 factor values, row scales)
 
         dsf compress --values int4 --value-group-size 128 --output runs/smollm2-dsf50-int4
+
+        dsf compress --values int4 --small-factor-values int8 --output runs/smollm2-dsf50-int4-int8
     """
     import sys
 
@@ -239,7 +248,7 @@ def compress(
         dtype=dtype.value, batch_size=batch_size, offload=offload.value, true_sequential=true_sequential,
         pipeline=pipeline.value,
         layout=layout, save_dtype=save_dtype, embedding=embedding, values=values,
-        value_group_size=value_group_size, rounding=rounding,
+        value_group_size=value_group_size, rounding=rounding, small_factor_values=small_factor_values,
     )
     try:
         if iobs_rounds:

@@ -83,9 +83,9 @@ class CompressedLayer:
         ``layout="dense"`` keeps the inner dimension ``k`` (the compression output); other layouts drop empty
         inner indices (see ``pack_factors``). ``dtype`` casts the values; ``opts`` go to the layout
         (``block_size`` for ``bsr``). With ``scales`` (one ``[rows]`` tensor per factor), ``factors`` hold codes
-        (int8, float8_e4m3fn; docs/format.md "Quantized values") packed as they are, keeping ``k``; with
-        ``group_size`` too they are int4 codes (int8 in [-7, 7]) and each scale tensor is
-        ``[rows, ceil(cols / group_size)]``. From a solver's
+        (int8, float8_e4m3fn; docs/format.md "Quantized values") packed as they are, keeping ``k``; a factor whose
+        scales are ``[rows, ceil(cols / group_size)]`` holds int4 codes (int8 in [-7, 7]) with ``group_size``
+        columns per scale, so the two factors of a DSF layer may hold different formats. From a solver's
         ``SolveResult``::
 
             CompressedLayer.from_dense(result.kind, result.factors, method="dsf", bias=linear.bias,
@@ -100,7 +100,8 @@ class CompressedLayer:
         else:
             shape = tuple(factors["W"].shape)
         if scales is not None:
-            packed = {k: pack(f, layout, scales=scales[k], group_size=group_size, **opts) for k, f in factors.items()}
+            packed = {k: pack(f, layout, scales=scales[k], group_size=group_size if scales[k].dim() == 2 else None,
+                              **opts) for k, f in factors.items()}
         elif kind == "dsf":
             packed = pack_factors(factors["A"], factors["B"], layout, dtype=dtype, drop_empty=layout != "dense", **opts)
         else:

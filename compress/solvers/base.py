@@ -59,12 +59,12 @@ class SolveResult:
         masks: optional exact support of each factor (bool, same keys and shapes as ``factors``). Values are zero
             outside the mask; inside it they are non-zero except in degenerate cases (e.g. a budget larger than
             the number of live weights when inputs are dead), so ``nnz`` is counted from the masks.
-        values: the value format (``"int8"``, ``"fp8"``, ``"int4"``) when the factor values are quantized
-            (``compress.quantize.quantize_result``), else None.
+        values: each factor's value format (``{"A": "int8", "B": "int4"}``; ``"int8"``, ``"fp8"``, ``"int4"``) when
+            the factor values are quantized (``compress.quantize.quantize_result``), else None.
         scales: with ``values``, each factor's fp16 scales: ``[rows]``, or int4's ``[rows, ceil(cols/group_size)]``;
             its ``factors`` entry then holds exactly ``code · scale`` in fp32, so the codes are ``factor / scale``
             (``compress.quantize.codes_of``).
-        group_size: int4 only, columns per scale.
+        group_size: the columns per scale of the int4 factors (None when no factor is int4).
     """
 
     kind: FactorKind
@@ -74,7 +74,7 @@ class SolveResult:
     relative_error: float
     seconds: float
     masks: dict[str, torch.Tensor] | None = None
-    values: str | None = None
+    values: dict[str, str] | None = None
     scales: dict[str, torch.Tensor] | None = None
     group_size: int | None = None
 

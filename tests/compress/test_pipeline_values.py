@@ -60,6 +60,62 @@ def test_quantized_output_reloads_as_the_quantized_model(smol, tmp_path, method,
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
+def test_small_factor_values_store_each_factor_in_its_own_format(smol, tmp_path):
+    import dsf_runtime
+
+    model, tokenizer = copy.deepcopy(smol[0]), smol[1]
+    config = CompressConfig(**SETTINGS, values="int4", value_group_size=64, small_factor_values="int8",
+                            save_dtype="float32")
+    compress_model(config, tmp_path / "out", model=model, tokenizer=tokenizer, progress=False)
+    manifest = json.loads((tmp_path / "out" / "dsf_manifest.json").read_text())
+    assert manifest["compression"]["small_factor_values"] == "int8"
+    for name, entry in manifest["layers"].items():
+        factors = entry["factors"]
+        small = min(("B", "A"), key=lambda k: factors[k]["nnz"])  # B on a tie, as quantize_dsf decides
+        large = "A" if small == "B" else "B"
+        assert (factors[small]["dtype"], factors[small].get("group_size")) == ("int8", None), name
+        assert (factors[large]["dtype"], factors[large]["group_size"]) == ("int4", 64), name
+    with dsf_runtime.open_compressed(tmp_path / "out") as ckpt:
+        assert 0.2 < ckpt.size_summary()["linear_ratio"] < 0.3
+        layer = ckpt.load_layer("model.layers.1.mlp.down_proj")
+    torch.testing.assert_close(layer.weight(), model.get_submodule("model.layers.1.mlp.down_proj").weight,
+                               rtol=1e-6, atol=1e-7)
+    ids = load_calibration(tokenizer, "persuasion", 2, 32, 1)
+    with torch.inference_mode():
+        want = model(input_ids=ids, use_cache=False).logits
+        got = dsf_runtime.from_pretrained(tmp_path / "out")(input_ids=ids, use_cache=False).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_stored_results_keep_each_factors_format(tmp_path):
+    """Block files round-trip per-factor formats; a file of the one-format era is read as that format for both
+    factors; a format map that does not name each factor is refused, naming the file and layer."""
+    from compress.output import PartialRun
+    from compress.solvers.base import SolveResult
+
+    partial = PartialRun(tmp_path)
+    partial.path.mkdir(parents=True)
+    factors = {"A": torch.randn(4, 3), "B": torch.randn(3, 5)}
+    scales = {"A": torch.ones(4, dtype=torch.float16), "B": torch.ones(3, 1, dtype=torch.float16)}
+    result = SolveResult("dsf", factors, nnz=27, error=1.0, relative_error=0.1, seconds=0.5,
+                         values={"A": "int8", "B": "int4"}, scales=scales, group_size=64)
+    partial.save_results("r", {"layer": result})
+    loaded = partial.load_results("r")["layer"]
+    assert loaded.values == {"A": "int8", "B": "int4"} and loaded.group_size == 64
+    assert all(torch.equal(loaded.factors[k], factors[k]) and torch.equal(loaded.scales[k], scales[k]) for k in "AB")
+    for stored, expect in (("int8", {"A": "int8", "B": "int8"}), ({"A": "int8"}, None)):
+        metadata = {"layers": json.dumps({"layer": {"kind": "dsf", "nnz": 27, "error": 1.0, "relative_error": 0.1,
+                                                    "seconds": 0.5, "values": stored, "group_size": None}})}
+        tensors = {f"layer.{k}{suffix}": t for k in "AB" for suffix, t in (("", factors[k]), (".scales", scales[k]))}
+        partial.save_tensors("old", tensors, metadata)
+        if expect is None:
+            with pytest.raises(ValueError, match=r"old\.safetensors.*layer 'layer' has value formats"):
+                partial.load_results("old")
+        else:
+            assert partial.load_results("old")["layer"].values == expect
+
+
 def test_quantize_result_errors_and_codes_are_exact(smol):
     model = smol[0]
     linear = model.get_submodule("model.layers.0.mlp.down_proj")
@@ -69,7 +125,7 @@ def test_quantize_result_errors_and_codes_are_exact(smol):
     hessian = 2 * x.T @ x / x.shape[0]
     result = solve_group([weight], hessian, make_config("dsf", 0.5, iters=2, finalize_iters=2))[0]
     quantized = quantize_result(result, weight, hessian, "int8", "down_proj")
-    assert quantized.values == "int8" and set(quantized.scales) == {"A", "B"}
+    assert quantized.values == {"A": "int8", "B": "int8"} and set(quantized.scales) == {"A", "B"}
     for key, factor in quantized.factors.items():
         codes = codes_of(factor, quantized.scales[key], "int8")
         assert codes.dtype == torch.int8 and int(codes.abs().max()) <= 127
@@ -83,6 +139,9 @@ def test_quantize_result_errors_and_codes_are_exact(smol):
     # (the error may be below the fp32 solve's: quantize_dsf refits A against B̂ with 20 more finalize steps)
     with pytest.raises(ValueError, match="layer 'down_proj': unknown value format 'int2'"):
         quantize_result(result, weight, hessian, "int2", "down_proj")
+    single = solve_group([weight], hessian, make_config("magnitude", 0.5))[0]
+    with pytest.raises(ValueError, match="layer 'down_proj': small_factor_values applies to DSF factors"):
+        quantize_result(single, weight, hessian, "int4", "down_proj", small_factor_values="int8")
 
 
 def test_int4_result_codes_are_exact_and_rtn_is_worse(smol):
@@ -142,6 +201,13 @@ def test_settings_without_a_stored_encoding_are_refused(monkeypatch, tmp_path):
         CompressConfig(values="int8", value_group_size=128)
     with pytest.raises(ConfigError, match="value_group_size: .*int4 group size must be one of"):
         CompressConfig(values="int4", value_group_size=100)
+    with pytest.raises(ConfigError, match="small_factor_values: must be one of int8, fp8, int4, got 'int2'"):
+        CompressConfig(values="int4", small_factor_values="int2")
+    with pytest.raises(ConfigError, match="small_factor_values: applies to quantized values"):
+        CompressConfig(small_factor_values="int8")
+    with pytest.raises(ConfigError, match="small_factor_values: applies to DSF's two factors; sparsegpt stores one"):
+        CompressConfig(method="sparsegpt", values="int4", small_factor_values="int8")
+    CompressConfig(values="int8", small_factor_values="int4", value_group_size=64)  # the group size is the int4 one's
     with pytest.raises(ConfigError, match="rounding: must be one of gptq, rtn"):
         CompressConfig(values="int8", rounding="awq")
     with pytest.raises(ConfigError, match="rounding: applies to quantized values"):
