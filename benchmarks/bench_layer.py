@@ -19,9 +19,11 @@ Rows (``results["rows"]``): ``{"shape", "kind", "density", "batch", "dtype", "de
 both factors chained. ``semi24_us``: a 2:4 matrix of the layer's shape (``to_sparse_semi_structured``,
 cuSPARSELt), density-0.5 rows only.
 
-``--int8`` adds rows with dtype ``"int8"``: DSF 0.5 and 0.3 in the ``nibble`` layout with int8 codes and fp16 row
-scales (docs/format.md "Quantized values"; the decode kernel converts the codes in registers), fp16 activations,
-against fp16 cuBLAS, at batches 1 and 16 of the LLaMA-7B shapes (issue 11's speed goal: ≥ 2.0× at batch 1).
+``--codes int8,fp8,int4`` adds rows with dtype ``"int8"``, ``"fp8"`` or ``"int4"``: DSF 0.5 and 0.3 in the ``nibble``
+layout with codes of the decoded factors' values (round to nearest; int8/fp8 with fp16 row scales, int4 with fp16
+scales per 128 columns; docs/format.md "Quantized values"; the decode kernel converts and scales the codes in
+registers), fp16 activations, against fp16 cuBLAS, at batches 1 and 16 (issue 11's speed goal: ≥ 2.0× at batch 1
+with int8).
 """
 
 from __future__ import annotations
@@ -60,7 +62,9 @@ DRY_RUN_BATCHES = (1, 17)
 DRY_RUN_DENSITIES = (0.5,)
 DRY_RUN_SECONDS = 40.0
 L2_BYTES = 50e6
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "int8": torch.float16}  # int8: codes, fp16 compute
+CODE_FORMATS = ("int8", "fp8", "int4")  # --codes
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16,
+          **dict.fromkeys(CODE_FORMATS, torch.float16)}  # codes: fp16 scales, fp16 compute
 
 
 # ---------------------------------------------------------------------------------------------- weights
@@ -113,20 +117,26 @@ def make_case(shape, kind: str, density: float, layout: str, dtype, device) -> d
     return {"factors": factors, "meta": meta}
 
 
-def int8_codes(factor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric int8 codes ``[rows, cols]`` and fp16 row scales (amax / 127, rounded up) of a float factor."""
-    amax = factor.float().abs().amax(dim=1)
-    scales = torch.where(amax > 0, amax / 127, torch.ones_like(amax)).half()
-    scales = torch.where(scales.float() < amax / 127, torch.nextafter(scales, torch.full_like(scales, 65504)), scales)
-    codes = (factor.float() / scales.float()[:, None]).round().clamp(-127, 127).to(torch.int8)
-    return codes, scales
+def value_codes(factor: torch.Tensor, name: str) -> tuple[torch.Tensor, dict, torch.Tensor]:
+    """Round-to-nearest codes of a float factor in format ``name`` (``CODE_FORMATS``; int4 with 128 columns per
+    scale): the dense codes ``[rows, cols]`` (int4 as int8), their ``from_dense`` options (``scales``, int4's
+    ``group_size``) and the decoded factor (code · scale, fp16)."""
+    from compress.quantize import quantize_rtn, value_format
+
+    fmt = value_format(name)
+    q = quantize_rtn(factor.float(), fmt)
+    codes = torch.zeros(factor.shape, dtype=torch.int8 if name == "int4" else fmt.code_dtype, device=factor.device)
+    codes[q.mask] = fmt.unpack(q.codes, q.mask).to(codes.dtype)
+    options = {"scales": q.scales} if fmt.per_row else {"scales": q.scales.reshape(factor.shape[0], -1),
+                                                         "group_size": fmt.group_size}
+    return codes, options, q.dequantize().half()
 
 
 def _prepare(case: dict, layout: str) -> list:
     """The case's factors in the kernel layout ``layout`` (``NibbleMatrix`` with the case's group, or
-    ``DeltaMatrix``); a case with ``"codes"`` as ``NibbleMatrix`` int8 codes with row scales."""
+    ``DeltaMatrix``); a case with ``"codes"`` as ``NibbleMatrix`` codes with their scales."""
     if "codes" in case:
-        return [NibbleMatrix.from_dense(c, group=case["meta"].get("group", 16), scales=s) for c, s in case["codes"]]
+        return [NibbleMatrix.from_dense(c, group=case["meta"].get("group", 16), **o) for c, o in case["codes"]]
     if layout == "nibble":
         return [NibbleMatrix.from_dense(f, group=case["meta"].get("group", 16)) for f in case["factors"]]
     return [DeltaMatrix.from_dense(f) for f in case["factors"]]
@@ -362,14 +372,14 @@ METHOD = ("weights rotated over copies > 2.5x the 50 MB L2; calls captured in on
           "batch <= 16, 10 up to 256, 4 above); CUDA-event timing of graph replays; median of repeats")
 
 
-def _cases(batch: int, shape, delta_batches, bf16: bool, densities=DENSITIES, int8: bool = False):
+def _cases(batch: int, shape, delta_batches, bf16: bool, densities=DENSITIES, codes: tuple[str, ...] = ()):
     """``(kind, density, layout, dtype name)`` of the rows of one shape and batch."""
     out = []
     for kind in ("dsf", "single"):
         for density in densities:
             out.append((kind, density, "nibble", "float16"))
-    if int8 and batch in (1, 16):
-        out += [("dsf", density, "nibble", "int8") for density in densities]
+    if batch in (1, 16):
+        out += [("dsf", density, "nibble", name) for name in codes for density in densities]
     if batch in delta_batches:
         out += [("dsf", 0.5, "delta", "float16"), ("single", 0.5, "delta", "float16")]
     if bf16 and batch in (1, 16) and shape in SHAPE_SETS["llama"]:
@@ -379,7 +389,7 @@ def _cases(batch: int, shape, delta_batches, bf16: bool, densities=DENSITIES, in
 
 def bench_layer(shapes=None, batches=BATCHES, *, out: Path | None = None, repeats: int = 5, max_seconds: float = 270.0,
                 delta_batches=DELTA_BATCHES, bf16: bool = True, densities=DENSITIES,
-                csr_max_batch: int = 16, int8: bool = False, log=print) -> dict:
+                csr_max_batch: int = 16, codes: tuple[str, ...] = (), log=print) -> dict:
     """Run the sweep and return ``{"meta", "rows", "skipped"}``; writes ``out`` (JSON) and ``out`` .md if given.
 
     Without CUDA (tests: ``TRITON_INTERPRET=1``, tiny ``shapes``) it runs every code path on the CPU with wall-clock
@@ -401,7 +411,7 @@ def bench_layer(shapes=None, batches=BATCHES, *, out: Path | None = None, repeat
         dense_copies: dict = {}
         semi: dict = {}
         for batch in batches:
-            for kind, density, layout, dname in _cases(batch, shape, delta_batches, bf16, densities, int8):
+            for kind, density, layout, dname in _cases(batch, shape, delta_batches, bf16, densities, codes):
                 if time.time() - t0 > max_seconds:
                     results["skipped"].append([list(shape), kind, density, batch, dname, layout])
                     continue
@@ -409,9 +419,10 @@ def bench_layer(shapes=None, batches=BATCHES, *, out: Path | None = None, repeat
                 key = (kind, density, layout, dname)
                 if key not in case_cache:
                     case = make_case(shape, kind, density, layout, dtype, dev)
-                    if dname == "int8":  # the reference is the decoded factors: code · scale
-                        case["codes"] = [int8_codes(f) for f in case["factors"]]
-                        case["factors"] = [(c.float() * s.float()[:, None]).half() for c, s in case["codes"]]
+                    if dname in CODE_FORMATS:  # the reference is the decoded factors: code · scale
+                        coded = [value_codes(f, dname) for f in case["factors"]]
+                        case["codes"] = [(c, o) for c, o, _ in coded]
+                        case["factors"] = [decoded for _, _, decoded in coded]
                     ks = _prepare(case, layout)
                     nb = sum(k.nbytes for k in ks)
                     copies = _copies(ks)
@@ -514,8 +525,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--repeats", type=int, default=5, help="graph replays per measurement (median reported)")
     ap.add_argument("--max-seconds", type=float, default=270.0, help="stop starting new rows after this")
     ap.add_argument("--no-bf16", action="store_true", help="skip the bf16 rows")
-    ap.add_argument("--int8", action="store_true", help="add DSF rows with int8 codes (nibble, row scales) at "
-                    "batches 1 and 16")
+    ap.add_argument("--codes", default="", help="comma-separated code formats (int8, fp8, int4): add DSF rows "
+                    "with those codes (nibble layout, decoded in registers) at batches 1 and 16")
     ap.add_argument("--precompile-workers", type=int, default=0, help="compile all kernels first in this many "
                     "processes (Triton's cache is shared); 0 = compile lazily in the timing process")
     ap.add_argument("--cpu-dry-run", action="store_true", help="without a GPU, exercise the code paths on the CPU "
@@ -523,6 +534,15 @@ def parser() -> argparse.ArgumentParser:
                     "in the Triton interpreter "
                     "(TRITON_INTERPRET=1, set by `dsf bench layer`; under a minute); not a speed measurement")
     return ap
+
+
+def _code_formats(text: str) -> tuple[str, ...]:
+    """``--codes`` as a tuple of ``CODE_FORMATS``; exits naming a bad one."""
+    names = tuple(n for n in text.split(",") if n)
+    bad = [n for n in names if n not in CODE_FORMATS]
+    if bad:
+        raise SystemExit(f"--codes: unknown format {bad[0]!r}; valid: {', '.join(CODE_FORMATS)}")
+    return names
 
 
 def main(argv=None) -> int:
@@ -555,7 +575,8 @@ def main(argv=None) -> int:
     if args.precompile_workers:
         precompile(all_shapes, batches, tune=False, tuning_file=tuned and tuned["file"], **common)
     res = bench_layer(shapes, batches, out=args.out, repeats=args.repeats, max_seconds=args.max_seconds,
-                      delta_batches=delta_batches, bf16=not args.no_bf16, densities=densities, int8=args.int8)
+                      delta_batches=delta_batches, bf16=not args.no_bf16, densities=densities,
+                      codes=_code_formats(args.codes))
     if tuned:
         res["tuned"] = tuned
         write(res, args.out)

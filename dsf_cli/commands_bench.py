@@ -136,8 +136,8 @@ def layer(
     repeats: int = typer.Option(5, "--repeats", min=1, help="Graph replays per measurement (median reported)."),
     max_seconds: float = typer.Option(270.0, "--max-seconds", help="Stop starting new rows after this."),
     bf16: bool = typer.Option(True, "--bf16/--no-bf16", help="Also time bf16 rows."),
-    int8: bool = typer.Option(False, "--int8", help="Also time DSF rows with int8 codes (nibble, row scales) at "
-                              "batches 1 and 16."),
+    codes: str = typer.Option("", "--codes", metavar="<int8,fp8,int4>", help="Also time DSF rows with these value "
+                              "codes (nibble layout, decoded in registers) at batches 1 and 16."),
     precompile_workers: int = typer.Option(0, "--precompile-workers", min=0, help="Compile all kernels first in "
                                            "this many processes; 0 = compile lazily while timing."),
     cpu_dry_run: bool = typer.Option(False, "--cpu-dry-run", help="Without a GPU: run the code paths on tiny shapes "
@@ -158,7 +158,8 @@ def layer(
             tune_shapes.value, "--repeats", str(repeats), "--max-seconds", str(max_seconds), "--precompile-workers",
             str(precompile_workers)]
     args += ["--tuning-file", str(tuning_file)] if tuning_file is not None else []
-    args += [flag for flag, on in (("--tune", tune), ("--no-bf16", not bf16), ("--int8", int8),
+    args += ["--codes", _csv(codes, str)] if codes else []
+    args += [flag for flag, on in (("--tune", tune), ("--no-bf16", not bf16),
                                    ("--cpu-dry-run", cpu_dry_run)) if on]
     env = {"TRITON_INTERPRET": "1", "DSF_INTERPRET_KERNELS": "1"} if cpu_dry_run else None
     raise typer.Exit(_run_script("bench_layer", args, env))

@@ -55,7 +55,7 @@ from dsf_runtime.quantized import FORMAT as INT8_ROW, SCALE_SUFFIX, check_quanti
 _CODE_NAMES = (*CODE_DTYPES.values(), INT4)  # manifest dtypes of quantized values (they come with scales)
 # Layouts that store codes, and which: the stored layouts all of them, the nibble kernel layout int8 (its decode
 # kernel reads them; a CUDA-loaded model saves it so).
-_LAYOUT_CODES = {**{layout: _CODE_NAMES for layout in _CODE_LAYOUTS}, "nibble": ("int8",)}
+_LAYOUT_CODES = {layout: _CODE_NAMES for layout in (*_CODE_LAYOUTS, "nibble")}
 
 __all__ = [
     "DEFAULT_MAX_SHARD_BYTES",

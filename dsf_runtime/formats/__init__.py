@@ -229,28 +229,28 @@ def kernel_layout(matrix: PackedMatrix, dtype: torch.dtype | None = None) -> Pac
 
     ``nibble`` (preferred within 10% of ``delta``: its decode is faster), ``delta``, or ``dense`` when neither saves
     10% over the dense matrix. A ``nibble``/``delta`` matrix, or a ``dense`` one that stays dense, is returned as it
-    is (cast only). Otherwise one dense temporary of the matrix is made on its device. int8 codes with row scales
-    stay codes when ``nibble`` is chosen and ``dtype`` is None or the scales' dtype (its decode kernel reads them);
-    other codes are decoded into ``dtype`` (default: the scales' dtype).
+    is (cast only). Otherwise one dense temporary of the matrix is made on its device. Codes (int8, float8, int4)
+    stay codes when ``nibble`` is chosen and ``dtype`` is None or the scales' dtype (its decode kernel reads and
+    scales them); otherwise they are decoded into ``dtype`` (default: the scales' dtype).
     """
     if isinstance(matrix, (NibbleMatrix, DeltaMatrix, TileMatrix)):
         codes_as_they_are = matrix.quantized and dtype == matrix.compute_dtype
         return matrix if dtype in (None, matrix.dtype) or codes_as_they_are else matrix.to(dtype=dtype)
-    keep_codes = (matrix.quantized and matrix.dtype == torch.int8 and matrix.group_size is None
-                  and dtype in (None, matrix.compute_dtype))
+    keep_codes = matrix.quantized and dtype in (None, matrix.compute_dtype)
     dense = matrix.to_dense(dtype or matrix.compute_dtype)
     codes = matrix.dense_codes() if keep_codes else None
     rows, cols = dense.shape
     vb = dense.element_size()
     counts = group_counts(dense if codes is None else codes, 16)
     per_group = max(int(counts.max()) if counts.numel() else 1, 1)
-    b_nibble = nibble_bytes(rows, cols, per_group, 16, 1 if keep_codes else vb)
+    code_bytes = 0.5 if matrix.group_size is not None else 1
+    b_nibble = nibble_bytes(rows, cols, per_group, 16, code_bytes if keep_codes else vb)
     b_delta = int(delta_entries(dense)[4].sum()) * (vb + 0.5) + 4 * (rows + 1)
     if min(b_nibble, b_delta) > 0.9 * rows * cols * vb:
         keep = isinstance(matrix, DenseMatrix) and dense.dtype == matrix.dtype
         return matrix if keep else DenseMatrix.from_dense(dense)
     if b_nibble <= 1.1 * b_delta:
         if codes is not None:
-            return NibbleMatrix.from_dense(codes, per_group=per_group, scales=matrix.scales)
+            return NibbleMatrix.from_dense(codes, per_group=per_group, **matrix.code_options())
         return NibbleMatrix.from_dense(dense, per_group=per_group)
     return DeltaMatrix.from_dense(dense)

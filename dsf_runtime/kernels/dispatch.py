@@ -79,11 +79,10 @@ def _decode(x2: torch.Tensor, factors: Sequence[Any], bias: torch.Tensor | None,
 
 
 def _dense_of(k: Any, dtype: torch.dtype) -> torch.Tensor:
-    """``k`` as a dense ``[rows, cols]`` temporary in ``dtype`` (the Triton unpack kernels for sparse layouts; int8
-    codes are unpacked, then multiplied by their row scales: code · scale is exact before the one rounding)."""
+    """``k`` as a dense ``[rows, cols]`` temporary in ``dtype`` (the Triton unpack kernels for sparse layouts; the
+    ``nibble`` unpack decodes codes in registers: code · scale is exact before the one rounding)."""
     if k.layout == "nibble":
-        dense = nibble_unpack(k, dtype=dtype, **configs.unpack_config(k.shape[0], k.slots))
-        return dense if k.scales is None else dense.mul_(k.scales.to(dtype)[:, None])
+        return nibble_unpack(k, dtype=dtype, **configs.unpack_config(k.shape[0], k.slots))
     if k.layout == "delta":
         return delta_unpack(k, dtype=dtype)
     if k.layout == "tile":  # no unpack kernel yet: the pure-torch decode
@@ -166,7 +165,7 @@ def linear(x: torch.Tensor, factors: Sequence[Any], bias: torch.Tensor | None = 
     Args:
         x: ``[..., in]`` float16/bfloat16/float32 on the factors' device; cast to the factors' compute dtype.
         factors: ``nibble``/``delta``/``tile``/``dense`` matrices (``dsf_runtime.formats``), outermost first, one compute
-            dtype (the values', or the row scales' of ``nibble`` int8 codes).
+            dtype (the values', or the scales' of ``nibble`` codes).
         bias: ``[out]`` or None, added in the factors' compute dtype.
         out_dtype: dtype of ``y`` (default ``x.dtype``).
         path: see the module docstring.

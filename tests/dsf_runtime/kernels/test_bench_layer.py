@@ -3,6 +3,8 @@ its ``--tune`` step writing a tuning file through ``dsf_runtime.kernels.tuning``
 
 import json
 
+import pytest
+
 from benchmarks import bench_layer as bench
 from dsf_runtime.kernels import configs
 
@@ -23,6 +25,18 @@ def test_rows_schema(tmp_path):
         assert r["rel_err"] <= 1e-2
     assert {"device", "driver", "torch", "triton", "date", "git_sha", "tuning"} <= set(res["meta"])
     assert out.with_suffix(".md").read_text().startswith("# Layer benchmark")
+
+
+def test_code_rows_match_their_decoded_reference(tmp_path):
+    res = bench.bench_layer([(32, 256)], (1,), delta_batches=(), bf16=False, densities=(0.5,),
+                            codes=("int8", "fp8", "int4"), log=lambda *_: None)
+    rows = {r["dtype"]: r for r in res["rows"] if r["kind"] == "dsf"}
+    assert set(rows) == {"float16", "int8", "fp8", "int4"}
+    for name in ("int8", "fp8", "int4"):
+        assert rows[name]["rel_err"] <= 1e-2, name  # against the decoded factors in float64
+    assert rows["int4"]["bytes"] < rows["int8"]["bytes"] < rows["float16"]["bytes"]
+    with pytest.raises(SystemExit, match="--codes: unknown format 'int2'"):
+        bench._code_formats("int8,int2")
 
 
 def test_paths_exist():
