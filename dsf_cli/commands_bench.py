@@ -78,6 +78,10 @@ def e2e(
                                      "CUDA graph."),
     real_smollm2: bool = typer.Option(False, "--real-smollm2/--no-real-smollm2", help="Also compress SmolLM2 with "
                                       "the DSF solver and generate one greedy sentence."),
+    dense_compile: str = typer.Option("max-autotune-no-cudagraphs", "--dense-compile", help="Without --model: also "
+                                      "time each dense model under torch.compile with this mode (its decode step in "
+                                      "the same CUDA graph) and report speedups against the faster dense variant; "
+                                      "none = only the eager baseline."),
     dry_run: bool = typer.Option(False, "--dry-run", "--cpu-dry-run", help="Tiny model on the CPU: checks the code "
                                  "paths (seconds); its tables and plot say they are NOT speed measurements."),
     plot: bool = typer.Option(True, "--plot/--no-plot", help="Write the PNG (benchmarks/plot.py)."),
@@ -109,7 +113,8 @@ def e2e(
         return
     args = ["--out", str(out or "benchmarks/results/e2e.json"), "--models", models, "--densities",
             _csv(densities, float), "--batches", _csv(batches), "--prompt-tokens", str(prompt_tokens),
-            "--new-tokens", str(new_tokens), "--prefill-tokens", str(prefill_tokens), "--runs", str(runs)]
+            "--new-tokens", str(new_tokens), "--prefill-tokens", str(prefill_tokens), "--runs", str(runs),
+            "--dense-compile", dense_compile]
     args += [flag for flag, on in (("--no-cuda-graphs", not cuda_graphs), ("--real-smollm2", real_smollm2),
                                    ("--dry-run", dry_run), ("--plot", plot)) if on]
     if not dry_run:

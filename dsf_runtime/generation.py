@@ -12,6 +12,10 @@ compressed layers or dense ones:
    length. Replaying the graph ``max_new_tokens - 2`` times therefore runs the whole decode loop without a host
    sync or a Python-level forward.
 
+With ``compile_mode`` (e.g. ``"max-autotune-no-cudagraphs"``), every forward goes through
+``torch.compile(model, mode=compile_mode)`` (compiled once per model and mode, on the first call of each shape;
+``greedy_generate``'s eager decode step above is that compile), and the compiled step is captured the same way.
+
 If the capture fails (a model that syncs with the host inside its forward, say), the loop goes on eagerly with the
 same step and the reason is logged and returned. On the CPU, or with ``cuda_graphs=False``, the loop is eager.
 No early stop at EOS (every sequence generates ``max_new_tokens``; the caller may cut at EOS).
@@ -23,6 +27,7 @@ import functools
 import inspect
 import logging
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -94,10 +99,23 @@ def _cache_argument(model_class: type) -> str:
     return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
 
 
-def _forward(model: nn.Module, ids: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
-    """Logits of the last position, ``[batch, vocab]``."""
+_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {mode: torch.compile(model)}
+
+
+def _compiled(model: nn.Module, mode: str) -> nn.Module:
+    """``torch.compile(model, mode=mode)``, made once per model and mode."""
+    per_model = _COMPILED.setdefault(model, {})
+    if mode not in per_model:
+        per_model[mode] = torch.compile(model, mode=mode)
+    return per_model[mode]
+
+
+def _forward(model: nn.Module, ids: torch.Tensor, positions: torch.Tensor, cache,
+             compile_mode: str | None = None) -> torch.Tensor:
+    """Logits of the last position, ``[batch, vocab]`` (through ``torch.compile`` with ``compile_mode``)."""
     kwargs = {_cache_argument(type(model)): cache}
-    out = model(input_ids=ids, position_ids=positions, use_cache=True, logits_to_keep=1, **kwargs)
+    run = model if compile_mode is None else _compiled(model, compile_mode)
+    out = run(input_ids=ids, position_ids=positions, use_cache=True, logits_to_keep=1, **kwargs)
     return out.logits[:, -1]
 
 
@@ -123,7 +141,7 @@ def _capture(step: Callable[[], None], device: torch.device) -> tuple[torch.cuda
 @torch.inference_mode()
 def greedy_generate(
     model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, *, cuda_graphs: bool = True,
-    on_token: Callable[[], None] | None = None,
+    on_token: Callable[[], None] | None = None, compile_mode: str | None = None,
 ) -> GenerationResult:
     """Generate ``max_new_tokens`` tokens greedily after ``input_ids`` (see the module docstring).
 
@@ -133,6 +151,7 @@ def greedy_generate(
         max_new_tokens: ≥ 1.
         cuda_graphs: capture the decode step in a CUDA graph (CUDA only).
         on_token: called after each generated token (e.g. a progress bar); on CUDA it does not synchronize.
+        compile_mode: run the forwards through ``torch.compile(model, mode=compile_mode)`` (None: eager).
 
     Returns:
         A ``GenerationResult``.
@@ -148,7 +167,7 @@ def greedy_generate(
     timer = _Timer(device)
 
     timer.start()
-    first = _forward(model, input_ids, torch.arange(prompt, device=device)[None], cache).argmax(-1)
+    first = _forward(model, input_ids, torch.arange(prompt, device=device)[None], cache, compile_mode).argmax(-1)
     tokens[:, 0] = first
     prefill_ms = timer.stop()
     notify = on_token or (lambda: None)
@@ -159,7 +178,7 @@ def greedy_generate(
     step_index = torch.ones(1, dtype=torch.long, device=device)
 
     def step() -> None:
-        nxt = _forward(model, ids, position, cache).argmax(-1)
+        nxt = _forward(model, ids, position, cache, compile_mode).argmax(-1)
         ids.copy_(nxt[:, None])
         tokens.index_copy_(1, step_index, nxt[:, None])
         position.add_(1)
@@ -191,8 +210,9 @@ def greedy_generate(
 
 @torch.inference_mode()
 def time_prefill(model: nn.Module, tokens: int, *, batch: int = 1, runs: int = 3, vocab: int | None = None,
-                 seed: int = 0) -> dict:
-    """Time the prefill forward of ``batch`` random prompts of ``tokens`` tokens into a static cache.
+                 seed: int = 0, compile_mode: str | None = None) -> dict:
+    """Time the prefill forward of ``batch`` random prompts of ``tokens`` tokens into a static cache (through
+    ``torch.compile`` with ``compile_mode``).
 
     One untimed run first (allocates the cache, compiles), then ``runs`` timed ones (the cache is reset between).
 
@@ -210,7 +230,7 @@ def time_prefill(model: nn.Module, tokens: int, *, batch: int = 1, runs: int = 3
     for i in range(runs + 1):
         cache.reset()
         timer.start()
-        _forward(model, ids, positions, cache).argmax(-1)
+        _forward(model, ids, positions, cache, compile_mode).argmax(-1)
         ms = timer.stop()
         if i:
             times.append(ms)

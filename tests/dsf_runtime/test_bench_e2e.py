@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import typer
 from typer.testing import CliRunner
 
@@ -20,7 +21,8 @@ KEYS = {"model", "variant", "density", "nnz_density", "phase", "batch", "tokens"
 
 def test_dry_run_rows(tmp_path: Path, monkeypatch) -> None:
     out = tmp_path / "e2e.json"
-    res = bench.bench_e2e(out=out, densities=(0.5,), batches=(1, 2), dry_run=True, log=lambda *_: None)
+    res = bench.bench_e2e(out=out, densities=(0.5,), batches=(1, 2), dry_run=True, dense_compile=None,
+                          log=lambda *_: None)
     rows = json.loads(out.read_text())["rows"]
     assert rows == json.loads(json.dumps(res["rows"]))
     assert {(r["model"], r["variant"], r["phase"], r["batch"]) for r in rows} == {
@@ -60,12 +62,44 @@ def test_cli_dry_run(tmp_path: Path) -> None:
     app = _bench_app()
     out = tmp_path / "cli.json"
     result = CliRunner().invoke(app, ["bench", "e2e", "--cpu-dry-run", "--models", "llama2-7b", "--densities", "0.3",
-                                      "--batches", "1", "--no-plot", "--out", str(out)])
+                                      "--batches", "1", "--no-plot", "--dense-compile", "none", "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert "| tiny-llama | dsf-0.3 |" in result.output and out.is_file()
     assert result.output.count(DRY_RUN_CAVEAT) >= 2  # the log and the table
     result = CliRunner().invoke(app, ["bench", "e2e", "--batches", "1,x", "--dry-run", "--out", str(out)])
     assert result.exit_code != 0 and "expected comma-separated numbers" in result.output
+
+
+def test_speedups_are_against_the_faster_dense_variant() -> None:
+    def row(variant, phase, value):
+        return {"model": "m", "variant": variant, "phase": phase, "batch": 1, "weight_bytes": 100 if "dense" in
+                variant else 40, "decode_tok_s": value if phase == "decode" else None,
+                "prefill_ms": value if phase == "prefill" else None}
+
+    rows = [row("dense", "decode", 100.0), row("dense-compiled", "decode", 125.0), row("dsf-0.5", "decode", 150.0),
+            row("dense", "prefill", 10.0), row("dense-compiled", "prefill", 12.0), row("dsf-0.5", "prefill", 20.0)]
+    bench.add_ratios(rows)
+    decode, prefill = rows[2], rows[5]
+    assert decode["baseline_variant"] == "dense-compiled" and decode["speedup_vs_dense"] == 1.2
+    assert decode["speedup_vs_dense_eager"] == 1.5 and decode["weight_ratio_vs_dense"] == 0.4
+    assert prefill["baseline_variant"] == "dense" and prefill["speedup_vs_dense"] == 0.5  # eager prefill is faster
+    assert rows[0]["speedup_vs_dense"] == 0.8 and rows[1]["speedup_vs_dense"] == 1.0
+
+
+@pytest.mark.slow
+def test_compiled_dense_generates_the_eager_tokens() -> None:
+    """``greedy_generate``/``time_prefill`` through ``torch.compile`` (the stronger dense baseline): same tokens."""
+    import torch
+
+    from benchmarks.e2e_models import TINY_LLAMA, build_random_llama
+    from dsf_runtime.generation import greedy_generate, time_prefill
+
+    model = build_random_llama(TINY_LLAMA, torch.device("cpu"), torch.float32)
+    ids = torch.randint(3, model.config.vocab_size, (2, 8), generator=torch.Generator().manual_seed(0))
+    eager = greedy_generate(model, ids, 4)
+    compiled = greedy_generate(model, ids, 4, compile_mode="default")
+    assert torch.equal(compiled.ids, eager.ids) and compiled.decode_steps == 3
+    assert time_prefill(model, 8, runs=1, compile_mode="default")["ms"] > 0
 
 
 def _bench_app() -> typer.Typer:
