@@ -8,15 +8,20 @@ times, with weights rotated over copies larger than the L2 and CUDA-graph replay
 - ``nibble_us`` / ``delta_us``: ``dispatch.linear`` ``auto`` on the existing kernel layouts (balanced masks for
   ``nibble``, unstructured for ``delta``);
 - ``tile_us``: ``tile_matmul`` (what ``dispatch`` path ``tile`` runs) on the unstructured factors stored as ``tile``,
-  the fastest correct config of a small sweep (tile 16×64 or 32×64; ``BN`` 16/64; ``SPLIT_K`` 1/4) at the swept
-  batches (``SWEEP_BATCHES``), the best swept config of the nearest swept batch elsewhere; ``tile_configs`` has
-  every swept time (or its error).
+  the fastest correct config of a small sweep (tile 16×64 or 32×64 × ``configs.tile_candidates``: ``BN`` 16/64,
+  ``SPLIT_K`` 1/4) at the swept batches (``SWEEP_BATCHES``), the best swept config of the nearest swept batch
+  elsewhere; ``tile_configs`` has every swept time (or its error).
+
+``--tuning-file PATH`` writes the swept winners into a kernel tuning file (``dsf_runtime.kernels.tuning``): one
+``tile`` entry per factor shape and swept token bucket (density 0.5's winner where 0.5 and 0.3 share a factor
+shape), which ``configs.tile_config`` then reads for ``dispatch``'s ``tile`` path.
 
 Every swept config and every row is first checked against a float64 reference on NaN-poisoned memory
 (``rel_err``; a config above ``MAX_REL_ERR`` is not chosen). Output: JSON (``--out``, rewritten after every row, so
 a run cut short keeps its rows) and a PNG of speedup over dense against batch, one panel per shape.
 
     python -m benchmarks.bench_tile --out benchmarks/results/tile-h100.json      # about 4 minutes on an H100
+    python -m benchmarks.bench_tile --tuning-file dsf_runtime/kernels/tuned/<gpu>.json ...
     TRITON_INTERPRET=1 DSF_INTERPRET_KERNELS=1 python -m benchmarks.bench_tile --cpu-dry-run --out /tmp/t.json
 """
 
@@ -38,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.bench_layer import _copies, _poison, _reference, _rel_err, _time, make_case  # noqa: E402
 from benchmarks.common import DRY_RUN_CAVEAT, run_meta  # noqa: E402
 from dsf_runtime.formats import DeltaMatrix, NibbleMatrix, TileMatrix  # noqa: E402
+from dsf_runtime.kernels import configs, tuning  # noqa: E402
 from dsf_runtime.kernels.dispatch import linear  # noqa: E402
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]
@@ -45,11 +51,8 @@ BATCHES = (1, 2, 8, 16, 32, 64, 128, 256, 2048)
 SWEEP_BATCHES = (16, 64, 256)
 DENSITIES = (0.5, 0.3)
 TILES = ((16, 64), (32, 64))
-CONFIGS = [{"BN": bn, "SPLIT_K": sk, "num_warps": 4, "num_stages": 2} for bn, sk in itertools.product((16, 64),
-                                                                                                       (1, 4))]
 MAX_REL_ERR = 1e-2
-DRY_RUN = {"shapes": [(48, 96)], "batches": (1, 17), "sweep": (17,), "densities": (0.5,), "tiles": ((16, 64),),
-           "configs": CONFIGS[:2]}
+DRY_RUN = {"shapes": [(48, 96)], "batches": (1, 17), "sweep": (17,), "densities": (0.5,), "tiles": ((16, 64),)}
 
 
 def _tile_fn(x, ks, config):
@@ -72,10 +75,10 @@ def _nearest(batch: int, swept: dict) -> tuple:
     return swept[b]
 
 
-def _sweep(x, ref, tiled, tiles, configs, batch, repeats, dev) -> dict:
+def _sweep(x, ref, tiled, tiles, batch, repeats, dev) -> dict:
     """``{name: (us or None, tile, config, note)}`` of every config: timed when it runs and is correct."""
     times = {}
-    for tile, cfg in itertools.product(tiles, configs):
+    for tile, cfg in itertools.product(tiles, configs.tile_candidates(batch)):
         label = f"{tile[0]}x{tile[1]} BN{cfg['BN']} SK{cfg['SPLIT_K']}"
         try:
             _poison(dev)
@@ -90,7 +93,7 @@ def _sweep(x, ref, tiled, tiles, configs, batch, repeats, dev) -> dict:
     return times
 
 
-def run(shapes, batches, sweep_batches, densities, tiles, configs, repeats: int, max_seconds: float, log=print,
+def run(shapes, batches, sweep_batches, densities, tiles, repeats: int, max_seconds: float, log=print,
         out: Path | None = None):
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
@@ -130,17 +133,19 @@ def run(shapes, batches, sweep_batches, densities, tiles, configs, repeats: int,
             for name, copies in layouts.items():
                 row[f"{name}_us"] = round(_time([lambda ks=ks: linear(x, ks) for ks in copies], batch, repeats)["us"], 3)
             if batch in sweep_batches:
-                times = _sweep(x, ref, tiled, tiles, configs, batch, repeats, dev)
+                times = _sweep(x, ref, tiled, tiles, batch, repeats, dev)
                 ran = [k for k, v in times.items() if v[0] is not None]
                 if ran:
                     best = min(ran, key=lambda k: times[k][0])
                     swept[batch] = times[best][1:3]
                 row["tile_configs"] = {k: round(v[0], 3) if v[0] is not None else v[3] for k, v in times.items()}
-            tile, cfg = _nearest(batch, swept) if swept else (tiles[0], configs[0])
+            tile, cfg = _nearest(batch, swept) if swept else (tiles[0], configs.tile_heuristic(
+                tiled[tiles[0]][0][0].grid, batch))
             _poison(dev)
             row["rel_err"] = _rel_err(linear_tile(x, tiled[tile][0], cfg), ref)
             row["tile_us"] = round(_time([_tile_fn(x, ks, cfg) for ks in tiled[tile]], batch, repeats)["us"], 3)
             row["tile_config"] = {"tile": list(tile), **cfg}
+            row["factor_shapes"] = [list(k.shape) for k in tiled[tile][0]]
             row["tile_bytes"] = sum(k.nbytes for k in tiled[tile][0])
             row["nibble_bytes"] = sum(k.nbytes for k in layouts["nibble"][0])
             row["delta_bytes"] = sum(k.nbytes for k in layouts["delta"][0])
@@ -156,6 +161,22 @@ def run(shapes, batches, sweep_batches, densities, tiles, configs, repeats: int,
         if dev.type == "cuda":
             torch.cuda.empty_cache()
     return result()
+
+
+def tuning_entries(results: dict) -> list[dict]:
+    """The tuning file's ``tile`` entries of a run: for each swept row (one with ``tile_configs``), the winning
+    config for every factor shape of the row's chain at ``configs.token_bucket(batch)``; higher densities first,
+    so where two densities share a factor shape the denser one's winner is kept."""
+    entries: dict = {}
+    rows = sorted((r for r in results["rows"] if "tile_configs" in r), key=lambda r: (-r["density"], r["batch"]))
+    for r in rows:
+        config = {k: v for k, v in r["tile_config"].items() if k != "tile"}
+        for rows_, cols in r["factor_shapes"]:
+            key = (rows_, cols, configs.token_bucket(r["batch"]))
+            entries.setdefault(key, {"layout": "tile", "rows": rows_, "per_row": cols, "tokens": key[2],
+                                     "config": config, "us": r["tile_us"], "tile_shape": r["tile_config"]["tile"],
+                                     "density": r["density"]})
+    return list(entries.values())
 
 
 def plot(results: dict, out: Path) -> Path:
@@ -192,6 +213,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/tile.json"))
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--max-seconds", type=float, default=220.0, help="stop starting new rows after this")
+    ap.add_argument("--tuning-file", type=Path, default=None, help="also write the swept winners as 'tile' entries "
+                    "of this kernel tuning file (merged into it if it exists)")
     ap.add_argument("--cpu-dry-run", action="store_true", help="tiny shapes in the Triton interpreter (needs "
                     "TRITON_INTERPRET=1 and DSF_INTERPRET_KERNELS=1); not a speed measurement")
     args = ap.parse_args(argv)
@@ -202,13 +225,14 @@ def main(argv=None) -> int:
         print(DRY_RUN_CAVEAT)
         d = DRY_RUN
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        results = run(d["shapes"], d["batches"], d["sweep"], d["densities"], d["tiles"], d["configs"], 1, 60.0,
-                      out=args.out)
+        results = run(d["shapes"], d["batches"], d["sweep"], d["densities"], d["tiles"], 1, 60.0, out=args.out)
     else:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        results = run(SHAPES, BATCHES, SWEEP_BATCHES, DENSITIES, TILES, CONFIGS, args.repeats, args.max_seconds,
-                      out=args.out)
+        results = run(SHAPES, BATCHES, SWEEP_BATCHES, DENSITIES, TILES, args.repeats, args.max_seconds, out=args.out)
     args.out.write_text(json.dumps(results, indent=1) + "\n")
+    if args.tuning_file is not None:
+        found = {"device": configs.device_name() or "cpu-dry-run", "matmul": tuning_entries(results), "unpack": []}
+        print(tuning.write_tuning(args.tuning_file, found, source="benchmarks/bench_tile.py"))
     print(plot(results, args.out.with_suffix(".png")))
     return 0
 

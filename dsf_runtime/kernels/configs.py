@@ -3,15 +3,22 @@
 ``lookup(op, rows, per_row, BN)`` returns ``{"BN", "BLOCK_R", "BLOCK_S", "num_warps", "num_stages"}`` (plus the
 optional ``PREFETCH``/``XF32``/``CG`` flags) for a matrix with ``rows`` rows and ``per_row`` stored slots per row
 (``slots_per_row(matrix)``: ``nibble``: ``S``; ``delta``: average entries), and ``unpack_config(rows, per_row)`` the
-tiles of ``nibble_unpack``. Both read the tables of the current CUDA device (``torch.cuda.get_device_name()``) from
-the tuning files, else fall back to ``heuristic`` / ``UNPACK_DEFAULT``.
+tiles of ``nibble_unpack``, and ``tile_config(rows, cols, grid, tokens)`` the ``{"BN", "SPLIT_K", "num_warps",
+"num_stages"}`` of ``tile_matmul`` for a ``tile`` matrix and a token count. All read the tables of the current CUDA
+device (``torch.cuda.get_device_name()``) from the tuning files, else fall back to ``heuristic`` /
+``UNPACK_DEFAULT`` / ``tile_heuristic``.
 
 Tuning files (JSON, written by ``dsf_runtime.kernels.tuning``)::
 
     {"format": "dsf-kernel-tuning", "version": 1,
      "devices": {"<device name>": {
-         "matmul": [{"layout": "nibble", "rows": 4096, "per_row": 1024, "BN": 1, "config": {...}, "us": 9.1}, ...],
+         "matmul": [{"layout": "nibble", "rows": 4096, "per_row": 1024, "BN": 1, "config": {...}, "us": 9.1}, ...,
+                    {"layout": "tile", "rows": 4096, "per_row": 11008, "tokens": 64,
+                     "config": {"BN": 64, "SPLIT_K": 1, "num_warps": 4, "num_stages": 2}, "us": 40.2}, ...],
          "unpack": [{"rows": 4096, "per_row": 1024, "config": {"block_r": 4, "block_g": 64, "num_warps": 8}}, ...]}}}
+
+A ``tile`` entry is keyed by the matrix's ``rows`` and columns (``per_row``) and a token bucket ``tokens`` (the
+next power of two of the token count, ``token_bucket``); its ``config`` holds the kernel's own ``BN``.
 
 Read in order, later entries replacing earlier ones: the files shipped in ``dsf_runtime/kernels/tuned/``, then
 the user's file (``use_tuning_file(path)``, else the ``DSF_TUNING_FILE`` environment variable).
@@ -29,7 +36,9 @@ import torch
 
 __all__ = ["DECODE_BN1_MAX_TOKENS", "DECODE_MAX_TOKENS", "TUNED_DIR", "TUNING_ENV", "UNPACK_DEFAULT", "USE_PDL",
            "TuningFileError", "candidates", "device_name", "heuristic", "lookup", "pdl_options", "slots_per_row",
-           "read_tuning", "tables", "unpack_candidates", "unpack_config", "use_tuning_file"]
+           "read_tuning", "tables", "tile_candidates", "tile_config", "tile_heuristic", "token_bucket",
+           "unpack_candidates",
+           "unpack_config", "use_tuning_file"]
 
 # Largest token count for which the streaming (decode) kernels beat decompress + cuBLAS.
 DECODE_MAX_TOKENS = 16
@@ -49,6 +58,8 @@ TUNING_ENV = "DSF_TUNING_FILE"
 FORMAT = "dsf-kernel-tuning"
 VERSION = 1
 _MATMUL_KEYS = ("BLOCK_R", "BLOCK_S", "num_warps", "num_stages")
+_TILE_KEYS = ("BN", "SPLIT_K", "num_warps", "num_stages")
+SMS = 132  # streaming multiprocessors of an H100 SXM: the programs tile_heuristic aims to fill
 _UNPACK_KEYS = ("block_r", "block_g", "num_warps")
 
 
@@ -100,10 +111,12 @@ def read_tuning(path: str | Path) -> dict[str, dict[str, dict]]:
         matmul, unpack = {}, {}
         for i, e in enumerate(table.get("matmul", [])):
             where = f"{path}: devices[{name!r}].matmul[{i}]"
-            if not isinstance(e, dict) or e.get("layout") not in ("nibble", "delta"):
-                raise TuningFileError(f"{where}: needs 'layout' 'nibble' or 'delta', got {e!r}")
-            key = (e["layout"], _int(e, "rows", where), _int(e, "per_row", where), _int(e, "BN", where))
-            matmul[key] = _config(e, _MATMUL_KEYS, where)
+            if not isinstance(e, dict) or e.get("layout") not in ("nibble", "delta", "tile"):
+                raise TuningFileError(f"{where}: needs 'layout' 'nibble', 'delta' or 'tile', got {e!r}")
+            tile = e["layout"] == "tile"
+            key = (e["layout"], _int(e, "rows", where), _int(e, "per_row", where),
+                   _int(e, "tokens" if tile else "BN", where))
+            matmul[key] = _config(e, _TILE_KEYS if tile else _MATMUL_KEYS, where)
         for i, e in enumerate(table.get("unpack", [])):
             where = f"{path}: devices[{name!r}].unpack[{i}]"
             if not isinstance(e, dict):
@@ -187,6 +200,45 @@ def unpack_config(rows: int, per_row: int, *, device: str | None = None) -> dict
     """Tiles of ``nibble_unpack`` (``block_r``, ``block_g``, ``num_warps``) for a matrix with ``rows`` rows and
     ``per_row`` slots per row: tuned for ``device`` (default the current CUDA device), else ``UNPACK_DEFAULT``."""
     return dict(_table(device, "unpack").get((rows, per_row), UNPACK_DEFAULT))
+
+
+def token_bucket(tokens: int) -> int:
+    """The tuning key of a token count for the ``tile`` kernel: the next power of two (at least 1)."""
+    return 1 << max(tokens - 1, 0).bit_length()
+
+
+def tile_config(rows: int, cols: int, grid: tuple[int, int], tokens: int, *, device: str | None = None) -> dict:
+    """``tile_matmul``'s ``{"BN", "SPLIT_K", "num_warps", "num_stages"}`` for a ``rows × cols`` ``tile`` matrix
+    whose tile grid is ``grid`` (tile rows, tile columns) and ``tokens`` tokens: the tuned entry of ``device``
+    (default the current CUDA device) for this matrix and ``token_bucket(tokens)``, else the one of the nearest tuned
+    bucket of the same matrix, else ``tile_heuristic``."""
+    table = _table(device, "matmul")
+    bucket = token_bucket(tokens)
+    hit = table.get(("tile", rows, cols, bucket))
+    if hit is None:
+        near = sorted((abs(k[3].bit_length() - bucket.bit_length()), k[3]) for k in table
+                      if k[:3] == ("tile", rows, cols))
+        if near:
+            hit = table[("tile", rows, cols, near[0][1])]
+    return dict(hit) if hit else tile_heuristic(grid, tokens)
+
+
+def tile_heuristic(grid: tuple[int, int], tokens: int) -> dict:
+    """A ``tile_matmul`` configuration without measurements: the smallest ``BN`` in 16/32/64 that holds the tokens
+    (64 above), and ``SPLIT_K`` so that tile rows × token blocks × splits reach about two programs per SM (``SMS``),
+    each split keeping at least 8 tile columns."""
+    n_tr, n_tc = grid
+    bn = 16 if tokens <= 16 else 32 if tokens <= 32 else 64
+    programs = max(n_tr, 1) * -(-max(tokens, 1) // bn)
+    split = max(1, min(-(-2 * SMS // programs), max(n_tc, 1) // 8))
+    return {"BN": bn, "SPLIT_K": split, "num_warps": 4, "num_stages": 2}
+
+
+def tile_candidates(tokens: int) -> list[dict]:
+    """The small set of configurations a sweep times for ``tile_matmul`` at ``tokens`` tokens (``BN`` 16 and, from
+    33 tokens, 64; ``SPLIT_K`` 1 and 4)."""
+    bns = [bn for bn in (16, 64) if bn == 16 or tokens > 32]
+    return [{"BN": bn, "SPLIT_K": sk, "num_warps": 4, "num_stages": 2} for bn in bns for sk in (1, 4)]
 
 
 def pdl_options(x: torch.Tensor) -> dict:

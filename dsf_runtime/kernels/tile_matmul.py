@@ -23,11 +23,9 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["TILE_CONFIG", "tile_matmul", "tile_matmul_reference"]
+from dsf_runtime.kernels import configs
 
-# Tokens per program and the split of the tile columns: a first guess for the H100 (BN 16..64), to be replaced by
-# the tuning file once measured.
-TILE_CONFIG = {"BN": 16, "SPLIT_K": 1, "num_warps": 4, "num_stages": 2}
+__all__ = ["tile_matmul", "tile_matmul_reference"]
 
 
 @triton.jit
@@ -89,7 +87,8 @@ def tile_matmul(x: torch.Tensor, w: Any, bias: torch.Tensor | None = None, *, ou
         w: the matrix, layout ``tile``.
         bias: ``[rows]`` or None.
         out_dtype: dtype of ``y`` (default ``x.dtype``).
-        config: ``{"BN", "SPLIT_K", "num_warps", "num_stages"}`` (default ``TILE_CONFIG``); ``BN`` is 16, 32 or 64.
+        config: ``{"BN", "SPLIT_K", "num_warps", "num_stages"}``, any of them (the rest from
+            ``configs.tile_config``: the tuning file, else ``configs.tile_heuristic``); ``BN`` is 16, 32 or 64.
         out: optional contiguous ``[T, rows]`` ``out_dtype`` result tensor (every element is written).
 
     Returns:
@@ -109,7 +108,7 @@ def tile_matmul(x: torch.Tensor, w: Any, bias: torch.Tensor | None = None, *, ou
         raise TypeError(f"x has dtype {x.dtype}; expected float16, bfloat16 or float32")
     if bias is not None and (tuple(bias.shape) != (rows,) or bias.device != w.device):
         raise ValueError(f"bias must be [{rows}] on {w.device}, got {list(bias.shape)} on {bias.device}")
-    cfg = {**TILE_CONFIG, **(config or {})}
+    cfg = {**configs.tile_config(rows, cols, w.grid, x.shape[0]), **(config or {})}
     if type(cfg["BN"]) is not int or cfg["BN"] not in (16, 32, 64) or type(cfg["SPLIT_K"]) is not int \
             or cfg["SPLIT_K"] < 1:
         raise ValueError(f"config needs an int BN in (16, 32, 64) and an int SPLIT_K >= 1, got {cfg}")

@@ -187,7 +187,7 @@ def format_tuning(doc: dict) -> str:
 
 
 def _sort_key(entry: dict) -> tuple:
-    return (entry.get("layout", ""), entry["rows"], entry["per_row"], entry.get("BN", 0))
+    return (entry.get("layout", ""), entry["rows"], entry["per_row"], entry.get("BN", entry.get("tokens", 0)))
 
 
 def write_tuning(path: str | Path, found: dict, *, source: str | None = None) -> Path:
