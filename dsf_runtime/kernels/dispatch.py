@@ -38,6 +38,7 @@ from dsf_runtime.kernels.nibble_matmul import nibble_matmul
 from dsf_runtime.kernels.nibble_unpack import nibble_unpack
 from dsf_runtime.kernels.pack_activations import pack_activations
 from dsf_runtime.kernels.tile_matmul import tile_matmul
+from dsf_runtime.kernels.tile_unpack import tile_unpack
 
 __all__ = ["PATHS", "interpreted", "linear"]
 
@@ -85,8 +86,8 @@ def _dense_of(k: Any, dtype: torch.dtype) -> torch.Tensor:
         return nibble_unpack(k, dtype=dtype, **configs.unpack_config(k.shape[0], k.slots))
     if k.layout == "delta":
         return delta_unpack(k, dtype=dtype)
-    if k.layout == "tile":  # no unpack kernel yet: the pure-torch decode
-        return k.to_dense(dtype)
+    if k.layout == "tile":
+        return tile_unpack(k, dtype=dtype)
     return k.values if k.values.dtype == dtype else k.values.to(dtype)
 
 

@@ -8,6 +8,7 @@ import torch
 from dsf_runtime.formats import FormatError, TileMatrix, from_meta, pack, tile_bytes
 from dsf_runtime.kernels.dispatch import linear
 from dsf_runtime.kernels.tile_matmul import tile_matmul, tile_matmul_reference
+from dsf_runtime.kernels.tile_unpack import tile_unpack
 from tests.dsf_runtime.kernels.conftest import rel_err, sparse_random
 
 TILES = [(16, 64), (32, 32), (64, 64)]
@@ -69,6 +70,23 @@ def test_dsf_chain_through_dispatch(device, path):
     y = linear(x.to(device), [kA, kB], bias.to(device), path=path)
     assert y.dtype == torch.float16
     assert rel_err(y, (x.double() @ B.double().T) @ A.double().T + bias.double()) <= 1e-2
+
+
+@pytest.mark.parametrize("tile", TILES)
+def test_tile_unpack_is_exact(device, tile):
+    """The prefill/materialize paths' unpack kernel: the dense matrix bit for bit (empty, all-dense and edge tiles),
+    into a strided ``out`` poisoned with NaN."""
+    gen = torch.Generator().manual_seed(tile[0])
+    for w in (_matrix(37, 83, gen), _matrix(40, 70, gen, torch.bfloat16), torch.zeros(20, 33, dtype=torch.float16),
+              torch.randn(70, 130, generator=gen)):
+        m = TileMatrix.from_dense(w, tile_rows=tile[0], tile_cols=tile[1]).to(device)
+        buffer = torch.full((w.shape[0], w.shape[1] + 5), float("nan"), dtype=w.dtype, device=device)
+        got = tile_unpack(m, buffer[:, 2 : 2 + w.shape[1]])
+        assert torch.equal(got.cpu(), w), (tile, w.dtype)
+        assert bool(buffer[:, :2].isnan().all() and buffer[:, 2 + w.shape[1]:].isnan().all())  # nothing outside
+    assert tile_unpack(m, dtype=torch.float32).dtype == torch.float32
+    with pytest.raises(ValueError, match=r"out must be \[70, 130\]"):
+        tile_unpack(m, torch.empty(70, 129, device=device))
 
 
 def test_files_round_trip_and_bytes():
