@@ -25,7 +25,7 @@ from compress.calibration import OffloadMode, compress_blocks
 from compress.data import calibration_windows, tokenize_text
 from compress.output import check_complete, prepare_output, write_output
 from compress.quantize import FORMATS as _VALUE_FORMATS
-from compress.quantize import ValueQuantization
+from compress.quantize import QUANTIZE_VERSION, ValueQuantization
 from compress.solvers import METHODS, make_config
 from compress.solvers.base import check_density
 from dsf_runtime.checkpoint import MANIFEST_NAME
@@ -277,6 +277,8 @@ class RunInputs:
         settings = config.to_dict()
         for output_only in ("offload", "layout", "save_dtype", "embedding"):
             del settings[output_only]
+        if config.values != "float":
+            settings["quantize_version"] = QUANTIZE_VERSION
         return {
             **settings,
             "device": device.type,

@@ -38,7 +38,7 @@ from torch import nn
 
 from compress.architectures import ArchitectureSpec, decoder_blocks
 from compress.evaluate import layer_error_report
-from compress.quantize import codes_of, quantize_embedding
+from compress.quantize import FORMATS as QUANTIZED_FORMATS, codes_of, quantize_embedding
 from compress.solvers.base import SolveResult
 from dsf_runtime.checkpoint import (
     INDEX_NAME,
@@ -261,8 +261,13 @@ def _results(layers: Any, tensors: Mapping[str, torch.Tensor]) -> dict[str, Solv
         values = info.get("values")
         if isinstance(values, str):  # written before each factor had its own format
             values = dict.fromkeys(_FACTORS[info["kind"]], values)
-        if values is not None and (not isinstance(values, dict) or set(values) != set(_FACTORS[info["kind"]])):
-            raise ValueError(f"layer '{layer}' has value formats {values!r}, expected one per factor")
+        if values is not None and (not isinstance(values, dict) or set(values) != set(_FACTORS[info["kind"]])
+                                   or not set(values.values()) <= set(QUANTIZED_FORMATS)):
+            raise ValueError(f"layer '{layer}' has value formats {values!r}, expected one of "
+                             f"{list(QUANTIZED_FORMATS)} per factor")
+        if values is not None and ("int4" in values.values()) != (info.get("group_size") is not None):
+            raise ValueError(f"layer '{layer}' has group_size {info.get('group_size')!r} with value formats "
+                             f"{values!r}: int4 factors need one, others none")
         needed = [f"{layer}.{k}{suffix}" for k in _FACTORS[info["kind"]] for suffix in ("", ".scales")
                   if suffix == "" or values is not None]
         missing = [name for name in needed if name not in tensors]

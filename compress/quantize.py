@@ -52,6 +52,7 @@ from dsf_runtime.formats import INT4_GROUP_SIZES, int4_group_count, pack_int4, u
 
 __all__ = [
     "FORMATS",
+    "QUANTIZE_VERSION",
     "Fp8Values",
     "Int4Values",
     "Int8Values",
@@ -72,6 +73,9 @@ __all__ = [
 ]
 
 SCALE_DTYPE = torch.float16
+# Version of the quantized factors a run stores: a resumed run must have quantized its stored blocks the same way
+# (2: DSF factors balanced before quantization, ``balance_factors``).
+QUANTIZE_VERSION = 2
 _FP16_INF = torch.tensor(math.inf, dtype=SCALE_DTYPE)
 
 
@@ -692,6 +696,8 @@ def quantize_result(result: SolveResult, weight: torch.Tensor, hessian: torch.Te
         ValueError: naming the layer for a bad format or group size, or ``small_factor_values`` on a single matrix.
     """
     int4 = "int4" in (values, small_factor_values)
+    if group_size is not None and not int4:
+        value_format(values, group_size=group_size, layer_name=layer_name)  # raises: group_size is int4's
     fmt = value_format(values, group_size=group_size if values == "int4" else None, layer_name=layer_name)
     small = None if small_factor_values is None else value_format(
         small_factor_values, group_size=group_size if small_factor_values == "int4" else None, layer_name=layer_name)

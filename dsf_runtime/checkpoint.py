@@ -53,8 +53,8 @@ from dsf_runtime.layer import CompressedLayer, factor_problem
 from dsf_runtime.quantized import FORMAT as INT8_ROW, SCALE_SUFFIX, check_quantized, dequantize_rows
 
 _CODE_NAMES = (*CODE_DTYPES.values(), INT4)  # manifest dtypes of quantized values (they come with scales)
-# Layouts that store codes, and which: the stored layouts all of them, the nibble kernel layout int8 (its decode
-# kernel reads them; a CUDA-loaded model saves it so).
+# Layouts that store codes: the stored layouts, and the nibble kernel layout (its decode kernel reads them; a
+# CUDA-loaded model saves it so).
 _LAYOUT_CODES = {layout: _CODE_NAMES for layout in (*_CODE_LAYOUTS, "nibble")}
 
 __all__ = [

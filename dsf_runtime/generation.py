@@ -27,14 +27,13 @@ import functools
 import inspect
 import logging
 import time
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-__all__ = ["GenerationResult", "greedy_generate", "time_prefill"]
+__all__ = ["GenerationResult", "greedy_generate", "release_compiled", "time_prefill"]
 
 logger = logging.getLogger(__name__)
 
@@ -99,15 +98,21 @@ def _cache_argument(model_class: type) -> str:
     return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
 
 
-_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {mode: torch.compile(model)}
+_COMPILED_ATTR = "_dsf_compiled"  # model.__dict__ entry: {mode: torch.compile(model, mode=mode)}
 
 
 def _compiled(model: nn.Module, mode: str) -> nn.Module:
-    """``torch.compile(model, mode=mode)``, made once per model and mode."""
-    per_model = _COMPILED.setdefault(model, {})
+    """``torch.compile(model, mode=mode)``, made once per model and mode and kept in the model's ``__dict__`` (not
+    as a submodule), so it lives exactly as long as the model; ``release_compiled`` drops it earlier."""
+    per_model = model.__dict__.setdefault(_COMPILED_ATTR, {})
     if mode not in per_model:
         per_model[mode] = torch.compile(model, mode=mode)
     return per_model[mode]
+
+
+def release_compiled(model: nn.Module) -> None:
+    """Drop the compiled wrappers ``greedy_generate``/``time_prefill`` made for ``model`` (``compile_mode``)."""
+    model.__dict__.pop(_COMPILED_ATTR, None)
 
 
 def _forward(model: nn.Module, ids: torch.Tensor, positions: torch.Tensor, cache,

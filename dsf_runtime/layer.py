@@ -95,6 +95,9 @@ class CompressedLayer:
             raise ValueError(f"kind {kind!r} needs factors {FACTOR_NAMES.get(kind)}, got {sorted(factors)}")
         if scales is not None and set(scales) != set(factors):
             raise ValueError(f"scales for {sorted(scales)}, factors {sorted(factors)}: one scale tensor per factor")
+        if group_size is not None and not any(s.dim() == 2 for s in (scales or {}).values()):
+            raise ValueError(f"group_size {group_size} goes with int4 codes, whose scales are [rows, groups]; "
+                             "no factor has such scales")
         if kind == "dsf":
             shape = (factors["A"].shape[0], factors["B"].shape[1])
         else:

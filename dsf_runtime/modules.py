@@ -99,7 +99,7 @@ class PackedFactor(nn.Module):
         return result
 
     def extra_repr(self) -> str:
-        return f"layout={self.layout}, shape={list(self.shape)}, dtype={self.values.dtype}"
+        return f"layout={self.layout}, shape={list(self.shape)}, dtype={self._packed.value_format}"
 
 
 class _CompressedLinear(nn.Module):

@@ -224,6 +224,12 @@ def check_meta(packed: PackedMatrix, prefix: str, meta: Mapping[str, Any]) -> No
             )
 
 
+def _float8_kernels(device: torch.device) -> bool:
+    """Whether Triton kernels on ``device`` read float8 e4m3 codes: CUDA from compute capability 8.9 (Ada,
+    Hopper) on; the CPU interpreter too."""
+    return device.type != "cuda" or torch.cuda.get_device_capability(device) >= (8, 9)
+
+
 def kernel_layout(matrix: PackedMatrix, dtype: torch.dtype | None = None) -> PackedMatrix:
     """The GPU kernels' layout with the fewest bytes for ``matrix`` (any layout), values in ``dtype``.
 
@@ -231,12 +237,14 @@ def kernel_layout(matrix: PackedMatrix, dtype: torch.dtype | None = None) -> Pac
     10% over the dense matrix. A ``nibble``/``delta`` matrix, or a ``dense`` one that stays dense, is returned as it
     is (cast only). Otherwise one dense temporary of the matrix is made on its device. Codes (int8, float8, int4)
     stay codes when ``nibble`` is chosen and ``dtype`` is None or the scales' dtype (its decode kernel reads and
-    scales them); otherwise they are decoded into ``dtype`` (default: the scales' dtype).
+    scales them; float8 only where Triton has the type, CUDA compute capability ≥ 8.9); otherwise, and when
+    ``delta`` or ``dense`` is chosen, they are decoded into ``dtype`` (default: the scales' dtype).
     """
     if isinstance(matrix, (NibbleMatrix, DeltaMatrix, TileMatrix)):
         codes_as_they_are = matrix.quantized and dtype == matrix.compute_dtype
         return matrix if dtype in (None, matrix.dtype) or codes_as_they_are else matrix.to(dtype=dtype)
-    keep_codes = matrix.quantized and dtype in (None, matrix.compute_dtype)
+    keep_codes = (matrix.quantized and dtype in (None, matrix.compute_dtype)
+                  and (matrix.dtype != torch.float8_e4m3fn or _float8_kernels(matrix.device)))
     dense = matrix.to_dense(dtype or matrix.compute_dtype)
     codes = matrix.dense_codes() if keep_codes else None
     rows, cols = dense.shape

@@ -23,7 +23,7 @@ VALUE_DTYPES: dict[torch.dtype, str] = {
     torch.float32: "float32",
 }
 # Quantized values (docs/format.md "Quantized values"): codes of one byte with one scale per row, value =
-# code · scales[row]. The stored layouts (dense, csr, bitmask) hold them, and the nibble kernel layout int8 codes.
+# code · scales[row]. The stored layouts (dense, csr, bitmask) and the nibble kernel layout hold them.
 CODE_DTYPES: dict[torch.dtype, str] = {
     torch.int8: "int8",
     torch.float8_e4m3fn: "float8_e4m3fn",

@@ -36,7 +36,7 @@ _LOGGED: set[str] = set()  # fallback reasons already logged
 # at 1024 (576x576: 3.0 vs 4.0 ms, 37 vs 8.7 ms). Decode and small batches use the kernel.
 CPU_KERNEL_MAX_TOKENS = 128
 # Values the CPU kernel reads: floats, and int8 codes with row scales (float8 codes take the pure-torch path).
-_KERNEL_DTYPES = (*VALUE_DTYPES, torch.int8)
+_KERNEL_DTYPES = (*VALUE_DTYPES, *CODE_DTYPES, torch.uint8)  # uint8: int4 codes
 
 
 def pack_bits(mask: torch.Tensor) -> torch.Tensor:
@@ -70,7 +70,7 @@ def popcount_rows(bitmask: torch.Tensor) -> torch.Tensor:
 def cpu_linear(factors: Sequence[object], x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor | None:
     """``y = F₀·(F₁·(…·x))`` in one call of the compiled CPU kernel (``dsf_runtime.kernels.cpu.bitmask_linear``:
     fp32 accumulation, fp32 intermediates kept in cache), or None when the kernel does not take it: a factor is
-    not a CPU ``BitmaskMatrix`` with float or int8 values, ``x`` is not on the CPU, more than ``CPU_KERNEL_MAX_TOKENS`` tokens (the
+    not a CPU ``BitmaskMatrix`` (float values or int8/float8/int4 codes), ``x`` is not on the CPU, more than ``CPU_KERNEL_MAX_TOKENS`` tokens (the
     pure-torch unpack + GEMM is faster there), or, logged once with the reason, the kernel is not built or
     autograd needs a graph. The caller then runs the pure-torch path.
 
@@ -99,7 +99,8 @@ def cpu_linear(factors: Sequence[object], x: torch.Tensor, out_dtype: torch.dtyp
             logger.info("bitmask matmul on the CPU uses the pure-torch path: %s", reason)
         return None
     x32 = (x if x.dtype == torch.float32 else x.float()).contiguous()
-    y = cpu.bitmask_linear(x32, [(f.values, f.bitmask, f.row_ptr, f.scales, f.shape[1]) for f in factors])
+    y = cpu.bitmask_linear(x32, [(f.values, f.bitmask, f.row_ptr, f.scales, f.shape[1], f.group_size)
+                                 for f in factors])
     out_dtype = out_dtype or x.dtype
     return y if out_dtype == torch.float32 else y.to(out_dtype)
 

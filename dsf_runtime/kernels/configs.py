@@ -37,8 +37,7 @@ import torch
 __all__ = ["DECODE_BN1_MAX_TOKENS", "DECODE_MAX_TOKENS", "TUNED_DIR", "TUNING_ENV", "UNPACK_DEFAULT", "USE_PDL",
            "TuningFileError", "candidates", "device_name", "heuristic", "lookup", "pdl_options", "slots_per_row",
            "read_tuning", "tables", "tile_candidates", "tile_config", "tile_heuristic", "token_bucket",
-           "unpack_candidates",
-           "unpack_config", "use_tuning_file"]
+           "unpack_candidates", "unpack_config", "use_tuning_file"]
 
 # Largest token count for which the streaming (decode) kernels beat decompress + cuBLAS.
 DECODE_MAX_TOKENS = 16
@@ -59,7 +58,7 @@ FORMAT = "dsf-kernel-tuning"
 VERSION = 1
 _MATMUL_KEYS = ("BLOCK_R", "BLOCK_S", "num_warps", "num_stages")
 _TILE_KEYS = ("BN", "SPLIT_K", "num_warps", "num_stages")
-SMS = 132  # streaming multiprocessors of an H100 SXM: the programs tile_heuristic aims to fill
+SMS = 132  # streaming multiprocessors tile_heuristic aims to fill without CUDA (an H100 SXM's); else the device's
 _UNPACK_KEYS = ("block_r", "block_g", "num_warps")
 
 
@@ -220,17 +219,25 @@ def tile_config(rows: int, cols: int, grid: tuple[int, int], tokens: int, *, dev
                       if k[:3] == ("tile", rows, cols))
         if near:
             hit = table[("tile", rows, cols, near[0][1])]
-    return dict(hit) if hit else tile_heuristic(grid, tokens)
+    return dict(hit) if hit else tile_heuristic(grid, tokens, _sm_count())
 
 
-def tile_heuristic(grid: tuple[int, int], tokens: int) -> dict:
+@functools.cache
+def _sm_count() -> int:
+    """Streaming multiprocessors of the current CUDA device, ``SMS`` without CUDA."""
+    if not torch.cuda.is_available():
+        return SMS
+    return torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+
+
+def tile_heuristic(grid: tuple[int, int], tokens: int, sms: int = SMS) -> dict:
     """A ``tile_matmul`` configuration without measurements: the smallest ``BN`` in 16/32/64 that holds the tokens
-    (64 above), and ``SPLIT_K`` so that tile rows × token blocks × splits reach about two programs per SM (``SMS``),
+    (64 above), and ``SPLIT_K`` so that tile rows × token blocks × splits reach about two programs per SM (``sms``),
     each split keeping at least 8 tile columns."""
     n_tr, n_tc = grid
     bn = 16 if tokens <= 16 else 32 if tokens <= 32 else 64
     programs = max(n_tr, 1) * -(-max(tokens, 1) // bn)
-    split = max(1, min(-(-2 * SMS // programs), max(n_tc, 1) // 8))
+    split = max(1, min(-(-2 * sms // programs), max(n_tc, 1) // 8))
     return {"BN": bn, "SPLIT_K": split, "num_warps": 4, "num_stages": 2}
 
 

@@ -1,10 +1,11 @@
 """Decode matmul over the ``nibble`` layout: ``y[t, i] = Σ_s values[i, s] · x[t, col(i, s)]`` (+ bias).
 
-Memory-bound at small batch: every program streams ``BLOCK_R`` rows of values (2 B/slot, or 1 B/slot for int8
-codes) and 4-bit in-group columns (0.5 B/slot) as wide contiguous vectors, gathers the activations by column from
-L1/L2 and accumulates in fp32. One-byte codes (int8, float8_e4m3fn) are converted in registers and each row's sum
-is multiplied by its scale once, before the bias; int4 codes (0.5 B/slot, packed like the index) are sign-extended
-in registers and each is multiplied by its column group's scale, gathered from L1 like the activations. Activations come in one of two forms (``activation_layout`` below):
+Memory-bound at small batch: every program streams ``BLOCK_R`` rows of values (2 B/slot; 1 B/slot for int8 or
+float8 codes; 0.5 B/slot for int4 codes, packed like the index) and 4-bit in-group columns (0.5 B/slot) as wide
+contiguous vectors, gathers the activations by column from L1/L2 and accumulates in fp32. One-byte codes are
+converted in registers and each row's sum is multiplied by its scale once, before the bias; int4 codes are
+sign-extended in registers and each is multiplied by its column group's scale, gathered from L1 like the
+activations. Activations come in one of two forms (``activation_layout`` below):
 
 - ``BN == 1``: ``x`` is ``[T, cols]`` (any row stride); program column ``c`` handles token ``c``.
 - ``BN > 1``: ``x`` is packed ``[T_chunks, cols, BN]`` (``pack_activations``): the ``BN`` tokens of a column are
@@ -27,6 +28,7 @@ from dsf_runtime.kernels._io import plan_launch
 from dsf_runtime.kernels.configs import pdl_options
 
 __all__ = ["nibble_matmul", "nibble_matmul_reference"]
+
 
 @triton.jit
 def _load(ptrs, ok, other, MASKED: tl.constexpr, CG: tl.constexpr):

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from compress.api import CompressConfig, ConfigError, compress_model
 from compress.data import load_calibration
 from compress.output import PARTIAL_DIR
-from compress.quantize import ValueQuantization, codes_of, quantize_result
+from compress.quantize import QUANTIZE_VERSION, ValueQuantization, codes_of, quantize_result
 from compress.solvers import make_config, solve_group
 from tests.compress.test_pipeline import two_block_smollm2
 
@@ -104,13 +104,17 @@ def test_stored_results_keep_each_factors_format(tmp_path):
     loaded = partial.load_results("r")["layer"]
     assert loaded.values == {"A": "int8", "B": "int4"} and loaded.group_size == 64
     assert all(torch.equal(loaded.factors[k], factors[k]) and torch.equal(loaded.scales[k], scales[k]) for k in "AB")
-    for stored, expect in (("int8", {"A": "int8", "B": "int8"}), ({"A": "int8"}, None)):
+    for stored, expect in (("int8", {"A": "int8", "B": "int8"}), ({"A": "int8"}, None), ({"A": "int8", "B": "int2"},
+                           None), ({"A": "int4", "B": "int8"}, "group")):
         metadata = {"layers": json.dumps({"layer": {"kind": "dsf", "nnz": 27, "error": 1.0, "relative_error": 0.1,
                                                     "seconds": 0.5, "values": stored, "group_size": None}})}
         tensors = {f"layer.{k}{suffix}": t for k in "AB" for suffix, t in (("", factors[k]), (".scales", scales[k]))}
         partial.save_tensors("old", tensors, metadata)
         if expect is None:
             with pytest.raises(ValueError, match=r"old\.safetensors.*layer 'layer' has value formats"):
+                partial.load_results("old")
+        elif expect == "group":  # an int4 factor without its group size
+            with pytest.raises(ValueError, match=r"old\.safetensors.*layer 'layer' has group_size None"):
                 partial.load_results("old")
         else:
             assert partial.load_results("old")["layer"].values == expect
@@ -139,6 +143,8 @@ def test_quantize_result_errors_and_codes_are_exact(smol):
     # (the error may be below the fp32 solve's: quantize_dsf refits A against B̂ with 20 more finalize steps)
     with pytest.raises(ValueError, match="layer 'down_proj': unknown value format 'int2'"):
         quantize_result(result, weight, hessian, "int2", "down_proj")
+    with pytest.raises(ValueError, match="layer 'down_proj': int8 has one scale per row; group_size applies"):
+        quantize_result(result, weight, hessian, "int8", "down_proj", group_size=64)
     single = solve_group([weight], hessian, make_config("magnitude", 0.5))[0]
     with pytest.raises(ValueError, match="layer 'down_proj': small_factor_values applies to DSF factors"):
         quantize_result(single, weight, hessian, "int4", "down_proj", small_factor_values="int8")
@@ -185,6 +191,8 @@ def test_resume_of_a_quantized_run_is_bit_exact(smol, tmp_path, monkeypatch):
         compress_model(config, part, model=copy.deepcopy(model), tokenizer=tokenizer, progress=False)
     stored = load_file(part / PARTIAL_DIR / "block-00000.safetensors")
     assert "model.layers.0.mlp.down_proj.W.scales" in stored
+    state = json.loads((part / PARTIAL_DIR / "state.json").read_text())
+    assert state["config"]["quantize_version"] == QUANTIZE_VERSION  # a run quantized another way is not resumed
     with pytest.raises(ValueError, match=r"different settings \(values: 'int8' -> 'fp8'\)"):
         compress_model(CompressConfig(**{**config.__dict__, "values": "fp8"}), part, resume=True,
                        model=copy.deepcopy(model), tokenizer=tokenizer, progress=False)

@@ -112,6 +112,30 @@ def test_kernel_layout_decodes_codes_it_cannot_keep():
         linear(torch.randn(1, 64), [_FakeCodes()])
 
 
+def test_float8_negative_zero_is_not_stored():
+    """-0.0 float8 codes (bits 0x80) count as zero: the group keeps its non-zeros first, as validate requires."""
+    codes = torch.zeros(16, 32, dtype=torch.float8_e4m3fn)
+    codes[0, 0] = -0.0
+    codes[0, 1] = 3.0
+    k = NibbleMatrix.from_dense(codes, scales=torch.ones(16, dtype=torch.float16))
+    k.validate("w")
+    assert k.nnz == 1 and k.per_group == 1
+    assert k.to_dense(torch.float32)[0, :2].tolist() == [0.0, 3.0]
+
+
+def test_float8_codes_are_decoded_where_triton_lacks_the_type(monkeypatch):
+    packed, reference = _quantized(balanced_random(20, 64, 4, gen=torch.Generator().manual_seed(2)).float(),
+                                   Fp8Values())
+    import dsf_runtime.formats as formats
+
+    monkeypatch.setattr(formats, "_float8_kernels", lambda device: False)  # e.g. an A100 (compute capability 8.0)
+    k = kernel_layout(packed)
+    assert not k.quantized and k.dtype == torch.float16
+    assert torch.equal(k.to_dense(torch.float64), reference.half().double())
+    int8, _ = _quantized(balanced_random(20, 64, 4, gen=torch.Generator().manual_seed(3)).float())
+    assert kernel_layout(int8).quantized  # other codes stay codes
+
+
 def test_bad_int4_nibble_tensors_are_named():
     gen = torch.Generator().manual_seed(5)
     packed, _ = _quantized(balanced_random(16, 128, 4, gen=gen).float(), Int4Values(64))
