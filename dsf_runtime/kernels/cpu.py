@@ -10,7 +10,8 @@
   row, with fp32 ``x`` and ``y``.
 
 int8 values carry one scale per row (docs/format.md, "Quantized tensors"): dot products accumulate over the int8
-values in fp32 and are multiplied by the row's scale once.
+values in fp32 and are multiplied by the row's scale once. float8 e4m3fn codes (row scales) and int4 codes (two per
+byte, one scale per ``group_size`` columns) are decoded a row at a time into an fp32 buffer, then multiplied.
 
 The vector path is the best this CPU runs (``ISAS``: AVX-512 with VBMI2 expand-loads, AVX2+FMA+F16C, scalar);
 ``isa`` picks a lower one (tests check every path the CPU can run). The build's name carries a hash of the source,
@@ -154,18 +155,20 @@ def _module() -> ModuleType:
 
 def bitmask_linear(
     x: torch.Tensor,
-    factors: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, int]],
+    factors: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, int, int | None]],
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``y = F₀·(F₁·(…·x))`` for bitmask factors, in one call; intermediates are fp32 buffers of ``[T, rows]``.
 
     Args:
         x: ``[..., cols of the last factor]`` float32, contiguous.
-        factors: outermost first, each ``(values, bitmask, row_ptr, scales, cols)``: values ``[nnz]``
-            float16/bfloat16/float32 or int8, scales ``[rows]`` float16/bfloat16/float32 for int8 values (value =
-            int8 × its row's scale) else None, bitmask ``[rows, ceil(cols / 8)]`` uint8 (little bit order, padding bits
-            0), row_ptr ``[rows + 1]`` int32 consistent with the popcounts (``BitmaskMatrix.validate``); each
-            factor's ``cols`` equals the next one's rows.
+        factors: outermost first, each ``(values, bitmask, row_ptr, scales, cols, group_size)``: values ``[nnz]``
+            float16/bfloat16/float32, int8 or float8_e4m3fn codes, or with ``group_size`` int4 codes uint8
+            ``[ceil(nnz / 2)]`` (docs/format.md "Quantized values"); scales float16/bfloat16/float32 ``[rows]`` for
+            int8/float8 codes (value = code × its row's scale), ``[rows, ceil(cols / group_size)]`` for int4, else
+            None; bitmask ``[rows, ceil(cols / 8)]`` uint8 (little bit order, padding bits 0), row_ptr ``[rows + 1]``
+            int32 consistent with the popcounts (``BitmaskMatrix.validate``); each factor's ``cols`` equals the next
+            one's rows.
         out: optional ``[..., rows of F₀]`` float32 to write into.
 
     Returns:
@@ -175,15 +178,16 @@ def bitmask_linear(
         RuntimeError: the kernel is unavailable (``available()`` says why), or an argument is mistyped (the
             kernel's check names it).
     """
-    values, bitmasks, row_ptrs, scales, cols = zip(*factors) if factors else ((), (), (), (), ())
+    values, bitmasks, row_ptrs, scales, cols, groups = zip(*factors) if factors else ((),) * 6
     scales = [_NO_SCALE if s is None else s for s in scales]
-    return _module().bitmask_linear(x, list(values), list(bitmasks), list(row_ptrs), scales, list(cols), out)
+    return _module().bitmask_linear(x, list(values), list(bitmasks), list(row_ptrs), scales, list(cols),
+                                    [g or 0 for g in groups], out)
 
 
 def bitmask_matmul(x: torch.Tensor, values: torch.Tensor, bitmask: torch.Tensor, row_ptr: torch.Tensor, cols: int,
                    out: torch.Tensor | None = None) -> torch.Tensor:
     """``y = x·Wᵀ`` for one ``W`` in the ``bitmask`` layout: ``bitmask_linear`` with one factor."""
-    return bitmask_linear(x, [(values, bitmask, row_ptr, None, cols)], out)
+    return bitmask_linear(x, [(values, bitmask, row_ptr, None, cols, None)], out)
 
 
 def dense_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None,

@@ -51,7 +51,7 @@ def _matrix(rows: int, cols: int, dtype: torch.dtype, seed: int = 0, density: fl
 
 
 def _parts(m: BitmaskMatrix) -> tuple:
-    return m.values, m.bitmask, m.row_ptr, None, m.shape[1]
+    return m.values, m.bitmask, m.row_ptr, m.scales, m.shape[1], m.group_size
 
 
 def _int8_parts(m: BitmaskMatrix, seed: int = 0) -> tuple[tuple, torch.Tensor]:
@@ -64,15 +64,32 @@ def _int8_parts(m: BitmaskMatrix, seed: int = 0) -> tuple[tuple, torch.Tensor]:
     mask = m.to_dense(torch.float32) != 0
     dense = torch.zeros(m.shape, dtype=torch.float64)
     dense[mask] = q.double()
-    return (q, m.bitmask, m.row_ptr, scale, m.shape[1]), dense * scale.double()[:, None]
+    return (q, m.bitmask, m.row_ptr, scale, m.shape[1], None), dense * scale.double()[:, None]
+
+
+def _coded(m: BitmaskMatrix, code: str, seed: int = 0, group_size: int = 64) -> BitmaskMatrix:
+    """``m``'s mask holding random non-zero codes: ``"fp8"`` (float8_e4m3fn, fp16 row scales) or ``"int4"`` (in
+    [-7, 7], fp16 scales per ``group_size`` columns)."""
+    gen = torch.Generator().manual_seed(seed)
+    mask = m.to_dense(torch.float32) != 0
+    rows, cols = m.shape
+    magnitude = torch.randint(1, 8, m.shape, generator=gen) * torch.where(torch.rand(m.shape, generator=gen) < 0.5, -1, 1)
+    if code == "int4":
+        codes = (magnitude * mask).to(torch.int8)
+        scales = (torch.rand(rows, -(-cols // group_size), generator=gen) + 0.01).to(torch.float16)
+        return BitmaskMatrix.from_dense(codes, scales=scales, group_size=group_size)
+    codes = (magnitude.float() * torch.rand(m.shape, generator=gen).add(0.5) * mask).to(torch.float8_e4m3fn)
+    scales = (torch.rand(rows, generator=gen) + 0.01).to(torch.float16)
+    return BitmaskMatrix.from_dense(codes, scales=scales)
 
 
 def _run(ext, factors: list, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """The extension's chain over ``factors``: BitmaskMatrix or ``_int8_parts`` tuples."""
     parts = [_parts(f) if isinstance(f, BitmaskMatrix) else f for f in factors]
-    values, bitmasks, row_ptrs, scales, cols = zip(*parts)
+    values, bitmasks, row_ptrs, scales, cols, groups = zip(*parts)
     scales = [torch.empty(0) if s is None else s for s in scales]
-    return ext.bitmask_linear(x, list(values), list(bitmasks), list(row_ptrs), scales, list(cols), out)
+    return ext.bitmask_linear(x, list(values), list(bitmasks), list(row_ptrs), scales, list(cols),
+                              [g or 0 for g in groups], out)
 
 
 def _close(y: torch.Tensor, reference: torch.Tensor) -> None:
@@ -140,9 +157,9 @@ def test_out_overwrites_nan_poison(ext, tokens):
 @pytest.mark.parametrize("tokens", [1, 3, 9, 17])
 @pytest.mark.parametrize("shape", [(7, 13), (33, 130), (6, 65), (3, 576)])
 def test_int8_values_with_row_scales_match_float64(ext, tokens, shape):
-    (q, bitmask, row_ptr, scale, cols), reference = _int8_parts(_matrix(*shape, torch.float32), seed=tokens)
+    parts, reference = _int8_parts(_matrix(*shape, torch.float32), seed=tokens)
     x = torch.randn(tokens, shape[1], generator=torch.Generator().manual_seed(1))
-    y = _run(ext, [(q, bitmask, row_ptr, scale, cols)], x)
+    y = _run(ext, [parts], x)
     _close(y, x.double() @ reference.T)
     assert (y[:, 0] == 0).all()  # the empty row
 
@@ -153,6 +170,56 @@ def test_chain_mixing_int8_and_float_factors(ext, tokens):
     B = _matrix(45, 131, torch.bfloat16, seed=3)
     x = torch.randn(tokens, 131, generator=torch.Generator().manual_seed(tokens))
     _close(_run(ext, [A_parts, B], x), x.double() @ B.to_dense(torch.float64).T @ A_ref.T)
+
+
+@pytest.mark.parametrize("code", ["fp8", "int4"])
+@pytest.mark.parametrize("tokens", [1, 3, 9, 17])
+@pytest.mark.parametrize(("shape", "group_size"), [((7, 13), 64), ((33, 130), 64), ((6, 65), 128), ((3, 576), 256),
+                                                   ((5, 300), 128)])
+def test_float8_and_int4_codes_match_float64(ext, code, tokens, shape, group_size):
+    m = _coded(_matrix(*shape, torch.float32, seed=tokens), code, seed=tokens, group_size=group_size)
+    x = torch.randn(tokens, shape[1], generator=torch.Generator().manual_seed(2))
+    out = torch.full((tokens, shape[0]), float("nan"))
+    y = _run(ext, [m], x, out)
+    assert y.data_ptr() == out.data_ptr()
+    _close(y, x.double() @ m.to_dense(torch.float64).T)  # to_dense decodes code · scale in fp32: exact
+    assert (y[:, 0] == 0).all()  # the empty row
+
+
+@pytest.mark.parametrize("tokens", [1, 5, 17])
+def test_chain_of_int4_and_int8_codes(ext, tokens):
+    """The layer ``--values int4 --small-factor-values int8`` writes: A int4 (the larger factor), B int8."""
+    A = _coded(_matrix(70, 45, torch.float32, seed=2, density=0.6), "int4", seed=3)
+    B_parts, B_ref = _int8_parts(_matrix(45, 131, torch.float32, seed=3, density=0.2), seed=4)
+    x = torch.randn(tokens, 131, generator=torch.Generator().manual_seed(tokens))
+    _close(_run(ext, [A, B_parts], x), x.double() @ B_ref.T @ A.to_dense(torch.float64).T)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"group_size": 100}, "group_size must be 0 or a multiple of 64"),
+        ({"scales": torch.ones(9, 2, dtype=torch.float16)}, r"int4 codes need .* scales \[10, 1\]"),
+        ({"values": torch.zeros(3, dtype=torch.uint8)}, "row_ptr must run from 0 to nnz"),
+        ({"group_size": 0}, "values must be 1-D float16"),
+    ],
+)
+def test_bad_int4_inputs_raise(kernel, change, message):
+    m = _coded(_matrix(10, 20, torch.float32), "int4")
+    parts = dict(zip(("values", "bitmask", "row_ptr", "scales", "cols", "group_size"), _parts(m)))
+    parts.update(change)
+    with pytest.raises(RuntimeError, match=message):
+        cpu.bitmask_linear(torch.randn(2, 20), [tuple(parts.values())])
+
+
+@pytest.mark.parametrize("code", ["fp8", "int4"])
+def test_coded_bitmask_matmul_takes_the_kernel(kernel, monkeypatch, code):
+    m = _coded(_matrix(48, 200, torch.float32), code)
+    x = torch.randn(3, 200)
+    calls = _count_calls(monkeypatch)
+    y = m.matmul(x)
+    assert len(calls) == 1
+    torch.testing.assert_close(y, PackedMixin.matmul(m, x), **TOL)
 
 
 @pytest.mark.parametrize("dtype", [*DTYPES, torch.int8])
@@ -177,10 +244,10 @@ def test_dense_linear_matches_float64(ext, dtype, tokens, shape):
 @pytest.mark.parametrize(
     ("weight", "scale", "message"),
     [
-        (torch.zeros(4, 8, dtype=torch.int8), None, "int8 values need float16, bfloat16 or float32 scales"),
-        (torch.zeros(4, 8, dtype=torch.int8), torch.ones(3), r"int8 values need .* scales \[4\]"),
-        (torch.zeros(4, 8, dtype=torch.int8), torch.ones(4, dtype=torch.int32), "int8 values need"),
-        (torch.zeros(4, 8, dtype=torch.float16), torch.ones(4), "scales are only for int8 values"),
+        (torch.zeros(4, 8, dtype=torch.int8), None, "int8/float8 codes need float16, bfloat16 or float32 scales"),
+        (torch.zeros(4, 8, dtype=torch.int8), torch.ones(3), r"int8/float8 codes need .* scales \[4\]"),
+        (torch.zeros(4, 8, dtype=torch.int8), torch.ones(4, dtype=torch.int32), "int8/float8 codes need"),
+        (torch.zeros(4, 8, dtype=torch.float16), torch.ones(4), "scales are only for int8, float8 or int4 codes"),
     ],
 )
 def test_dense_linear_rejects_bad_scales(kernel, weight, scale, message):

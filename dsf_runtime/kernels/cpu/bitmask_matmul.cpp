@@ -7,7 +7,10 @@
 //   16 or 8 bits), fp32 in and out.
 //
 // int8 values carry one scale per row (docs/format.md, "Quantized tensors"): a row's dot products are
-// accumulated over the raw int8 values in fp32 and multiplied by the row's scale once at the end.
+// accumulated over the raw int8 values in fp32 and multiplied by the row's scale once at the end. float8 (e4m3fn)
+// codes also have row scales; int4 codes (two per byte, low nibble first, one stream over the factor) have one scale
+// per group of group_size columns (a multiple of 64). A row of either is first decoded into an fp32 buffer (float8
+// through a 256-entry table; int4 sign-extended and multiplied by its group's scale), then runs the fp32 path.
 // Each factor is split over threads by rows; a row's mask bytes and values are read from memory once and reused
 // from L1 for every block of tokens. Values become fp32 in registers; x, accumulators, intermediates and y are
 // fp32. Vector paths, picked at compile time (kernels/cpu.py passes the -m flags this CPU supports):
@@ -47,10 +50,12 @@ struct Factor {
   const void* values;
   const uint8_t* mask;
   const int32_t* row_ptr;
-  int64_t rows, cols, nbytes, nnz;
-  at::ScalarType dtype;
-  const void* scale;  // [rows] fp16/bf16/fp32 row scales of int8 values; nullptr for float values
+  int64_t rows, cols, nbytes, nnz;  // nnz: stored values (int4: codes, two per byte of values)
+  at::ScalarType dtype;  // kByte: int4 codes
+  const void* scale;  // fp16/bf16/fp32 scales: [rows] of int8/float8 codes, [rows, nsg] of int4; nullptr for floats
   at::ScalarType scale_dtype;
+  int64_t group_size = 0;  // int4: columns per scale (a multiple of 64); 0 otherwise
+  int64_t nsg = 0;  // int4: scales per row, ceil(cols / group_size)
 };
 
 inline float to_float(float v) { return v; }
@@ -229,21 +234,55 @@ void row_vector(const uint8_t* mask, int64_t nbytes, const V* vals, const V* val
 }
 #endif
 
-// Scale of row i of a factor with int8 values.
-inline float row_scale(const Factor& f, int64_t i) {
+// Element k of a factor's scales (row i of row scales, or i * nsg + group of int4's).
+inline float scale_at(const Factor& f, int64_t k) {
   switch (f.scale_dtype) {
-    case at::kHalf: return to_float(static_cast<const c10::Half*>(f.scale)[i]);
-    case at::kBFloat16: return to_float(static_cast<const c10::BFloat16*>(f.scale)[i]);
-    default: return static_cast<const float*>(f.scale)[i];
+    case at::kHalf: return to_float(static_cast<const c10::Half*>(f.scale)[k]);
+    case at::kBFloat16: return to_float(static_cast<const c10::BFloat16*>(f.scale)[k]);
+    default: return static_cast<const float*>(f.scale)[k];
   }
 }
 
-// Dot products of row i of f with nt tokens (any count), written to y[t * f.rows + i]. DENSE: every bit of f's
-// mask is set (only the AVX-512 path skips the mask for it).
-template <typename V, bool DENSE = false>
-void row(const Factor& f, int64_t i, const float* x, int64_t nt, float* y) {
+// float8 e4m3fn bits -> float (NaN codes decode to NaN; readers reject them).
+struct Fp8Table {
+  float v[256];
+  Fp8Table() {
+    for (int b = 0; b < 256; ++b) v[b] = static_cast<float>(c10::Float8_e4m3fn(static_cast<uint8_t>(b),
+                                                                                c10::Float8_e4m3fn::from_bits()));
+  }
+};
+const Fp8Table kFp8;
+
+// The stored values of row i of a float8 or int4 factor as fp32 in buf (row_ptr[i + 1] - row_ptr[i] of them):
+// float8 codes unscaled (the row scale is applied to the sums, as for int8); int4 codes times their group's scale.
+void decode_row(const Factor& f, int64_t i, float* buf) {
+  const int64_t p0 = f.row_ptr[i], n = f.row_ptr[i + 1] - p0;
+  const uint8_t* bytes = static_cast<const uint8_t*>(f.values);
+  if (f.group_size == 0) {
+    for (int64_t k = 0; k < n; ++k) buf[k] = kFp8.v[bytes[p0 + k]];
+    return;
+  }
   const uint8_t* mask = f.mask + i * f.nbytes;
-  const V* vals = static_cast<const V*>(f.values) + f.row_ptr[i];
+  int64_t k = 0;
+  for (int64_t b = 0; b < f.nbytes; b += 8) {  // one 64-column mask word lies in one group
+    uint64_t word = 0;
+    std::memcpy(&word, mask + b, static_cast<size_t>(std::min<int64_t>(8, f.nbytes - b)));
+    const int64_t end = k + __builtin_popcountll(word);
+    const float s = scale_at(f, i * f.nsg + (b * 8) / f.group_size);
+    for (; k < end; ++k) {
+      const int64_t p = p0 + k;
+      const int nib = (bytes[p >> 1] >> ((p & 1) * 4)) & 15;
+      buf[k] = static_cast<float>((nib ^ 8) - 8) * s;
+    }
+  }
+}
+
+// Dot products of row i of f with nt tokens (any count), written to y[t * f.rows + i]; the row's values are
+// vals[0 .. row length) (vals_end: the end of the readable values). DENSE: every bit of f's mask is set (only the
+// AVX-512 path skips the mask for it).
+template <typename V, bool DENSE = false>
+void row(const Factor& f, int64_t i, const float* x, int64_t nt, float* y, const V* vals, const V* vals_end) {
+  const uint8_t* mask = f.mask + i * f.nbytes;
   for (int64_t b = 0; b < f.nbytes; b += 64) prefetch(mask + kMaskPrefetchRows * f.nbytes + b);
   for (int64_t t0 = 0; t0 < nt; t0 += kTokenBlock) {
     const int64_t n = std::min(kTokenBlock, nt - t0);
@@ -252,7 +291,6 @@ void row(const Factor& f, int64_t i, const float* x, int64_t nt, float* y) {
 #if defined(DSF_AVX512)
 #define DSF_ROW(N) row_vector<N, DENSE>(mask, vals, xb, f.cols, acc)
 #elif defined(DSF_AVX2)
-    const V* vals_end = static_cast<const V*>(f.values) + f.nnz;
 #define DSF_ROW(N) row_vector<N>(mask, f.nbytes, vals, vals_end, xb, f.cols, acc)
 #endif
 #ifdef DSF_ROW
@@ -270,22 +308,37 @@ void row(const Factor& f, int64_t i, const float* x, int64_t nt, float* y) {
 #else
     row_scalar(mask, 0, f.nbytes, vals, xb, f.cols, n, acc);
 #endif
-    const float scale = f.scale ? row_scale(f, i) : 1.f;
+    (void)vals_end;
+    const float scale = f.scale && f.group_size == 0 ? scale_at(f, i) : 1.f;  // int4: scaled in decode_row
     for (int64_t t = 0; t < n; ++t) y[(t0 + t) * f.rows + i] = acc[t] * scale;
   }
+}
+
+// row() over row i's values where they are stored (float and int8 values).
+template <typename V>
+inline void row_of(const Factor& f, int64_t i, const float* x, int64_t nt, float* y) {
+  const V* all = static_cast<const V*>(f.values);
+  row<V>(f, i, x, nt, y, all + f.row_ptr[i], all + f.nnz);
 }
 
 // y[nt, f.rows] = x[nt, f.cols]·fᵀ, rows split over threads (about 64 KiB of weights and x per task, so small
 // factors do not pay for threads they cannot use).
 void apply(const Factor& f, const float* x, int64_t nt, float* y) {
   const int64_t grain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(1, f.nbytes + f.cols * nt));
+  const bool decoded = f.dtype == at::kFloat8_e4m3fn || f.dtype == at::kByte;
   at::parallel_for(0, f.rows, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> buf(decoded ? static_cast<size_t>(f.cols) : 0);
     for (int64_t i = begin; i < end; ++i) {
       switch (f.dtype) {
-        case at::kHalf: row<c10::Half>(f, i, x, nt, y); break;
-        case at::kBFloat16: row<c10::BFloat16>(f, i, x, nt, y); break;
-        case at::kChar: row<int8_t>(f, i, x, nt, y); break;
-        default: row<float>(f, i, x, nt, y); break;
+        case at::kHalf: row_of<c10::Half>(f, i, x, nt, y); break;
+        case at::kBFloat16: row_of<c10::BFloat16>(f, i, x, nt, y); break;
+        case at::kChar: row_of<int8_t>(f, i, x, nt, y); break;
+        case at::kFloat8_e4m3fn:
+        case at::kByte:
+          decode_row(f, i, buf.data());
+          row<float>(f, i, x, nt, y, buf.data(), buf.data() + (f.row_ptr[i + 1] - f.row_ptr[i]));
+          break;
+        default: row_of<float>(f, i, x, nt, y); break;
       }
     }
   });
@@ -300,32 +353,41 @@ bool value_dtype(at::ScalarType t) {
   return t == at::kHalf || t == at::kBFloat16 || t == at::kFloat || t == at::kChar;
 }
 
-// Row scales of a matrix with ``rows`` rows: int8 values need a float16/bfloat16/float32 [rows] tensor, float values
-// none (an empty tensor). Returns the pointer the kernel reads (nullptr for float values).
-const void* row_scales(const torch::Tensor& scale, at::ScalarType values, int64_t rows, const char* op, size_t index) {
-  if (values != at::kChar) {
+bool scale_dtype(at::ScalarType t) { return t == at::kHalf || t == at::kBFloat16 || t == at::kFloat; }
+
+// Scales of a matrix with ``rows`` rows: int8 and float8 codes need a float16/bfloat16/float32 [rows] tensor, int4
+// codes (``nsg`` > 0) [rows, nsg], float values none (an empty tensor). Returns the pointer the kernel reads (nullptr
+// for float values).
+const void* scales_of(const torch::Tensor& scale, at::ScalarType values, int64_t rows, int64_t nsg, const char* op,
+                      size_t index) {
+  if (values != at::kChar && values != at::kFloat8_e4m3fn && nsg == 0) {
     TORCH_CHECK(!scale.defined() || scale.numel() == 0, op, ": factor ", index,
-                ": scales are only for int8 values, got ", values, " values with scales");
+                ": scales are only for int8, float8 or int4 codes, got ", values, " values with scales");
     return nullptr;
   }
-  TORCH_CHECK(scale.defined() && scale.dim() == 1 && scale.size(0) == rows &&
-                  (scale.scalar_type() == at::kHalf || scale.scalar_type() == at::kBFloat16 ||
-                   scale.scalar_type() == at::kFloat),
-              op, ": factor ", index, ": int8 values need float16, bfloat16 or float32 scales [", rows, "], got ",
-              scale.defined() ? scale.sizes() : at::IntArrayRef{});
+  const bool ok = nsg ? scale.defined() && scale.dim() == 2 && scale.size(0) == rows && scale.size(1) == nsg
+                      : scale.defined() && scale.dim() == 1 && scale.size(0) == rows;
+  TORCH_CHECK(ok && scale_dtype(scale.scalar_type()), op, ": factor ", index, ": ", nsg ? "int4" : "int8/float8",
+              " codes need float16, bfloat16 or float32 scales [", rows, nsg ? ", " + std::to_string(nsg) : "",
+              "], got ", scale.defined() ? scale.sizes() : at::IntArrayRef{});
   check_cpu(scale, "scales");
   return scale.data_ptr();
 }
 
 // Checks one factor's tensors (dtypes, shapes, row_ptr from 0 to nnz; popcounts are the caller's contract).
+// group_size > 0: int4 codes, uint8 values of ceil(nnz / 2) bytes.
 Factor factor(const torch::Tensor& values, const torch::Tensor& bitmask, const torch::Tensor& row_ptr,
-              const torch::Tensor& scale, int64_t cols, size_t index) {
+              const torch::Tensor& scale, int64_t cols, int64_t group_size, size_t index) {
   check_cpu(values, "values");
   check_cpu(bitmask, "bitmask");
   check_cpu(row_ptr, "row_ptr");
   TORCH_CHECK(cols >= 0, "bitmask_linear: factor ", index, ": cols must be >= 0, got ", cols);
-  TORCH_CHECK(values.dim() == 1 && value_dtype(values.scalar_type()), "bitmask_linear: factor ", index,
-              ": values must be 1-D float16, bfloat16, float32 or int8, got ", values.scalar_type(), " ",
+  TORCH_CHECK(group_size >= 0 && group_size % 64 == 0, "bitmask_linear: factor ", index,
+              ": group_size must be 0 or a multiple of 64, got ", group_size);
+  const at::ScalarType vt = values.scalar_type();
+  TORCH_CHECK(values.dim() == 1 && (group_size ? vt == at::kByte : value_dtype(vt) || vt == at::kFloat8_e4m3fn),
+              "bitmask_linear: factor ", index, group_size ? ": int4 values must be 1-D uint8" :
+              ": values must be 1-D float16, bfloat16, float32, int8 or float8_e4m3fn", ", got ", vt, " ",
               values.sizes());
   TORCH_CHECK(bitmask.scalar_type() == at::kByte && bitmask.dim() == 2 && bitmask.size(1) == (cols + 7) / 8,
               "bitmask_linear: factor ", index, ": bitmask must be uint8 [rows, ", (cols + 7) / 8, "], got ",
@@ -335,11 +397,15 @@ Factor factor(const torch::Tensor& values, const torch::Tensor& bitmask, const t
               "bitmask_linear: factor ", index, ": row_ptr must be int32 [", rows + 1, "], got ",
               row_ptr.scalar_type(), " ", row_ptr.sizes());
   const int32_t* rp = row_ptr.data_ptr<int32_t>();
-  TORCH_CHECK(rp[0] == 0 && rp[rows] == values.numel(), "bitmask_linear: factor ", index,
-              ": row_ptr must run from 0 to nnz = ", values.numel(), ", got ", rp[0], " to ", rp[rows]);
-  const void* sp = row_scales(scale, values.scalar_type(), rows, "bitmask_linear", index);
-  return {values.data_ptr(), bitmask.data_ptr<uint8_t>(), rp, rows, cols, (cols + 7) / 8, values.numel(),
-          values.scalar_type(), sp, sp ? scale.scalar_type() : at::kFloat};
+  const int64_t nnz = group_size ? rp[rows] : values.numel();
+  TORCH_CHECK(rp[0] == 0 && rp[rows] == nnz && (!group_size || (nnz + 1) / 2 == values.numel()),
+              "bitmask_linear: factor ", index, ": row_ptr must run from 0 to nnz = ",
+              group_size ? "2 * values.numel() (or one less)" : std::to_string(values.numel()), ", got ", rp[0],
+              " to ", rp[rows]);
+  const int64_t nsg = group_size ? (cols + group_size - 1) / group_size : 0;
+  const void* sp = scales_of(scale, vt, rows, nsg, "bitmask_linear", index);
+  return {values.data_ptr(), bitmask.data_ptr<uint8_t>(), rp, rows, cols, (cols + 7) / 8, nnz, vt, sp,
+          sp ? scale.scalar_type() : at::kFloat, group_size, nsg};
 }
 
 // The [..., rows] output: ``out`` after checking it, else a new tensor.
@@ -357,21 +423,25 @@ torch::Tensor output(const torch::Tensor& x, int64_t rows, const c10::optional<t
 
 }  // namespace
 
-// y = F0·(F1·(…·Fn-1·x)) for bitmask factors given outermost first (values[k], bitmasks[k], row_ptrs[k], cols[k]:
-// values [nnz] fp16/bf16/fp32/int8, scales [rows] fp16/bf16/fp32 for int8 values (else empty), bitmask [rows, ceil(cols / 8)] uint8, row_ptr [rows + 1] int32 from 0 to nnz with
-// popcounts as validated by BitmaskMatrix.validate). x: [..., cols[n-1]] fp32, contiguous; out: optional
-// [..., rows[0]] fp32 to write into. Returns y: [..., rows[0]] fp32; intermediates are fp32.
+// y = F0·(F1·(…·Fn-1·x)) for bitmask factors given outermost first (values[k], bitmasks[k], row_ptrs[k], cols[k],
+// group_sizes[k]: values [nnz] fp16/bf16/fp32/int8/float8_e4m3fn or, with group_sizes[k] > 0, int4 codes uint8
+// [ceil(nnz / 2)]; scales [rows] fp16/bf16/fp32 for int8/float8 codes, [rows, ceil(cols / group_size)] for int4
+// (else empty); bitmask [rows, ceil(cols / 8)] uint8, row_ptr [rows + 1] int32 from 0 to nnz with popcounts as
+// validated by BitmaskMatrix.validate). x: [..., cols[n-1]] fp32, contiguous; out: optional [..., rows[0]] fp32 to
+// write into. Returns y: [..., rows[0]] fp32; intermediates are fp32.
 torch::Tensor bitmask_linear(const torch::Tensor& x, const std::vector<torch::Tensor>& values,
                              const std::vector<torch::Tensor>& bitmasks, const std::vector<torch::Tensor>& row_ptrs,
                              const std::vector<torch::Tensor>& scales, const std::vector<int64_t>& cols,
-                             const c10::optional<torch::Tensor>& out) {
+                             const std::vector<int64_t>& group_sizes, const c10::optional<torch::Tensor>& out) {
   const size_t n = values.size();
-  TORCH_CHECK(n >= 1 && bitmasks.size() == n && row_ptrs.size() == n && scales.size() == n && cols.size() == n,
-              "bitmask_linear: values, bitmasks, row_ptrs, scales and cols must list the same factors (at least "
-              "one)");
+  TORCH_CHECK(n >= 1 && bitmasks.size() == n && row_ptrs.size() == n && scales.size() == n && cols.size() == n &&
+                  group_sizes.size() == n,
+              "bitmask_linear: values, bitmasks, row_ptrs, scales, cols and group_sizes must list the same factors "
+              "(at least one)");
   std::vector<Factor> fs;
   fs.reserve(n);
-  for (size_t k = 0; k < n; ++k) fs.push_back(factor(values[k], bitmasks[k], row_ptrs[k], scales[k], cols[k], k));
+  for (size_t k = 0; k < n; ++k)
+    fs.push_back(factor(values[k], bitmasks[k], row_ptrs[k], scales[k], cols[k], group_sizes[k], k));
   for (size_t k = 0; k + 1 < n; ++k)
     TORCH_CHECK(fs[k].cols == fs[k + 1].rows, "bitmask_linear: factor ", k, " has ", fs[k].cols,
                 " columns but factor ", k + 1, " has ", fs[k + 1].rows, " rows");
@@ -396,6 +466,15 @@ torch::Tensor bitmask_linear(const torch::Tensor& x, const std::vector<torch::Te
   return y;
 }
 
+namespace {
+// The one row of f (a dense row as a bitmask factor with every bit set).
+template <typename V>
+inline void dense_row(const Factor& f, const float* x, int64_t nt, float* y) {
+  const V* vals = static_cast<const V*>(f.values);
+  row<V, true>(f, 0, x, nt, y, vals, vals + f.cols);
+}
+}  // namespace
+
 // y[..., out] = x[..., in]·Wᵀ for a dense W [out, in] in fp16/bf16/fp32, or int8 with scale [out] (fp16/bf16/fp32,
 // else undefined or empty); x, y fp32 (out: optional y to write).
 torch::Tensor dense_linear(const torch::Tensor& x, const torch::Tensor& weight, const c10::optional<torch::Tensor>& scale,
@@ -406,7 +485,7 @@ torch::Tensor dense_linear(const torch::Tensor& x, const torch::Tensor& weight, 
               "dense_linear: weight must be 2-D float16, bfloat16, float32 or int8, got ", weight.scalar_type(), " ",
               weight.sizes());
   const int64_t rows = weight.size(0), cols = weight.size(1);
-  const void* sp = row_scales(scale.value_or(torch::Tensor()), weight.scalar_type(), rows, "dense_linear", 0);
+  const void* sp = scales_of(scale.value_or(torch::Tensor()), weight.scalar_type(), rows, 0, "dense_linear", 0);
   TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() >= 1 && x.size(-1) == cols,
               "dense_linear: x must be float32 [..., ", cols, "], got ", x.scalar_type(), " ", x.sizes());
   torch::Tensor y = output(x, rows, out);
@@ -427,10 +506,10 @@ torch::Tensor dense_linear(const torch::Tensor& x, const torch::Tensor& weight, 
       const void* row_scale_ptr = sp ? static_cast<const uint8_t*>(sp) + i * scale->element_size() : nullptr;
       const Factor f{base, ones.data(), rp, 1, cols, nbytes, cols, weight.scalar_type(), row_scale_ptr, scale_dtype};
       switch (f.dtype) {
-        case at::kHalf: row<c10::Half, true>(f, 0, xp, nt, acc.data()); break;
-        case at::kBFloat16: row<c10::BFloat16, true>(f, 0, xp, nt, acc.data()); break;
-        case at::kChar: row<int8_t, true>(f, 0, xp, nt, acc.data()); break;
-        default: row<float, true>(f, 0, xp, nt, acc.data()); break;
+        case at::kHalf: dense_row<c10::Half>(f, xp, nt, acc.data()); break;
+        case at::kBFloat16: dense_row<c10::BFloat16>(f, xp, nt, acc.data()); break;
+        case at::kChar: dense_row<int8_t>(f, xp, nt, acc.data()); break;
+        default: dense_row<float>(f, xp, nt, acc.data()); break;
       }
       for (int64_t t = 0; t < nt; ++t) yp[t * rows + i] = acc[t];
     }
@@ -452,7 +531,7 @@ std::string simd() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bitmask_linear", &bitmask_linear, "y = F0·(F1·(…·x)) for bitmask factors, outermost first (fp32 out)",
         py::arg("x"), py::arg("values"), py::arg("bitmasks"), py::arg("row_ptrs"), py::arg("scales"),
-        py::arg("cols"), py::arg("out") = py::none());
+        py::arg("cols"), py::arg("group_sizes"), py::arg("out") = py::none());
   m.def("dense_linear", &dense_linear, "y = x @ W.T for a dense fp16/bf16/fp32 W, or int8 W with row scales (fp32 "
         "in and out)", py::arg("x"), py::arg("weight"), py::arg("scale") = py::none(), py::arg("out") = py::none());
   m.def("simd", &simd, "the vector path compiled in");
