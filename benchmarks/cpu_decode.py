@@ -14,7 +14,10 @@ them all). The machine string records the load average before and after. The DSF
 factors at density 0.5 (``benchmarks.e2e_models.random_dsf_factors``, k = min(out, in)) in place of every decoder
 linear, fp16 values, the input embedding (tied to the lm_head) as int8 rows and the rest of the state dict in fp16
 (what ``dsf compress`` writes by default; the loader keeps these weights as stored and computes in fp32 on the
-CPU): their text is meaningless, their bytes and speed are the real ones.
+CPU): their text is meaningless, their bytes and speed are the real ones. ``--quantized`` adds ``bitmask`` rows whose
+factor values are codes (``dtype`` ``int8``, ``fp8``, ``int4``, or ``int4+int8``: the factor with fewer values in
+int8, as ``--small-factor-values int8`` writes), rounded to nearest from the same random factors with fp16 scales
+(int4: 128 columns per scale); the compiled kernel decodes them.
 
     python -m benchmarks.cpu_decode --out benchmarks/results/cpu-decode-smollm2.json --threads 2 --repeats 3
 """
@@ -40,6 +43,7 @@ from compress.assets import cache_dir, smollm2_dir
 # that layout with values in that dtype.
 ROWS = (("dense", "dense", "float32"), ("dense", "dense", "bfloat16"), ("dsf-0.5", "bitmask", "float16"),
         ("dsf-0.5", "csr", "float16"))
+QUANTIZED_ROWS = tuple(("dsf-0.5", "bitmask", codes) for codes in ("int8", "fp8", "int4", "int4+int8"))
 PROMPT = "The quick brown fox jumps over the lazy dog. Once upon a time"
 
 
@@ -63,10 +67,17 @@ def dsf_directory(layout: str, dtype: str, density: float = 0.5, seed: int = 0) 
     for name in names:
         lin = model.get_submodule(name)
         A, B, _ = random_dsf_factors((lin.out_features, lin.in_features), density, torch.float32, "cpu", gen)
-        layers[name] = CompressedLayer.from_dense("dsf", {"A": A, "B": B}, method="random-balanced",
-                                                  bias=lin.bias, layout=layout, dtype=getattr(torch, dtype))
+        if dtype in VALUE_DTYPES:
+            layers[name] = CompressedLayer.from_dense("dsf", {"A": A, "B": B}, method="random-balanced",
+                                                      bias=lin.bias, layout=layout, dtype=getattr(torch, dtype))
+        else:
+            codes = coded_factors({"A": A, "B": B}, dtype)
+            layers[name] = CompressedLayer.from_dense("dsf", {k: c for k, (c, _) in codes.items()},
+                                                      scales={k: s for k, (_, s) in codes.items()}, group_size=128
+                                                      if "int4" in dtype else None, method="random-balanced",
+                                                      bias=lin.bias, layout=layout)
     skip = {f"{n}.{p}" for n in names for p in ("weight", "bias")}
-    model.to(getattr(torch, dtype))  # in place, so tied weights stay one tensor
+    model.to(getattr(torch, dtype if dtype in VALUE_DTYPES else "float16"))  # in place: tied weights stay one
     tensors = quantize_embedding({k: v for k, v in model.state_dict().items() if k not in skip},
                               input_embedding_name(model))
     save_compressed(directory, tensors=tensors, layers=layers, config_source=smollm2_dir(),
@@ -75,9 +86,29 @@ def dsf_directory(layout: str, dtype: str, density: float = 0.5, seed: int = 0) 
     return directory
 
 
+VALUE_DTYPES = ("float16", "bfloat16", "float32")
+
+
+def coded_factors(factors: dict[str, torch.Tensor], values: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``{name: (dense codes, fp16 scales)}`` of float factors, rounded to nearest in ``values`` (``int8``, ``fp8``,
+    ``int4`` with 128 columns per scale, or ``int4+int8``: the factor with fewer non-zeros in int8)."""
+    from compress.quantize import quantize_rtn, value_format
+
+    big, _, small = values.partition("+")
+    fewest = min(factors, key=lambda k: (int((factors[k] != 0).sum()), k))
+    out = {}
+    for key, factor in factors.items():
+        fmt = value_format(small if small and key == fewest else big)
+        q = quantize_rtn(factor, fmt)
+        codes = torch.zeros(factor.shape, dtype=torch.int8 if fmt.name == "int4" else fmt.code_dtype)
+        codes[q.mask] = fmt.unpack(q.codes, q.mask).to(codes.dtype)
+        out[key] = (codes, q.scales if fmt.per_row else q.scales.reshape(factor.shape[0], -1))
+    return out
+
+
 def dtype_tag(dtype: str) -> str:
-    """``"float16"`` -> ``"fp16"`` (directory names)."""
-    return {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}[dtype]
+    """``"float16"`` -> ``"fp16"`` (directory names); code formats keep their name."""
+    return {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}.get(dtype, dtype)
 
 
 def measure_row(model_name: str, layout: str, dtype: str, threads: int, new_tokens: int) -> dict:
@@ -154,6 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--new-tokens", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=3, help="runs per row, interleaved")
     parser.add_argument("--rows", nargs="+", help="only these rows, as MODEL:LAYOUT:DTYPE")
+    parser.add_argument("--quantized", action="store_true", help="also the bitmask rows with int8/fp8/int4/int4+int8 "
+                        "codes (QUANTIZED_ROWS)")
     parser.add_argument("--row", nargs=3, metavar=("MODEL", "LAYOUT", "DTYPE"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.row:
@@ -162,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.out is None:
         parser.error("--out is required")
     rows = [tuple(r.split(":")) for r in args.rows] if args.rows else list(ROWS)
+    rows += list(QUANTIZED_ROWS) if args.quantized else []
     for model_name, layout, dtype in rows:  # write the directories before any timing
         if model_name != "dense":
             dsf_directory(layout, dtype)
@@ -174,7 +208,8 @@ def main(argv: list[str] | None = None) -> int:
             done = subprocess.run(cmd, check=True, capture_output=True, text=True)
             runs[row].append(json.loads(done.stdout.strip().splitlines()[-1]))
             print(runs[row][-1], flush=True)
-    result = {"machine": machine(args.threads, load_before), "rows": [summarize(r) for r in runs.values()]}
+    result = {"machine": machine(args.threads, load_before), "date": time.strftime("%Y-%m-%d"),
+              "rows": [summarize(r) for r in runs.values()]}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     return 0

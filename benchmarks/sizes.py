@@ -2,7 +2,9 @@
 
 LLaMA-7B shapes (4096×4096, 11008×4096, 4096×11008) at densities 0.5 and 0.3, fp16 values in the stored layouts and
 the GPU layouts ``delta`` and ``tile`` (16×64 tiles) (and int8 / fp8 codes
-with fp16 row scales, and int4 codes with an fp16 scale per 128 columns, in dense, csr and bitmask), random masks of exactly the target non-zero counts. DSF uses its real factor budget (the reference code's ``factorize``): inner
+with fp16 row scales, and int4 codes with an fp16 scale per 128 columns, in dense, csr and bitmask; for DSF also
+``int4+int8``, the factor with fewer values in int8 and the other in int4), random masks of exactly the target
+non-zero counts. DSF uses its real factor budget (the reference code's ``factorize``): inner
 dim ``k = min(m, n)``, the square ``k×k`` factor holds ``0.16·k²`` (square W) or ``0.25·k²`` non-zeros and the
 other factor the rest of ``density·m·n``; the square factor is ``A`` when ``m < n`` and ``B`` otherwise. Bytes are
 measured (``nbytes`` of the packed tensors), not modelled.
@@ -105,6 +107,9 @@ def run(seed: int = 0) -> list[dict]:
                     square_bytes[key] = measured
                 factors.append(square_bytes[key])
             dsf = {key: factors[0][key] + factors[1][key] for key in factors[0]}
+            small = 0 if a_nnz < b_nnz else 1  # --small-factor-values int8: the factor with fewer values in int8
+            dsf.update({(layout, None, "int4+int8"): factors[small][(layout, None, "int8")]
+                        + factors[1 - small][(layout, None, "int4")] for layout in CODE_LAYOUTS})
             for kind, measured, nnz, shapes in (
                 ("single", single, target, [[rows, cols]]),
                 ("dsf", dsf, a_nnz + b_nnz, [list(a_shape), list(b_shape)]),
@@ -144,7 +149,8 @@ def main() -> None:
                     "python": platform.python_version()},
         "git_sha": git_sha(),
         "values_dtype": "float16 (rows with values fp16); int8 / fp8 codes with fp16 row scales; int4 codes with an "
-                        f"fp16 scale per {INT4_GROUP} columns",
+                        f"fp16 scale per {INT4_GROUP} columns; int4+int8 (DSF): the factor with fewer values in int8, "
+                        "the other in int4",
         "seed": args.seed,
         "seconds": round(time.perf_counter() - start, 1),
         "rows": rows,
