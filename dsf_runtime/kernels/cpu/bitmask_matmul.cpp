@@ -9,8 +9,9 @@
 // int8 values carry one scale per row (docs/format.md, "Quantized tensors"): a row's dot products are
 // accumulated over the raw int8 values in fp32 and multiplied by the row's scale once at the end. float8 (e4m3fn)
 // codes also have row scales; int4 codes (two per byte, low nibble first, one stream over the factor) have one scale
-// per group of group_size columns (a multiple of 64). A row of either is first decoded into an fp32 buffer (float8
-// through a 256-entry table; int4 sign-extended and multiplied by its group's scale), then runs the fp32 path.
+// per group of group_size columns (a multiple of 64). A row of either is first decoded into an L1-resident buffer by
+// a vector loop (float8: fp16 bit patterns of code / 256, then the fp16 path; int4: 16 codes at a time unpacked,
+// sign-extended and multiplied by their group's scale in registers into fp32, then the fp32 path).
 // Each factor is split over threads by rows; a row's mask bytes and values are read from memory once and reused
 // from L1 for every block of tokens. Values become fp32 in registers; x, accumulators, intermediates and y are
 // fp32. Vector paths, picked at compile time (kernels/cpu.py passes the -m flags this CPU supports):
@@ -243,36 +244,68 @@ inline float scale_at(const Factor& f, int64_t k) {
   }
 }
 
-// float8 e4m3fn bits -> float (NaN codes decode to NaN; readers reject them).
-struct Fp8Table {
-  float v[256];
-  Fp8Table() {
-    for (int b = 0; b < 256; ++b) v[b] = static_cast<float>(c10::Float8_e4m3fn(static_cast<uint8_t>(b),
-                                                                                c10::Float8_e4m3fn::from_bits()));
-  }
-};
-const Fp8Table kFp8;
-
-// The stored values of row i of a float8 or int4 factor as fp32 in buf (row_ptr[i + 1] - row_ptr[i] of them):
-// float8 codes unscaled (the row scale is applied to the sums, as for int8); int4 codes times their group's scale.
-void decode_row(const Factor& f, int64_t i, float* buf) {
+// The float8 e4m3fn codes of row i as fp16 bit patterns of code / 256 in buf (row_ptr[i + 1] - row_ptr[i] of
+// them), for the fp16 path: e4m3's exponent bias is 7 and fp16's 15, so moving the sign to bit 15 and the other
+// seven bits to bits 7..13 divides every value (subnormals included) by exactly 2^8; the caller multiplies the
+// row's scale by 256. (The NaN code, which readers reject, would become a finite value.)
+void decode_fp8_row(const Factor& f, int64_t i, uint16_t* __restrict buf) {
   const int64_t p0 = f.row_ptr[i], n = f.row_ptr[i + 1] - p0;
-  const uint8_t* bytes = static_cast<const uint8_t*>(f.values);
-  if (f.group_size == 0) {
-    for (int64_t k = 0; k < n; ++k) buf[k] = kFp8.v[bytes[p0 + k]];
-    return;
-  }
+  const uint8_t* __restrict b = static_cast<const uint8_t*>(f.values) + p0;
+  for (int64_t k = 0; k < n; ++k) buf[k] = static_cast<uint16_t>(((b[k] & 0x80u) << 8) | ((b[k] & 0x7Fu) << 7));
+}
+
+// Codes q .. q+15 of an int4 stream as 16 sign-extended int8 lanes: the 16 bytes from q / 2 split into nibbles,
+// interleaved (low first), shifted by one code when q is odd.
+#if defined(DSF_AVX512) || defined(DSF_AVX2)
+inline __m128i int4_codes16(const uint8_t* bytes, int64_t q) {
+  const __m128i low4 = _mm_set1_epi8(15), eight = _mm_set1_epi8(8);
+  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes + (q >> 1)));
+  const __m128i lo = _mm_and_si128(b, low4), hi = _mm_and_si128(_mm_srli_epi16(b, 4), low4);
+  const __m128i first = _mm_unpacklo_epi8(lo, hi), second = _mm_unpackhi_epi8(lo, hi);
+  const __m128i odd = _mm_set1_epi8(static_cast<char>(-(q & 1)));  // branchless: q's parity changes by group
+  const __m128i codes = _mm_blendv_epi8(first, _mm_alignr_epi8(second, first, 1), odd);
+  return _mm_sub_epi8(_mm_xor_si128(codes, eight), eight);
+}
+#endif
+
+// The int4 codes of row i times their group's scale as fp32 in buf (row_ptr[i + 1] - row_ptr[i] of them), group by
+// group (a group is whole 64-column mask words). The vector paths turn 16 codes into 16 floats in registers,
+// reading 16 bytes at a time while those lie inside the values.
+void decode_int4_row(const Factor& f, int64_t i, float* __restrict buf) {
+  const int64_t p0 = f.row_ptr[i];
+  const uint8_t* __restrict bytes = static_cast<const uint8_t*>(f.values);
+  const int64_t total_bytes = (f.nnz + 1) / 2;
   const uint8_t* mask = f.mask + i * f.nbytes;
+  const int64_t group_bytes = f.group_size / 8;
   int64_t k = 0;
-  for (int64_t b = 0; b < f.nbytes; b += 8) {  // one 64-column mask word lies in one group
-    uint64_t word = 0;
-    std::memcpy(&word, mask + b, static_cast<size_t>(std::min<int64_t>(8, f.nbytes - b)));
-    const int64_t end = k + __builtin_popcountll(word);
-    const float s = scale_at(f, i * f.nsg + (b * 8) / f.group_size);
+  for (int64_t g = 0; g < f.nsg; ++g) {
+    int64_t count = 0;
+    for (int64_t b = g * group_bytes; b < std::min(f.nbytes, (g + 1) * group_bytes); b += 8) {
+      uint64_t word = 0;
+      std::memcpy(&word, mask + b, static_cast<size_t>(std::min<int64_t>(8, f.nbytes - b)));
+      count += __builtin_popcountll(word);
+    }
+    const float s = scale_at(f, i * f.nsg + g);
+    const int64_t end = k + count;
+#if defined(DSF_AVX512)
+    const __m512 sv = _mm512_set1_ps(s);
+    for (; k < end && ((p0 + k) >> 1) + 16 <= total_bytes; k += 16) {  // the group's last step masked
+      const __mmask16 m = end - k >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (end - k)) - 1);
+      const __m512 v = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(int4_codes16(bytes, p0 + k)));
+      _mm512_mask_storeu_ps(buf + k, m, _mm512_mul_ps(v, sv));
+    }
+    k = std::min(k, end);
+#elif defined(DSF_AVX2)
+    const __m256 sv = _mm256_set1_ps(s);
+    for (; k + 16 <= end && ((p0 + k) >> 1) + 16 <= total_bytes; k += 16) {
+      const __m128i c = int4_codes16(bytes, p0 + k);
+      _mm256_storeu_ps(buf + k, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(c)), sv));
+      _mm256_storeu_ps(buf + k + 8, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(c, 8))), sv));
+    }
+#endif
     for (; k < end; ++k) {
-      const int64_t p = p0 + k;
-      const int nib = (bytes[p >> 1] >> ((p & 1) * 4)) & 15;
-      buf[k] = static_cast<float>((nib ^ 8) - 8) * s;
+      const int64_t q = p0 + k;
+      buf[k] = static_cast<float>((((bytes[q >> 1] >> ((q & 1) * 4)) & 15) ^ 8) - 8) * s;
     }
   }
 }
@@ -309,7 +342,8 @@ void row(const Factor& f, int64_t i, const float* x, int64_t nt, float* y, const
     row_scalar(mask, 0, f.nbytes, vals, xb, f.cols, n, acc);
 #endif
     (void)vals_end;
-    const float scale = f.scale && f.group_size == 0 ? scale_at(f, i) : 1.f;  // int4: scaled in decode_row
+    // int4 codes are scaled while decoded; float8 codes run as fp16 values 256 times too small
+    const float scale = !f.scale || f.group_size ? 1.f : scale_at(f, i) * (f.dtype == at::kFloat8_e4m3fn ? 256.f : 1.f);
     for (int64_t t = 0; t < n; ++t) y[(t0 + t) * f.rows + i] = acc[t] * scale;
   }
 }
@@ -325,18 +359,23 @@ inline void row_of(const Factor& f, int64_t i, const float* x, int64_t nt, float
 // factors do not pay for threads they cannot use).
 void apply(const Factor& f, const float* x, int64_t nt, float* y) {
   const int64_t grain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(1, f.nbytes + f.cols * nt));
-  const bool decoded = f.dtype == at::kFloat8_e4m3fn || f.dtype == at::kByte;
+  const bool int4 = f.dtype == at::kByte, fp8 = f.dtype == at::kFloat8_e4m3fn;
   at::parallel_for(0, f.rows, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> buf(decoded ? static_cast<size_t>(f.cols) : 0);
+    std::vector<float> buf(int4 ? static_cast<size_t>(f.cols) : 0);
+    std::vector<c10::Half> half(fp8 ? static_cast<size_t>(f.cols) : 0);
     for (int64_t i = begin; i < end; ++i) {
+      const int64_t n = f.row_ptr[i + 1] - f.row_ptr[i];
       switch (f.dtype) {
         case at::kHalf: row_of<c10::Half>(f, i, x, nt, y); break;
         case at::kBFloat16: row_of<c10::BFloat16>(f, i, x, nt, y); break;
         case at::kChar: row_of<int8_t>(f, i, x, nt, y); break;
         case at::kFloat8_e4m3fn:
+          decode_fp8_row(f, i, reinterpret_cast<uint16_t*>(half.data()));
+          row<c10::Half>(f, i, x, nt, y, half.data(), half.data() + n);
+          break;
         case at::kByte:
-          decode_row(f, i, buf.data());
-          row<float>(f, i, x, nt, y, buf.data(), buf.data() + (f.row_ptr[i + 1] - f.row_ptr[i]));
+          decode_int4_row(f, i, buf.data());
+          row<float>(f, i, x, nt, y, buf.data(), buf.data() + n);
           break;
         default: row_of<float>(f, i, x, nt, y); break;
       }
