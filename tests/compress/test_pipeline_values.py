@@ -48,15 +48,23 @@ def test_quantized_output_reloads_as_the_quantized_model(smol, tmp_path, method,
         assert entry["relative_error"] == reported[name]["relative_error"]
     with dsf_runtime.open_compressed(tmp_path / "out") as ckpt:
         assert ckpt.size_summary()["linear_ratio"] < ratio  # one byte per value (int4: half a byte) instead of two
+        assert ckpt.load_layer("model.layers.1.mlp.down_proj").kind == ("dsf" if method == "dsf" else "single")
+    _assert_reloads_as(model, tokenizer, tmp_path / "out")
+
+
+def _assert_reloads_as(model, tokenizer, out) -> None:
+    """The stored codes decode to exactly the in-memory model's weights (it holds the decoded product), and the
+    reloaded directory gives its logits."""
+    import dsf_runtime
+
+    with dsf_runtime.open_compressed(out) as ckpt:
         layer = ckpt.load_layer("model.layers.1.mlp.down_proj")
-        assert layer.kind == ("dsf" if method == "dsf" else "single")
-    # the model in memory holds the decoded product: the stored codes decode to exactly its weight
     torch.testing.assert_close(layer.weight(), model.get_submodule("model.layers.1.mlp.down_proj").weight,
                                rtol=1e-6, atol=1e-7)
     ids = load_calibration(tokenizer, "persuasion", 2, 32, 1)
     with torch.inference_mode():
         want = model(input_ids=ids, use_cache=False).logits
-        got = dsf_runtime.from_pretrained(tmp_path / "out")(input_ids=ids, use_cache=False).logits
+        got = dsf_runtime.from_pretrained(out)(input_ids=ids, use_cache=False).logits
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
@@ -78,14 +86,7 @@ def test_small_factor_values_store_each_factor_in_its_own_format(smol, tmp_path)
         assert (factors[large]["dtype"], factors[large]["group_size"]) == ("int4", 64), name
     with dsf_runtime.open_compressed(tmp_path / "out") as ckpt:
         assert 0.2 < ckpt.size_summary()["linear_ratio"] < 0.3
-        layer = ckpt.load_layer("model.layers.1.mlp.down_proj")
-    torch.testing.assert_close(layer.weight(), model.get_submodule("model.layers.1.mlp.down_proj").weight,
-                               rtol=1e-6, atol=1e-7)
-    ids = load_calibration(tokenizer, "persuasion", 2, 32, 1)
-    with torch.inference_mode():
-        want = model(input_ids=ids, use_cache=False).logits
-        got = dsf_runtime.from_pretrained(tmp_path / "out")(input_ids=ids, use_cache=False).logits
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    _assert_reloads_as(model, tokenizer, tmp_path / "out")
 
 
 def test_stored_results_keep_each_factors_format(tmp_path):
