@@ -76,8 +76,10 @@ def test_fp32_products_are_torch_own():
 
 def test_dsf_with_3xtf32_tracks_float64_like_fp32_and_plain_tf32_does_not(monkeypatch):
     """Mask selection is discontinuous, so a rounding difference can flip a near-tie and move the solve to another,
-    equally good, local solution (``test_float32_close_to_float64``). Without a flip, fp32 and 3×TF32 reproduce
-    the float64 error to 1e-3; measured over these 12 solves: fp32 10, 3×TF32 9, plain TF32 0 of 12."""
+    equally good, local solution (``test_float32_close_to_float64``), a few percent away. Which solves flip depends
+    on the machine's BLAS. Without a flip, fp32 and 3×TF32 reproduce the float64 error to 2e-6; plain TF32 is never
+    closer than 1e-3. Solves within 1e-4 of float64, of these 12: fp32 10, 3×TF32 7, plain TF32 0 (2-core AMD EPYC;
+    3×TF32 9 within 1e-3 on a 2-core Xeon)."""
 
     def ratios(matmul: str) -> list[float]:
         out = []
@@ -90,12 +92,12 @@ def test_dsf_with_3xtf32_tracks_float64_like_fp32_and_plain_tf32_does_not(monkey
         return out
 
     def agreeing(values: list[float]) -> int:
-        return sum(abs(r - 1) < 1e-3 for r in values)
+        return sum(abs(r - 1) < 1e-4 for r in values)
 
     three = ratios("3xtf32")
-    assert agreeing(three) >= 8 and max(abs(r - 1) for r in three) < 0.05
+    assert agreeing(three) >= 4 and max(abs(r - 1) for r in three) < 0.1
     monkeypatch.setattr(products, "split_tf32", lambda x: SplitTF32(round_tf32(x), torch.zeros_like(x)))
-    assert agreeing(ratios("3xtf32")) <= 2  # the tail dropped: plain TF32 products
+    assert agreeing(ratios("3xtf32")) == 0  # the tail dropped: plain TF32 products
 
 
 def test_3xtf32_options_are_checked():
