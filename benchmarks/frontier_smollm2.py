@@ -135,36 +135,37 @@ def plot_frontier(result: dict, out: Path) -> Path:
     fig, ax = plt.subplots(figsize=(8, 5.5))
     markers = {"fp16": "o", "int8": "s", "fp8": "D", "int4": "^", "int4+int8": "v"}
     colors = {"dsf": "tab:blue", "sparsegpt": "tab:orange", "magnitude": "tab:green", "dense": "black"}
-    labels: list[tuple[float, float, list[str]]] = []  # (bytes, perplexity, texts) of points drawn on one spot
+    # points drawn on one spot share a label: (bytes, perplexity, [(method and density, values)])
+    spots: list[tuple[float, float, list[tuple[str, str]]]] = []
     for p in result["points"]:
         label = p["method"] if p["method"] != "magnitude" or p["density"] < 1 else "dense"
         color = colors.get(p["method"] if label != "dense" else "dense", "tab:gray")
         ax.scatter(p["bytes_ratio"], p["perplexity"], marker=markers.get(p["values"], "P"), s=60, color=color,
                    facecolors=color if p.get("pareto") else "none")
-        text = f"{label} {p['density']:g} {p['values']}" + (" rtn" if p.get("rounding") == "rtn" else "")
-        spot = next((s for s in labels if abs(s[0] - p["bytes_ratio"]) < 0.004
+        name = (f"{label} {p['density']:g}", p["values"] + (" rtn" if p.get("rounding") == "rtn" else ""))
+        spot = next((s for s in spots if abs(s[0] - p["bytes_ratio"]) < 0.004
                      and abs(math.log(s[1] / p["perplexity"])) < 0.03), None)
         if spot is None:
-            labels.append((p["bytes_ratio"], p["perplexity"], [text]))
+            spots.append((p["bytes_ratio"], p["perplexity"], [name]))
         else:
-            spot[2].append(text)
+            spot[2].append(name)
 
     def close(a: tuple, b: tuple, dx: float) -> bool:
         return abs(a[0] - b[0]) < dx and abs(math.log(a[1] / b[1])) < 0.08
 
     placed: list[tuple[float, float]] = []  # anchors of labels drawn to the right
-    for x, y, texts in sorted(labels, key=lambda s: (s[0], -s[1])):
-        prefix = texts[0].rsplit(" ", 1)[0] if " rtn" not in texts[0] else None
-        if prefix and all(t.rsplit(" ", 1)[0] == prefix for t in texts):
-            texts = [texts[0]] + [t.rsplit(" ", 1)[1] for t in texts[1:]]
-        if any(close((x, y), s, 0.01) for s in labels if (s[0], s[1]) != (x, y)):
+    for x, y, names in sorted(spots, key=lambda s: (s[0], -s[1])):
+        if len({prefix for prefix, _ in names}) == 1:
+            text = f"{names[0][0]} " + " / ".join(values for _, values in names)
+        else:
+            text = " / ".join(f"{prefix} {values}" for prefix, values in names)
+        if any(close((x, y), s, 0.01) for s in spots if (s[0], s[1]) != (x, y)):
             # points stacked at the same bytes are labelled on the left, which is free of their own labels
-            ax.annotate(" / ".join(texts), (x, y), fontsize=7, xytext=(-5, -3), textcoords="offset points",
-                        ha="right")
+            ax.annotate(text, (x, y), fontsize=7, xytext=(-5, -3), textcoords="offset points", ha="right")
             continue
         near = sum(1 for q in placed if close((x, y), q, 0.06))  # earlier labels this one would cover
         placed.append((x, y))
-        ax.annotate(" / ".join(texts), (x, y), fontsize=7, xytext=(4, 3 - 10 * near), textcoords="offset points")
+        ax.annotate(text, (x, y), fontsize=7, xytext=(4, 3 - 10 * near), textcoords="offset points")
     ax.set_xlabel("stored bytes of the linears / dense fp16")
     ax.set_ylabel("Persuasion perplexity")
     ax.set_yscale("log")
